@@ -1,0 +1,203 @@
+"""Image bytes -> BGR uint8 pixels, strictly.
+
+libjpeg-turbo (through PyTurboJPEG) decodes JPEGs, optionally at a DCT scale (1/8 .. 1/1), which
+is much cheaper than a full decode followed by a downscale. Anything libjpeg reports as a warning
+("Premature end of JPEG file", "Corrupt JPEG data") is an error here: a lenient decoder turns a
+truncated file into gray rows that would silently reach training.
+
+When the compiled ROI decoder (`engine.data._jpegroi`) is present, `decode_crop` decodes only the
+rows and columns of a crop window; otherwise it decodes the whole image and slices it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+try:  # built by setup.py when libjpeg-turbo's headers are present
+    from engine.data import _jpegroi
+except ImportError:  # pragma: no cover - exercised on machines without the headers
+    _jpegroi = None
+
+__all__ = [
+    "DecodeError", "JpegInfo", "sniff", "jpeg_info", "decode_bgr", "decode_crop", "scaled_dim",
+    "pick_scale", "roi_available",
+]
+
+from turbojpeg import (TJCS_CMYK, TJCS_GRAY, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_BGR,
+                       TJPF_CMYK)
+
+# DCT scales with fast paths in libjpeg-turbo (reduced-size IDCTs); x/8 for other x are slower.
+SCALE_NUMERATORS = (8, 4, 2, 1)
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image this engine can decode to 3 channels, or are corrupt."""
+
+
+_turbo = None
+_turbo_pid = None
+
+
+def _tj():
+    """One TurboJPEG instance per process (it wraps a ctypes handle to the shared library)."""
+    global _turbo, _turbo_pid
+    if _turbo is None or _turbo_pid != os.getpid():
+        from turbojpeg import TurboJPEG
+
+        try:
+            _turbo = TurboJPEG()
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeError(
+                "libturbojpeg was not found (%s). Install it: apt-get install libturbojpeg0 "
+                "(Debian/Ubuntu), or run `make install`, which does it for you." % exc
+            ) from None
+        _turbo_pid = os.getpid()
+    return _turbo
+
+
+def sniff(data: bytes) -> str:
+    """The container format from the magic bytes, never from a file name."""
+    head = bytes(data[:12])
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"GIF8":
+        return "gif"
+    return "unknown"
+
+
+class JpegInfo:
+    __slots__ = ("width", "height", "subsampling", "colorspace")
+
+    def __init__(self, width: int, height: int, subsampling: int, colorspace: int):
+        self.width, self.height = width, height
+        self.subsampling, self.colorspace = subsampling, colorspace
+
+    @property
+    def needs_conversion(self) -> bool:
+        """CMYK / YCCK JPEGs cannot be decoded straight to BGR by libjpeg."""
+        return self.colorspace in (TJCS_CMYK, TJCS_YCCK)
+
+    @property
+    def grayscale(self) -> bool:
+        return self.colorspace == TJCS_GRAY
+
+
+def _strict(call, *args, **kwargs):
+    # PyTurboJPEG reports libjpeg warnings with warnings.warn and returns the damaged pixels;
+    # promote them to errors so corrupt data never passes silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            return call(*args, **kwargs)
+        except (OSError, UserWarning, ValueError) as exc:
+            raise DecodeError(str(exc).strip() or type(exc).__name__) from None
+
+
+def jpeg_info(data: bytes) -> JpegInfo:
+    """Header-only probe: dimensions, subsampling and colour space, without decoding pixels."""
+    if sniff(data) != "jpeg":
+        raise DecodeError("not a JPEG (starts with %r)" % bytes(data[:4]))
+    w, h, sub, cs = _strict(_tj().decode_header, data)
+    if w <= 0 or h <= 0:
+        raise DecodeError("JPEG header declares an empty image (%dx%d)" % (w, h))
+    return JpegInfo(w, h, sub, cs)
+
+
+def scaled_dim(dim: int, num: int, denom: int = 8) -> int:
+    """Size of one side decoded at scale num/denom (libjpeg rounds up)."""
+    return (dim * num + denom - 1) // denom
+
+
+def pick_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
+    """Largest fast DCT scale numerator (over 8) that keeps the crop at least the output size."""
+    for num in SCALE_NUMERATORS[::-1]:
+        if crop_w * num >= out_w * 8 and crop_h * num >= out_h * 8:
+            return num
+    return 8
+
+
+def _decode_cmyk(data: bytes, info: JpegInfo, scale: Optional[Tuple[int, int]]) -> np.ndarray:
+    cmyk = _strict(_tj().decode, data, pixel_format=TJPF_CMYK, scaling_factor=scale,
+                   flags=TJFLAG_STOPONWARNING).astype(np.uint16)
+    # libjpeg returns CMYK/YCCK samples as stored. Adobe applications (the writers of essentially
+    # all CMYK JPEGs, ImageNet's included) store them inverted, so 255 means "no ink"; then
+    # R = C' * K' / 255 (the same rule as Pillow and OpenCV).
+    c, m, y, k = cmyk[..., 0], cmyk[..., 1], cmyk[..., 2], cmyk[..., 3]
+    if not _adobe_inverted(data):
+        c, m, y, k = 255 - c, 255 - m, 255 - y, 255 - k
+    bgr = np.empty(cmyk.shape[:2] + (3,), np.uint8)
+    bgr[..., 0] = (y * k + 127) // 255
+    bgr[..., 1] = (m * k + 127) // 255
+    bgr[..., 2] = (c * k + 127) // 255
+    return bgr
+
+
+def _adobe_inverted(data: bytes) -> bool:
+    """True when an Adobe APP14 marker precedes the image data (inverted CMYK convention)."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: headers are over
+            break
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker == 0xEE and bytes(data[pos + 4:pos + 9]) == b"Adobe":
+            return True
+        pos += 2 + length
+    return False
+
+
+def decode_bgr(data: bytes, scale: Optional[Tuple[int, int]] = None,
+               info: Optional[JpegInfo] = None) -> np.ndarray:
+    """Decode any supported image to HxWx3 BGR uint8; JPEGs at an optional DCT scale (num, 8).
+
+    Non-JPEG formats (PNG, WebP, BMP, TIFF) go through OpenCV and ignore `scale`; an alpha
+    channel is dropped. Raises DecodeError for corrupt or unsupported data.
+    """
+    kind = sniff(data)
+    if kind == "jpeg":
+        info = info or jpeg_info(data)
+        if info.needs_conversion:
+            return _decode_cmyk(data, info, scale)
+        return _strict(_tj().decode, data, pixel_format=TJPF_BGR, scaling_factor=scale,
+                       flags=TJFLAG_STOPONWARNING)
+    if kind == "unknown":
+        raise DecodeError("not an image (starts with %r)" % bytes(data[:8]))
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DecodeError("corrupt or unsupported %s image" % kind.upper())
+    return img
+
+
+def roi_available() -> bool:
+    """Whether the compiled crop-window decoder is built (see setup.py)."""
+    return _jpegroi is not None
+
+
+def decode_crop(data: bytes, info: JpegInfo, num: int, x0: int, y0: int, w: int, h: int,
+                use_roi: bool = True) -> np.ndarray:
+    """Rows y0..y0+h and columns x0..x0+w of the image decoded at scale num/8, as BGR.
+
+    With the ROI decoder only that window is decoded (entropy decoding still reads the rows
+    above it, but IDCT, upsampling and colour conversion run on the window alone).
+    """
+    if use_roi and _jpegroi is not None and not info.needs_conversion:
+        out = np.empty((h, w, 3), np.uint8)
+        try:
+            _jpegroi.decode_crop(data, num, x0, y0, w, h, out)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        return out
+    full = decode_bgr(data, None if num == 8 else (num, 8), info)
+    return full[y0:y0 + h, x0:x0 + w]

@@ -1,0 +1,231 @@
+"""The on-disk shard contract (version 1). This is the only module that knows the byte layout.
+
+    <out>/<split>/meta.json          written last, atomically; a split without it is incomplete
+    <out>/<split>/shard-NNNNN.lmdb   an LMDB environment opened with subdir=False
+
+Record i of a shard: key struct.pack(">Q", i) for i in 0..num_samples-1; value a msgpack map with
+at least "image" (JPEG bytes that libjpeg-turbo decodes to 3 channels), "label" (int), "height",
+"width" (ints of the stored JPEG) and "path" (source path relative to the split folder).
+The global index of a record is its shard's offset (running sum of num_samples in meta order)
+plus its index in the shard. Readers may rely on nothing else; more meta keys may be added.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import struct
+from typing import Any, Dict, Iterator, List, Optional
+
+import lmdb
+import msgpack
+
+__all__ = [
+    "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
+    "unpack_record", "ShardWriter", "write_json_atomic", "read_meta", "open_env", "Split",
+]
+
+FORMAT = "engine-lmdb-shards"
+VERSION = 1
+META_FILE = "meta.json"
+# Address space reserved for a shard being written. LMDB grows the file only as pages are
+# written, so this costs nothing; it merely has to exceed any shard's size.
+MAP_SIZE = 1 << 40
+COMMIT_EVERY = 512
+
+
+class ShardError(RuntimeError):
+    """A split folder that is missing, incomplete or of a format this reader does not know."""
+
+
+def shard_name(index: int) -> str:
+    return "shard-%05d.lmdb" % index
+
+
+def record_key(i: int) -> bytes:
+    return struct.pack(">Q", i)
+
+
+def pack_record(image: bytes, label: int, height: int, width: int, path: str,
+                **extra: Any) -> bytes:
+    rec = {"image": image, "label": int(label), "height": int(height), "width": int(width),
+           "path": path}
+    rec.update(extra)
+    return msgpack.packb(rec, use_bin_type=True)
+
+
+def unpack_record(value) -> Dict[str, Any]:
+    return msgpack.unpackb(value, raw=False)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON so that readers see either the old file or the complete new one, never a part."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; `close()` publishes it with an atomic rename.
+
+    A writer killed at any point leaves only the temporary file, which the packer deletes and
+    rewrites on the next run: a file named shard-NNNNN.lmdb is always complete.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp_path = path + ".tmp"
+        for stale in (self.tmp_path, self.tmp_path + "-lock"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        # lock=False: one writer per file by construction, and no -lock file left behind.
+        self._env = lmdb.open(self.tmp_path, subdir=False, map_size=MAP_SIZE, lock=False,
+                              readahead=False, meminit=False, max_dbs=0)
+        self._txn = self._env.begin(write=True)
+        self.num_samples = 0
+
+    def append(self, value: bytes) -> None:
+        self._txn.put(record_key(self.num_samples), value, append=True)
+        self.num_samples += 1
+        if self.num_samples % COMMIT_EVERY == 0:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
+
+    def close(self) -> None:
+        self._txn.commit()
+        self._env.sync(True)
+        self._env.close()
+        os.replace(self.tmp_path, self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def abort(self) -> None:
+        self._txn.abort()
+        self._env.close()
+        os.remove(self.tmp_path)
+
+
+def read_meta(split_dir: str) -> Dict[str, Any]:
+    """Load and validate a split's meta.json, refusing incomplete or unknown-version splits."""
+    if not os.path.isdir(split_dir):
+        raise ShardError("%s does not exist or is not a folder" % split_dir)
+    meta_path = os.path.join(split_dir, META_FILE)
+    if not os.path.exists(meta_path):
+        raise ShardError(
+            "%s has no %s: the split is incomplete (a pack was interrupted or is still running). "
+            "Rerun tools/pack_imagenet.py with the same arguments to finish it."
+            % (split_dir, META_FILE))
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as exc:
+        raise ShardError("%s is not valid JSON (%s)" % (meta_path, exc)) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ShardError("%s is not an %s meta file (format=%r)"
+                         % (meta_path, FORMAT, meta.get("format") if isinstance(meta, dict) else None))
+    if meta.get("version") != VERSION:
+        raise ShardError(
+            "%s has format version %r; this engine reads version %d. Repack the data with this "
+            "engine's tools/pack_imagenet.py, or use the engine release that wrote it."
+            % (meta_path, meta.get("version"), VERSION))
+    for key in ("split", "num_samples", "classes", "shards"):
+        if key not in meta:
+            raise ShardError("%s lacks the required key %r" % (meta_path, key))
+    return meta
+
+
+# One open Environment per shard file per process: py-lmdb refuses a second open of the same
+# file in one process, yet several readers (train + eval loaders, a verifier) may share a split.
+# Keyed by pid so that a forked child never uses its parent's handle.
+_ENVS: Dict[str, lmdb.Environment] = {}
+_ENVS_PID: Optional[int] = None
+
+
+def open_env(path: str) -> lmdb.Environment:
+    """The process-wide read-only Environment of a shard file (opened on first use)."""
+    global _ENVS_PID
+    if _ENVS_PID != os.getpid():
+        _ENVS.clear()
+        _ENVS_PID = os.getpid()
+    key = os.path.realpath(path)
+    env = _ENVS.get(key)
+    if env is None:
+        # lock=False: nothing writes a published shard; readahead=False: reads are random.
+        env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False,
+                        max_readers=1024, max_dbs=0)
+        _ENVS[key] = env
+    return env
+
+
+class Split:
+    """Random access to the records of a packed split by global index.
+
+    Picklable and fork-safe: environments are opened lazily in whichever process reads.
+    """
+
+    def __init__(self, split_dir: str):
+        self.root = os.path.abspath(split_dir)
+        self.meta = read_meta(self.root)
+        self.classes: List[str] = list(self.meta["classes"])
+        self.files = [os.path.join(self.root, s["file"]) for s in self.meta["shards"]]
+        self.offsets = [0]
+        for s in self.meta["shards"]:
+            self.offsets.append(self.offsets[-1] + int(s["num_samples"]))
+        if self.offsets[-1] != self.meta["num_samples"]:
+            raise ShardError("%s: shards hold %d records but num_samples is %d"
+                             % (self.root, self.offsets[-1], self.meta["num_samples"]))
+        missing = [f for f in self.files if not os.path.exists(f)]
+        if missing:
+            raise ShardError("%s lists %d shard file(s) that are missing, e.g. %s"
+                             % (self.root, len(missing), missing[0]))
+        self._txns: Dict[int, Any] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_txns"], state["_pid"] = {}, None
+        return state
+
+    def _txn(self, shard: int):
+        if self._pid != os.getpid():
+            self._txns, self._pid = {}, os.getpid()
+        txn = self._txns.get(shard)
+        if txn is None:
+            # A long-lived read transaction on a read-only, never-modified file: no reader
+            # table, no snapshot to pin, so it is kept for the life of the reader.
+            txn = open_env(self.files[shard]).begin(buffers=True)
+            self._txns[shard] = txn
+        return txn
+
+    def locate(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError("record %d out of range (split has %d)" % (index, len(self)))
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def get(self, index: int) -> Dict[str, Any]:
+        """The record as a dict ('image' is bytes)."""
+        shard, local = self.locate(index)
+        value = self._txn(shard).get(record_key(local))
+        if value is None:
+            raise ShardError("%s: record %d missing from %s" % (self.root, local, self.files[shard]))
+        return unpack_record(value)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for i in range(len(self)):
+            yield self.get(i)
