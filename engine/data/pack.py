@@ -29,59 +29,20 @@ import numpy as np
 
 from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
+from engine.data.folder import LayoutError, list_classes, scan_split
 
-__all__ = ["PackError", "scan_split", "pack_imagenet", "process_file", "default_workers"]
+__all__ = ["PackError", "pack_imagenet", "process_file", "default_workers"]
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".pack"
 
 
-class PackError(RuntimeError):
+class PackError(ValueError):
     """Bad input or arguments: the message says what was wrong and how to fix it."""
 
 
 def default_workers() -> int:
     return os.cpu_count() or 1
-
-
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
-def list_classes(split_dir: str) -> List[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
-
-
-def scan_split(split_dir: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
-    """Sorted (relative path, label) of every visible file under split_dir/<class>/."""
-    if not os.path.isdir(split_dir):
-        raise PackError("%s does not exist; expected an ImageNet layout ROOT/train/<wnid>/*.JPEG, "
-                        "ROOT/val/<wnid>/*.JPEG" % split_dir)
-    loose = [e.name for e in os.scandir(split_dir) if e.is_file() and _visible(e.name)]
-    present = list_classes(split_dir)
-    if loose and not present:
-        raise PackError(
-            "%s holds %d files directly (e.g. %s) but no class folders. Sort them into "
-            "<wnid>/ folders first (for ImageNet val, the usual valprep.sh script does it)."
-            % (split_dir, len(loose), sorted(loose)[0]))
-    unknown = sorted(set(present) - set(classes))
-    if unknown:
-        raise PackError(
-            "%s has class folder(s) that train lacks: %s. Every class must appear in train "
-            "(labels are the sorted train folders); remove them or add them to train."
-            % (split_dir, ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")))
-    label_of = {c: i for i, c in enumerate(classes)}
-    items = []
-    for cls in present:
-        top = os.path.join(split_dir, cls)
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            for name in sorted(filenames):
-                if _visible(name):
-                    rel = os.path.relpath(os.path.join(dirpath, name), split_dir)
-                    items.append((rel, label_of[cls]))
-    items.sort()
-    return items
 
 
 def _encode_jpeg(bgr: np.ndarray) -> bytes:
@@ -171,7 +132,10 @@ def _pack_split(root: str, out: str, split: str, classes: List[str], workers: in
                 log) -> Dict[str, Any]:
     src = os.path.join(root, split)
     dst = os.path.join(out, split)
-    items = scan_split(src, classes)
+    try:
+        items = scan_split(src, classes)
+    except LayoutError as exc:
+        raise PackError(str(exc)) from None
     if not items:
         raise PackError("%s has no image files under its class folders" % src)
     if split == "train":  # each shard mixes classes; the loader shuffles again per epoch

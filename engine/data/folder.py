@@ -1,0 +1,65 @@
+"""The raw ImageNet layout: <split>/<wnid>/<file>, labels = sorted class folders of train."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = ["LayoutError", "list_classes", "scan_split", "classes_for"]
+
+
+class LayoutError(ValueError):
+    """The folder is not in the ImageNet layout; the message says what to change."""
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def list_classes(split_dir: str) -> List[str]:
+    """Sorted visible sub-folder names: the class list (label i is classes[i])."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+
+
+def classes_for(split_dir: str) -> List[str]:
+    """Classes of a split: those of the sibling train/ folder when it exists (so val labels
+    match train's even if val lacks a class), else the split's own folders."""
+    train = os.path.join(os.path.dirname(os.path.abspath(split_dir)), "train")
+    return list_classes(train if os.path.isdir(train) else split_dir)
+
+
+def scan_split(split_dir: str, classes: Optional[Sequence[str]] = None) -> List[Tuple[str, int]]:
+    """Sorted (path relative to split_dir, label) of every visible file under <class>/ folders.
+
+    Hidden files and folders are ignored; any file name or extension is accepted (the content
+    decides what an image is). Raises LayoutError for a missing folder, files lying loose
+    without class folders, or a class folder that the class list lacks.
+    """
+    if not os.path.isdir(split_dir):
+        raise LayoutError("%s does not exist; expected an ImageNet layout ROOT/train/<wnid>/*.JPEG,"
+                          " ROOT/val/<wnid>/*.JPEG" % split_dir)
+    present = list_classes(split_dir)
+    classes = list(present if classes is None else classes)
+    if not present:
+        loose = sorted(e.name for e in os.scandir(split_dir) if e.is_file() and _visible(e.name))
+        if loose:
+            raise LayoutError(
+                "%s holds %d files directly (e.g. %s) but no class folders. Sort them into "
+                "<wnid>/ folders first (for ImageNet val, the usual valprep.sh script does it)."
+                % (split_dir, len(loose), loose[0]))
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise LayoutError(
+            "%s has class folder(s) that train lacks: %s. Every class must appear in train "
+            "(labels are the sorted train folders); remove them or add them to train."
+            % (split_dir, ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")))
+    label_of = {c: i for i, c in enumerate(classes)}
+    items = []
+    for cls in present:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, cls), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))
+            for name in filenames:
+                if _visible(name):
+                    rel = os.path.relpath(os.path.join(dirpath, name), split_dir)
+                    items.append((rel, label_of[cls]))
+    items.sort()
+    return items
