@@ -148,17 +148,14 @@ def read_meta(split_dir: str) -> Dict[str, Any]:
 
 # One open Environment per shard file per process: py-lmdb refuses a second open of the same
 # file in one process, yet several readers (train + eval loaders, a verifier) may share a split.
-# Keyed by pid so that a forked child never uses its parent's handle.
+# A forked child keeps using the handles it inherited: py-lmdb also refuses to reopen them there,
+# and with readonly + lock=False an environment is just a read-only file mapping (no lock
+# table, no reader slots), which a child can read through safely.
 _ENVS: Dict[str, lmdb.Environment] = {}
-_ENVS_PID: Optional[int] = None
 
 
 def open_env(path: str) -> lmdb.Environment:
     """The process-wide read-only Environment of a shard file (opened on first use)."""
-    global _ENVS_PID
-    if _ENVS_PID != os.getpid():
-        _ENVS.clear()
-        _ENVS_PID = os.getpid()
     key = os.path.realpath(path)
     env = _ENVS.get(key)
     if env is None:

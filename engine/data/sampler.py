@@ -1,0 +1,68 @@
+"""Which records each rank reads, in which order, per epoch. State is two integers.
+
+The order of epoch e is a pure function of (seed, e): a permutation for training, the record
+order for evaluation. With world_size ranks the order is padded (by wrapping around) to a
+multiple of world_size and dealt round-robin, so every rank gets a disjoint share of the same
+length and therefore the same number of batches: a rank with fewer batches would hang the
+others in an allreduce.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["Sampler"]
+
+
+class Sampler:
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        if num_samples < 1:
+            raise ValueError("the dataset is empty")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1 (got %d)" % batch_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError("need 0 <= rank < world_size (got rank=%d, world_size=%d)"
+                             % (rank, world_size))
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.per_rank = math.ceil(num_samples / world_size)
+        if drop_last:
+            self.num_batches = self.per_rank // batch_size
+            if self.num_batches == 0:
+                raise ValueError(
+                    "batch_size %d is larger than this rank's %d samples and drop_last is on: no "
+                    "batch would be produced. Lower the batch size or set drop_last=False."
+                    % (batch_size, self.per_rank))
+        else:
+            self.num_batches = math.ceil(self.per_rank / batch_size)
+        self._cache = (None, None)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """This rank's record indices for the epoch, in order (length per_rank)."""
+        if self._cache[0] == epoch:
+            return self._cache[1]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        total = self.per_rank * self.world_size
+        if total > self.num_samples:
+            order = np.concatenate([order, order[: total - self.num_samples]])
+        mine = order[self.rank::self.world_size]
+        self._cache = (epoch, mine)
+        return mine
+
+    def batch(self, epoch: int, b: int) -> np.ndarray:
+        if not 0 <= b < self.num_batches:
+            raise IndexError("batch %d out of range (%d per epoch)" % (b, self.num_batches))
+        return self.indices(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
