@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - exercised on machines without the head
     _jpegroi = None
 
 __all__ = [
-    "DecodeError", "JpegInfo", "sniff", "jpeg_info", "decode_bgr", "decode_crop", "scaled_dim",
-    "pick_scale", "roi_available",
+    "DecodeError", "JpegInfo", "sniff", "jpeg_info", "jpeg_size", "decode_bgr", "decode_crop",
+    "scaled_dim", "pick_scale", "roi_available",
 ]
 
 from turbojpeg import (TJCS_CMYK, TJCS_GRAY, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_BGR,
@@ -185,19 +185,35 @@ def roi_available() -> bool:
     return _jpegroi is not None
 
 
-def decode_crop(data: bytes, info: JpegInfo, num: int, x0: int, y0: int, w: int, h: int,
-                use_roi: bool = True) -> np.ndarray:
-    """Rows y0..y0+h and columns x0..x0+w of the image decoded at scale num/8, as BGR.
+def jpeg_size(data: bytes) -> Tuple[int, int]:
+    """(width, height) from the JPEG header; the compiled decoder's probe is ~8x cheaper."""
+    if _jpegroi is not None:
+        try:
+            return _jpegroi.header(data)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+    info = jpeg_info(data)
+    return info.width, info.height
 
-    With the ROI decoder only that window is decoded (entropy decoding still reads the rows
-    above it, but IDCT, upsampling and colour conversion run on the window alone).
+
+def decode_crop(data: bytes, num: int, x0: int, y0: int, w: int, h: int,
+                use_roi: bool = True) -> np.ndarray:
+    """Rows y0..y0+h and columns x0..x0+w of the JPEG decoded at scale num/8, as BGR.
+
+    With the ROI decoder only that window is decoded: rows below it are never read, rows above
+    it are entropy-decoded and skipped, and IDCT, upsampling and colour conversion run on the
+    window's columns alone. Otherwise (or for CMYK, which it does not handle) the whole image
+    is decoded at that scale and sliced.
     """
-    if use_roi and _jpegroi is not None and not info.needs_conversion:
+    if use_roi and _jpegroi is not None:
         out = np.empty((h, w, 3), np.uint8)
         try:
             _jpegroi.decode_crop(data, num, x0, y0, w, h, out)
-        except ValueError as exc:
-            raise DecodeError(str(exc)) from None
-        return out
-    full = decode_bgr(data, None if num == 8 else (num, 8), info)
+            return out
+        except ValueError:
+            pass  # CMYK/YCCK, or corrupt: the general path below decides, with its own error
+    full = decode_bgr(data, None if num == 8 else (num, 8))
+    if y0 + h > full.shape[0] or x0 + w > full.shape[1]:
+        raise DecodeError("window %d,%d %dx%d outside the %dx%d image"
+                          % (x0, y0, w, h, full.shape[1], full.shape[0]))
     return full[y0:y0 + h, x0:x0 + w]

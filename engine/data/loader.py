@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 
 from engine.data import shards
-from engine.data.decode import (DecodeError, JpegInfo, decode_bgr, decode_crop, jpeg_info,
-                                pick_scale, roi_available, scaled_dim, sniff)
+from engine.data.decode import (DecodeError, decode_bgr, decode_crop, jpeg_size, pick_scale,
+                                roi_available, scaled_dim, sniff)
 from engine.data.folder import classes_for, scan_split
 from engine.data.sampler import Sampler
 from engine.data.transforms import (center_crop, random_resized_crop, resize_shorter,
@@ -116,36 +116,41 @@ class _Decoder:
 
     def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray) -> None:
         if self.train:
-            img = self._train(data, index, epoch)
+            img, flip = self._train(data, index, epoch)
         else:
-            img = self._val(data)
-        # HWC -> CHW straight into the slot: one strided copy, no temporary.
-        out[...] = img.transpose(2, 0, 1)
+            img, flip = self._val(data), False
+        if img.shape[0] != self.size or img.shape[1] != self.size:
+            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        if flip:
+            img = cv2.flip(img, 1)
+        # HWC -> CHW straight into the slot's three planes (3x cheaper than a numpy transpose).
+        cv2.split(img, [out[0], out[1], out[2]])
 
-    def _train(self, data: bytes, index: int, epoch: int) -> np.ndarray:
+    def _train(self, data: bytes, index: int, epoch: int) -> Tuple[np.ndarray, bool]:
         rng = sample_rng(self.seed, epoch, index)
         S = self.size
         if sniff(data) == "jpeg":
-            info = jpeg_info(data)
-            x, y, w, h = random_resized_crop(info.height, info.width, rng)
+            width, height = jpeg_size(data)
+            x, y, w, h = random_resized_crop(height, width, rng)
             # Decode at the smallest DCT scale that keeps the crop at least S x S: large
             # images decode at 1/2, 1/4, ... which is much cheaper than a full decode.
             num = pick_scale(w, h, S, S)
             x0, y0 = x * num // 8, y * num // 8
-            x1 = min(scaled_dim(info.width, num), -(-(x + w) * num // 8))
-            y1 = min(scaled_dim(info.height, num), -(-(y + h) * num // 8))
-            crop = decode_crop(data, info, num, x0, y0, x1 - x0, y1 - y0, self.use_roi)
+            x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
+            y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
+            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi)
         else:  # PNG etc. in a raw folder: full decode, same geometry
             full = decode_bgr(data)
             x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
             crop = full[y:y + h, x:x + w]
-        img = cv2.resize(crop, (S, S), interpolation=cv2.INTER_LINEAR)
-        if rng.random() < 0.5:
-            img = img[:, ::-1]
-        return img
+        return crop, rng.random() < 0.5
 
     def _val(self, data: bytes) -> np.ndarray:
-        img = decode_bgr(data)
+        if sniff(data) == "jpeg":
+            width, height = jpeg_size(data)
+            img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
+        else:
+            img = decode_bgr(data)
         h, w = img.shape[:2]
         th, tw = resize_shorter(h, w, self.resize_to)
         if (th, tw) != (h, w):
@@ -231,7 +236,8 @@ class Loader:
         drop_last: drop the last incomplete batch; default True for train, False otherwise.
         prefetch: batch slots in flight (default 2 per worker); shared memory is
             prefetch x batch bytes.
-        use_roi: decode only the crop window when the ROI decoder is built (training only).
+        use_roi: use the compiled decoder when it is built: only the crop window is decoded
+            for training, and val decodes skip PyTurboJPEG's per-call overhead.
 
     A yielded images array is a view of a shared slot: it stays valid until the next batch is
     requested. Copy it (or hand it to the framework, which copies) before asking for more.
@@ -259,7 +265,7 @@ class Loader:
                                world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
         self.prefetch = max(1, prefetch if prefetch is not None else 2 * max(1, self.workers))
-        self.roi = bool(use_roi and train and roi_available())
+        self.roi = bool(use_roi and roi_available())
         self._decoder = _Decoder(train, image_size, seed, self.roi)
         self.epoch = 0
         self.position = 0  # batches handed to the caller in the current epoch
