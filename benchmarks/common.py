@@ -22,7 +22,8 @@ def add_data_args(p, packed: bool = True) -> None:
                         "under %s)" % DEFAULT_CACHE)
     if packed:
         p.add_argument("--packed", default=None, metavar="DIR",
-                       help="its packed twin (default: packed on first use next to the sample)")
+                       help="its packed twin (packed there on first use; default: a cache folder "
+                            "keyed by --data)")
 
 
 def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
@@ -35,8 +36,8 @@ def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
 
             log("making the sample set in %s" % data)
             make_sample_imagenet(data)
-    if need_packed and packed is None:
-        packed = os.path.join(DEFAULT_CACHE, "packed-" + _tag(data))
+    if need_packed:
+        packed = packed or os.path.join(DEFAULT_CACHE, "packed-" + _tag(data))
         if not os.path.exists(os.path.join(packed, "val", "meta.json")):
             from engine.data.pack import pack_imagenet
 

@@ -10,6 +10,7 @@ rows and columns of a crop window; otherwise it decodes the whole image and slic
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional, Tuple
@@ -167,6 +168,9 @@ def decode_bgr(data: bytes, scale: Optional[Tuple[int, int]] = None,
     """
     kind = sniff(data)
     if kind == "jpeg":
+        if scale is not None:  # PyTurboJPEG only accepts reduced fractions: (1, 2), not (4, 8)
+            g = math.gcd(*scale)
+            scale = None if scale[0] == scale[1] else (scale[0] // g, scale[1] // g)
         info = info or jpeg_info(data)
         if info.needs_conversion:
             return _decode_cmyk(data, info, scale)
