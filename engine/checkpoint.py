@@ -1,0 +1,153 @@
+"""Checkpoints: atomic save, tolerant load, and reading weights from any supported source.
+
+Files are plain pickles (`megengine.save` is `pickle.dump`), so they load with or without
+MegEngine. An engine checkpoint is a dict::
+
+    {"format": "engine-checkpoint", "version": 1,
+     "epoch": int,            # epoch to continue in
+     "step": int,             # global optimisation steps done
+     "state_dict": {...},     # model weights, the key official test.py/inference.py read too
+     "optimizer": {...}, "scaler": {...} | None, "loader": {"epoch", "position"},
+     "config": {...},         # TrainConfig as a dict; arch, num_classes, classes, image_size
+     "metrics": {...}}        # best top-1 so far etc.
+
+The official published weights are bare state dicts; official train.py checkpoints are
+{"epoch", "state_dict"}. `read_weights` accepts all three.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import tempfile
+import urllib.parse
+from typing import Any, Dict, Mapping, Optional
+
+from megengine import Tensor
+
+from engine.errors import UserError
+
+FORMAT = "engine-checkpoint"
+VERSION = 1
+LATEST = "checkpoint.pkl"  # the official train.py's name; always the newest state of a run
+TMP_PREFIX = ".tmp-"  # partial files start with this and are never picked up by a load
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str) -> str:
+    """Write `obj` to `path` atomically: temp file in the same folder, fsync, rename, fsync dir.
+
+    A crash or kill -9 at any moment leaves either the previous file or the new one under
+    `path`, never a truncated one; a stray temp file may remain and is ignored by loads.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(_to_host(obj), f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # The rename itself lives in the directory's metadata: sync it so it survives a power cut.
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    return path
+
+
+def _to_host(obj: Any) -> Any:
+    """Tensors -> numpy, so a file never needs a device (or MegEngine) to load."""
+    if isinstance(obj, dict):  # dict and OrderedDict both rebuild from pairs
+        return obj.__class__((k, _to_host(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    if isinstance(obj, Tensor):
+        return obj.numpy()
+    return obj
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Unpickle a checkpoint or weight file; a missing or unreadable file is a UserError."""
+    if not os.path.exists(path):
+        raise UserError("checkpoint not found: %s" % path)
+    if os.path.isdir(path):
+        raise UserError("%s is a folder; pass a checkpoint file (or use resume=<save dir>)" % path)
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise UserError(
+            "cannot read checkpoint %s (%s: %s): it is truncated or not a MegEngine/pickle file"
+            % (path, type(exc).__name__, exc)
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise UserError("%s holds a %s, not a state dict or checkpoint" % (path, type(obj).__name__))
+    return dict(obj)
+
+
+def find_latest(save_dir: str) -> Optional[str]:
+    """The newest complete checkpoint in a save dir, or None. Temp files are never returned."""
+    path = os.path.join(save_dir, LATEST)
+    return path if os.path.isfile(path) else None
+
+
+def resolve_resume(resume: str) -> str:
+    """`--resume` takes a checkpoint file or a save dir (meaning its latest checkpoint)."""
+    if os.path.isdir(resume):
+        latest = find_latest(resume)
+        if latest is None:
+            raise UserError(
+                "nothing to resume in %s: it has no %s (was any epoch or --save-every step "
+                "reached?)" % (resume, LATEST)
+            )
+        return latest
+    if not os.path.exists(resume):
+        raise UserError("--resume: no such file or folder: %s" % resume)
+    return resume
+
+
+def clean_temp_files(save_dir: str) -> None:
+    """Remove temp files left by a save that was killed; called when a run (re)starts."""
+    for p in glob.glob(os.path.join(save_dir, TMP_PREFIX + "*")):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def is_engine_checkpoint(obj: Mapping[str, Any]) -> bool:
+    return obj.get("format") == FORMAT
+
+
+def is_url(s: str) -> bool:
+    return urllib.parse.urlparse(s).scheme in ("http", "https", "ftp", "s3")
+
+
+def read_weights(source: str) -> Dict[str, Any]:
+    """Load a weights source: a local file or a URL (fetched through megengine.hub's cache)."""
+    if is_url(source):
+        from megengine import hub
+
+        try:
+            obj = hub.load_serialized_obj_from_url(source)
+        except Exception as exc:  # noqa: BLE001 - network, HTTP and unpickling errors alike
+            raise UserError(
+                "could not load weights from %s (%s: %s); download the file and pass its path"
+                % (source, type(exc).__name__, exc)
+            ) from None
+        if not isinstance(obj, Mapping):
+            raise UserError("%s holds a %s, not a state dict" % (source, type(obj).__name__))
+        return dict(obj)
+    return load_checkpoint(source)

@@ -1,0 +1,298 @@
+"""Evaluation and single-image inference: what tools/test.py and tools/inference.py run.
+
+Both accept the same weight sources: None (MegEngine's published weights for --arch), a path
+or URL to an official bare state dict, an official train.py checkpoint ({"state_dict": ...}),
+or an engine checkpoint (which also records the architecture and the class list).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+import megengine as mge
+
+from engine import distributed
+from engine.checkpoint import is_engine_checkpoint, read_weights
+from engine.data.transforms import center_crop, resize_shorter, val_resize
+from engine.errors import UserError
+from engine.imagenet_classes import imagenet_names, imagenet_wnids
+from engine.precision import PredictStep, make_eval_step
+
+
+# --------------------------------------------------------------------------------------------
+# Building a model from a weights source
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: Any                      # the megengine Module, in eval mode
+    arch: str
+    num_classes: int
+    classes: Optional[List[str]]    # WNIDs in label order when known
+    source: str                     # what was loaded, for messages
+    image_size: int = 224           # the crop size it was trained at (engine checkpoints)
+
+
+def _one_line(text: str) -> str:
+    """Multi-line library messages -> one line, for the tools' `error: ...` output."""
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    out = parts[0] if parts else ""
+    for prev, nxt in zip(parts, parts[1:]):
+        glue = " " if prev.endswith((":", " at")) or nxt.startswith(("(", "/")) else "; "
+        out += glue + nxt
+    return out
+
+
+def _fc_classes(state: Dict[str, Any]) -> Optional[int]:
+    fc = state.get("fc.weight")
+    return int(np.shape(fc)[0]) if fc is not None else None
+
+
+def load_model(arch: str, source: Optional[str]) -> LoadedModel:
+    """Build `arch` and load weights from `source` (None or "none" = published weights).
+
+    A checkpoint of another architecture or class count is a UserError that names both sides.
+    """
+    from engine.models import get_model, load_weights
+
+    if source is not None and source.lower() == "none":
+        source = None
+    image_size = 224
+    try:
+        if source is None:
+            try:
+                model = get_model(arch, pretrained=True)
+            except RuntimeError as exc:  # download failure: the message names the cache path
+                raise UserError(_one_line(exc)) from None
+            model.eval()
+            return LoadedModel(model, arch, 1000, imagenet_wnids(), "published %s weights" % arch)
+
+        obj = read_weights(source)
+        classes: Optional[List[str]] = None
+        if is_engine_checkpoint(obj):
+            cfg = obj.get("config", {})
+            if cfg.get("arch") and cfg["arch"] != arch:
+                raise UserError(
+                    "%s is a %s checkpoint but --arch is %s: pass --arch %s"
+                    % (source, cfg["arch"], arch, cfg["arch"])
+                )
+            classes = list(cfg["classes"]) if cfg.get("classes") else None
+            image_size = int(cfg.get("image_size") or 224)
+        state = obj
+        for key in ("state_dict", "model"):  # official train.py / other wrappers
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+        num_classes = _fc_classes(state)
+        if num_classes is None:
+            raise UserError(
+                "%s has no fc.weight: not a ResNet state dict or checkpoint (keys start with %s)"
+                % (source, ", ".join(list(state)[:3]))
+            )
+        if classes is not None and len(classes) != num_classes:
+            raise UserError(
+                "%s is inconsistent: it lists %d classes but fc has %d outputs"
+                % (source, len(classes), num_classes)
+            )
+        if classes is None and num_classes == 1000:
+            classes = imagenet_wnids()  # official weights: labels are the sorted ImageNet WNIDs
+        model = get_model(arch, num_classes=num_classes)
+        try:
+            load_weights(model, state, strict=True, source=source)
+        except (ValueError, KeyError) as exc:
+            raise UserError(_one_line(exc)) from None
+    except ValueError as exc:  # unknown arch and similar from engine.models
+        raise UserError(_one_line(exc)) from None
+    model.eval()
+    return LoadedModel(model, arch, num_classes, classes, source, image_size)
+
+
+def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,
+                  data_classes: Sequence[str]) -> Optional[np.ndarray]:
+    """How the data's labels index the model's outputs; None when they are the same.
+
+    A data set with a subset of the model's classes (e.g. a 10-class sample of ImageNet scored
+    by a 1000-class model) is remapped by WNID; anything else that does not line up is an error.
+    """
+    data_classes = list(data_classes)
+    if model_classes is None:
+        if len(data_classes) != model_num_classes:
+            raise UserError(
+                "class count mismatch: the model has %d outputs but the data has %d classes"
+                % (model_num_classes, len(data_classes))
+            )
+        return None
+    model_classes = list(model_classes)
+    if model_classes == data_classes:
+        return None
+    index = {w: i for i, w in enumerate(model_classes)}
+    missing = [w for w in data_classes if w not in index]
+    if missing:
+        raise UserError(
+            "class mismatch: the model was trained on %d classes, the data has %d; %d data "
+            "classes are unknown to the model (e.g. %s)"
+            % (len(model_classes), len(data_classes), len(missing), ", ".join(missing[:3]))
+        )
+    return np.asarray([index[w] for w in data_classes], dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation loop (shared by the trainer's per-epoch eval and tools/test.py)
+# --------------------------------------------------------------------------------------------
+
+
+def run_eval(eval_step, loader, label_map: Optional[np.ndarray] = None,
+             progress: bool = False) -> Dict[str, float]:
+    """Top-1 / top-5 (percent) and mean loss over this rank's shard, summed over all ranks."""
+    stats = []
+    n = 0
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, total=len(loader), desc="eval", unit="batch", leave=False)
+    for images, labels in it:
+        if label_map is not None:
+            labels = label_map[labels]
+        stats.append(eval_step(mge.tensor(images), mge.tensor(labels.astype(np.int32))))
+        n += len(labels)
+    # One host sync at the end: the device works through the batches asynchronously.
+    local = np.sum([s.numpy() for s in stats], axis=0) if stats else np.zeros(3)
+    loss_sum, c1, c5, total = distributed.all_reduce_sum([*local, n])
+    if total == 0:
+        raise UserError("the validation set is empty")
+    return {
+        "top1": 100.0 * c1 / total,
+        "top5": 100.0 * c5 / total,
+        "loss": loss_sum / total,
+        "images": int(total),
+    }
+
+
+def val_folder(data: str) -> str:
+    """tools/test.py --data: ROOT (then ROOT/val) or the val split folder itself."""
+    if not os.path.isdir(data):
+        raise UserError("--data: no such folder: %s" % data)
+    sub = os.path.join(data, "val")
+    return sub if os.path.isdir(sub) else data
+
+
+@dataclass
+class TestConfig:
+    data: str
+    arch: str = "resnet18"
+    model: Optional[str] = None       # path or URL; None = published weights
+    ngpus: Optional[int] = None
+    batch_size: int = 100             # per GPU, as the official test.py
+    workers: Optional[int] = None
+    image_size: Optional[int] = None  # None = the checkpoint's training size, else 224
+    trace: bool = True
+    progress: bool = True
+
+
+def test(config: TestConfig) -> Dict[str, float]:
+    """Evaluate a model on a val set; returns {"top1", "top5", "loss", "images"} (rank 0's)."""
+    source = val_folder(config.data)
+    if config.model is not None and config.model.lower() != "none" and not (
+            os.path.exists(config.model) or "://" in config.model):
+        raise UserError("--model: no such file: %s" % config.model)
+    if config.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    from engine.trainer import resolve_ngpus
+
+    ngpus = resolve_ngpus(config.ngpus, distributed.gpu_count())
+    return distributed.launch(_test_worker, config, source, ngpus=ngpus)
+
+
+def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
+    from engine.data import Loader
+
+    loaded = load_model(config.arch, config.model)
+    try:
+        loader = Loader(
+            source, batch_size=config.batch_size, train=False,
+            image_size=config.image_size or loaded.image_size,
+            workers=config.workers, rank=distributed.get_rank(),
+            world_size=distributed.get_world_size(),
+        )
+    except (ValueError, OSError) as exc:  # no meta.json, empty folders, ...
+        raise UserError("--data %s: %s" % (config.data, exc)) from None
+    try:
+        label_map = label_map_for(loaded.classes, loaded.num_classes, loader.classes)
+        step = make_eval_step(loaded.model, num_classes=loaded.num_classes, trace=config.trace)
+        return run_eval(step, loader, label_map, progress=config.progress and distributed.is_main())
+    finally:
+        loader.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Single-image inference
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+    """cv2 BGR decode, as the official inference.py; a missing or undecodable file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError("--image: no such file: %s" % path)
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError("--image: cannot decode %s (not an image OpenCV can read)" % path)
+    return img
+
+
+def resize_center_crop(img: np.ndarray, image_size: int = 224) -> np.ndarray:
+    """The official val transform, as uint8: short side to round(size / 0.875) (256 for 224),
+    center crop; returns [1, 3, size, size]. Normalization happens in the step on the device.
+
+    Same arithmetic as megengine.data.transform.Resize / CenterCrop (long side truncated, crop
+    offset rounded) via engine.data.transforms, so it matches the official inference.py and
+    the Loader's val path.
+    """
+    h, w = img.shape[:2]
+    th, tw = resize_shorter(h, w, val_resize(image_size))
+    if (th, tw) != (h, w):
+        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
+    x, y = center_crop(th, tw, image_size)
+    img = img[y:y + image_size, x:x + image_size]
+    return np.ascontiguousarray(img.transpose(2, 0, 1)[None])
+
+
+def preprocess(path: str, image_size: int = 224) -> np.ndarray:
+    """read_image + resize_center_crop."""
+    return resize_center_crop(read_image(path), image_size)
+
+
+def class_names(loaded: LoadedModel) -> List[str]:
+    """ImageNet names for 1000-class ImageNet models, else the checkpoint's class list."""
+    if loaded.num_classes == 1000 and (loaded.classes is None or loaded.classes == imagenet_wnids()):
+        return imagenet_names()
+    if loaded.classes is not None:
+        return list(loaded.classes)
+    return ["class_%d" % i for i in range(loaded.num_classes)]
+
+
+def predict(arch: str, model: Optional[str], image: str, topk: int = 5,
+            image_size: Optional[int] = None) -> List[Tuple[int, str, float]]:
+    """Top-k (class index, name, probability) for one image, most probable first.
+
+    image_size None = the size an engine checkpoint was trained at, else 224.
+    """
+    if topk < 1:
+        raise UserError("--topk must be >= 1")
+    img = read_image(image)  # a bad path fails before the (slow) model load
+    loaded = load_model(arch, model)
+    batch = resize_center_crop(img, image_size or loaded.image_size)
+    probs = PredictStep(loaded.model)(mge.tensor(batch)).numpy()[0]
+    names = class_names(loaded)
+    order = np.argsort(-probs, kind="stable")[: min(topk, len(probs))]
+    return [(int(i), names[i], float(probs[i])) for i in order]
+
+
+def format_prediction(rank: int, name: str, prob: float) -> str:
+    """The official inference.py line."""
+    return "{}: class = {:20s} with probability = {:4.1f} %".format(rank, name, 100 * prob)

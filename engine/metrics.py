@@ -1,0 +1,165 @@
+"""What a run reports: meters, throughput/data-wait timing, metrics.jsonl, the curves PNG.
+
+Nothing here knows about ranks: the trainer builds these with `enabled=is_main` so that only
+rank 0 touches the file system, and everything else is the same on all ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+
+class Meter:
+    """Running sum / count over a log interval (reset after each log line)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += float(value) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / self.count if self.count else float("nan")
+
+
+class StepTimer:
+    """Splits wall time into waiting for the loader vs everything else, per log interval.
+
+    `data_wait` is the fraction of the interval spent blocked in `next(loader)`: near 0 means the
+    input pipeline keeps up; near 1 means the GPU starves. Because device work is asynchronous,
+    the interval only ends at a host sync (reading the loss), which the trainer does at log time,
+    so images/s is exact over an interval even though individual steps are not timed.
+    """
+
+    def __init__(self) -> None:
+        self.start_interval()
+
+    def start_interval(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wait = 0.0
+        self.images = 0
+        self._mark: Optional[float] = None
+
+    def before_data(self) -> None:
+        self._mark = time.perf_counter()
+
+    def after_data(self, n_images: int) -> None:
+        if self._mark is not None:
+            self.wait += time.perf_counter() - self._mark
+            self._mark = None
+        self.images += n_images
+
+    def read(self) -> Dict[str, float]:
+        """{"img_s", "data_wait", "seconds"} for the interval so far (call after a sync)."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"img_s": self.images / dt, "data_wait": min(self.wait / dt, 1.0), "seconds": dt}
+
+
+class MetricsLog:
+    """Append-only JSON-lines file: one record per log interval ("train") or eval ("eval").
+
+    Each line is flushed as written, so a crash loses at most the line in progress, and a
+    reader (a plot, a dashboard) can follow the file live. Disabled instances (ranks != 0)
+    write nothing.
+    """
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """On resume: forget records past the checkpoint, which the resumed run will redo."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _finite(record: Dict[str, Any]) -> Dict[str, Any]:
+    # JSON has no nan/inf; write null so every JSON parser reads the file.
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    """All complete records of a metrics file (a torn last line from a crash is skipped)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "") -> str:
+    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
+    headless and never disturbs a caller's interactive backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = list(records)
+    train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("kind") == "eval"]
+
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
+
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("train loss")
+    ax_loss.grid(alpha=0.3)
+
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1, color="tab:orange")
+    if train and all(r["lr"] > 0 for r in train):
+        ax_lr.set_yscale("log")  # step decays by 10x read as equal steps
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+
+    if evals:
+        ep = [r["epoch"] + 1 for r in evals]  # evaluated at the end of epoch r["epoch"]
+        ax_acc.plot(ep, [r["top1"] for r in evals], "o-", label="top-1")
+        ax_acc.plot(ep, [r["top5"] for r in evals], "s-", label="top-5")
+        ax_acc.legend()
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("val accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)  # a viewer never sees a half-written image
+    return png_path

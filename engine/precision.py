@@ -1,0 +1,264 @@
+"""Step functions: on-device normalization, jit.trace (or eager) and mixed precision.
+
+The trainer calls `make_train_step` / `make_eval_step` once and then only calls the returned
+objects with uint8 image tensors. Whether the step is a compiled graph (`jit.trace(symbolic=True)`)
+or plain eager code, and whether it runs under AMP, is decided here and nowhere else; the traced
+and eager versions compute the same thing (tests/test_trainer.py checks the loss trajectories).
+
+Two MegEngine 1.13 facts shape the code:
+- `GradScaler.backward` inside a symbolic trace crashes the process (it reads a device value
+  with `.numpy()` mid-graph; segfault verified on CPU), and `_check_non_finite(scale=...)` bakes
+  the Python scale into the graph. So the AMP step is split in two traced graphs: forward +
+  scaled backward + on-device unscale + overflow flag, then the optimizer update. The host reads
+  the one-element flag between them (PyTorch's GradScaler syncs once per step the same way) and
+  skips the update on overflow; the scale is fed in as a tensor so it can change without a retrace.
+- float16 on MegEngine's CPU backend produces nan for real networks, so AMP is refused on
+  machines without CUDA before any model is built (`require_amp_device`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+import megengine as mge
+import megengine.functional as F
+from megengine import amp as mge_amp
+from megengine import jit
+from megengine.autodiff import GradManager
+from megengine.functional.math import _check_non_finite
+from megengine.module import Module
+from megengine.optimizer import Optimizer
+
+from engine.errors import UserError
+
+# BGR, 0..255 scale: the values the official MegEngine ResNet weights were trained with.
+MEAN_BGR = (103.530, 116.280, 123.675)
+STD_BGR = (57.375, 57.120, 58.395)
+
+AMP_CPU_MESSAGE = (
+    "--amp needs a CUDA GPU: MegEngine's CPU backend computes float16 incorrectly (the loss "
+    "becomes nan). Run without --amp on this machine."
+)
+
+
+def cuda_available() -> bool:
+    return bool(mge.is_cuda_available())
+
+
+def require_amp_device(amp: bool) -> None:
+    """Refuse AMP up front when there is no GPU, instead of training into nan."""
+    if amp and not cuda_available():
+        raise UserError(AMP_CPU_MESSAGE)
+
+
+class Normalize:
+    """uint8 BGR [N,3,H,W] -> float32 (x - mean) / std, computed on the device.
+
+    The constants are built once, so inside a traced step they are graph constants and in eager
+    mode no host->device copy happens per step.
+    """
+
+    def __init__(self, mean: Sequence[float] = MEAN_BGR, std: Sequence[float] = STD_BGR):
+        self.mean = mge.tensor(np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1))
+        self.inv_std = mge.tensor((1.0 / np.asarray(std, dtype=np.float32)).reshape(1, 3, 1, 1))
+
+    def __call__(self, images: mge.Tensor) -> mge.Tensor:
+        return (images.astype("float32") - self.mean) * self.inv_std
+
+
+def _compile(fn: Callable, trace: bool, dtr_bytes: Optional[int] = None) -> Callable:
+    if not trace:
+        return fn
+    # DTR for a traced graph is a trace option; the imperative switch (enable_dtr) does not
+    # reach inside a compiled graph.
+    dtr = jit.DTRConfig(eviction_threshold=int(dtr_bytes)) if dtr_bytes else None
+    return jit.trace(fn, symbolic=True, dtr_config=dtr)
+
+
+def parse_bytes(text: str) -> int:
+    """'5GB', '512MB', '1.5 GiB', '1000000' -> bytes (powers of 1024, like megengine.dtr)."""
+    t = str(text).strip().upper().replace(" ", "").replace("IB", "B")
+    units = {"TB": 1 << 40, "GB": 1 << 30, "MB": 1 << 20, "KB": 1 << 10, "B": 1}
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            num = t[: -len(suffix)]
+            break
+    else:
+        num, mult = t, 1
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text) from None
+    if value <= 0:
+        raise UserError("memory size must be positive, got %r" % text)
+    return int(value)
+
+
+def dtr_threshold(spec: str) -> int:
+    """Eviction threshold for DTR: 'auto' = 80 % of the default device's memory, or a size."""
+    if spec == "auto":
+        total, _free = mge.device.get_mem_status_bytes()
+        return int(total * 0.8)
+    return parse_bytes(spec)
+
+
+def enable_dtr(threshold_bytes: int) -> None:
+    """Dynamic Tensor Rematerialization for eager steps (trades recompute for memory).
+
+    Must run inside each launched worker (MegEngine#166), i.e. after dist.launcher forks.
+    """
+    mge.dtr.eviction_threshold = int(threshold_bytes)
+    mge.dtr.enable()
+
+
+class TrainStep:
+    """One optimisation step: `loss = step(images_uint8, labels_int32)`.
+
+    `loss` is a device tensor; reading it (`.item()`) synchronises, so the trainer only does that
+    when it logs. With AMP, `last_step_skipped` tells whether the update was dropped because the
+    scaled gradients overflowed.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        gm: GradManager,
+        opt: Optimizer,
+        *,
+        trace: bool = True,
+        amp: bool = False,
+        scaler: Optional[mge_amp.GradScaler] = None,
+        label_smoothing: float = 0.0,
+        dtr_bytes: Optional[int] = None,
+    ):
+        self.model, self.gm, self.opt = model, gm, opt
+        self.amp = amp
+        self.scaler = scaler if scaler is not None else (mge_amp.GradScaler() if amp else None)
+        self.label_smoothing = float(label_smoothing)
+        self.normalize = Normalize()
+        self.params = list(gm.attached_tensors())  # what backward writes .grad into
+        self.last_step_skipped = False
+        if amp:
+            self._backward = _compile(self._amp_backward, trace, dtr_bytes)
+            self._update = _compile(self._amp_update, trace)
+        else:
+            self._step = _compile(self._fp32_step, trace, dtr_bytes)
+        if dtr_bytes and not trace:
+            enable_dtr(dtr_bytes)
+
+    def _loss(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+        logits = self.model(self.normalize(images))
+        return F.nn.cross_entropy(
+            logits.astype("float32"), labels, label_smooth=self.label_smoothing
+        )
+
+    # ---- float32: the whole step is one graph ----
+    def _fp32_step(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+        with self.gm:
+            loss = self._loss(images, labels)
+            self.gm.backward(loss)
+        self.opt.step().clear_grad()
+        return loss
+
+    # ---- AMP: graph 1 = forward, scaled backward, unscale, overflow flag ----
+    def _amp_backward(
+        self, images: mge.Tensor, labels: mge.Tensor, scale: mge.Tensor
+    ) -> Tuple[mge.Tensor, mge.Tensor]:
+        with self.gm:
+            with mge_amp.autocast(enabled=True):
+                loss = self._loss(images, labels)
+            self.gm.backward(loss, dy=scale)
+        inv = 1.0 / scale
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = p.grad * inv
+        overflow = _check_non_finite([p.grad for p in self.params if p.grad is not None], 1.0)
+        return loss, overflow
+
+    # ---- AMP: graph 2 = the optimizer update, run only when the gradients are finite ----
+    def _amp_update(self) -> None:
+        self.opt.step().clear_grad()
+
+    def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+        if not self.amp:
+            return self._step(images, labels)
+        scale = mge.tensor(np.float32(self.scaler.scale_factor))
+        loss, overflow = self._backward(images, labels, scale)
+        skipped = bool(overflow.numpy())
+        if skipped:
+            self.opt.clear_grad()
+        else:
+            self._update()
+        # Drive GradScaler's own bookkeeping so its state_dict stays the checkpoint format.
+        self.scaler._found_non_finite = skipped
+        self.scaler.update()
+        self.last_step_skipped = skipped
+        return loss
+
+
+class EvalStep:
+    """`stats = step(images_uint8, labels_int32)` -> device tensor [loss_sum, correct@1, correct@k].
+
+    Sums (not means) so that batches of different sizes, and shards on different ranks, add up
+    exactly. k is 5, or the number of classes when there are fewer than 5.
+    """
+
+    def __init__(self, model: Module, *, num_classes: int, trace: bool = True, amp: bool = False):
+        self.model = model
+        self.amp = amp
+        self.k = min(5, int(num_classes))
+        self.normalize = Normalize()
+        self._step = _compile(self._eval, trace)
+
+    def _eval(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+        with mge_amp.autocast(enabled=self.amp):
+            logits = self.model(self.normalize(images))
+        logits = logits.astype("float32")
+        n = logits.shape[0]
+        loss = F.nn.cross_entropy(logits, labels) * n
+        acc1, acck = F.topk_accuracy(logits, labels, topk=(1, self.k))
+        return F.concat([v.reshape(1) for v in (loss, acc1 * n, acck * n)])
+
+    def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+        return self._step(images, labels)
+
+
+class PredictStep:
+    """`probs = step(images_uint8)` -> softmax probabilities [N, num_classes] (inference)."""
+
+    def __init__(self, model: Module, *, trace: bool = False):
+        self.model = model
+        self.normalize = Normalize()
+        self._step = _compile(self._predict, trace)
+
+    def _predict(self, images: mge.Tensor) -> mge.Tensor:
+        return F.softmax(self.model(self.normalize(images)).astype("float32"), axis=1)
+
+    def __call__(self, images: mge.Tensor) -> mge.Tensor:
+        return self._step(images)
+
+
+def make_train_step(
+    model: Module,
+    gm: GradManager,
+    opt: Optimizer,
+    *,
+    trace: bool = True,
+    amp: bool = False,
+    scaler: Optional[mge_amp.GradScaler] = None,
+    label_smoothing: float = 0.0,
+    dtr_bytes: Optional[int] = None,
+) -> TrainStep:
+    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR."""
+    return TrainStep(
+        model, gm, opt, trace=trace, amp=amp, scaler=scaler, label_smoothing=label_smoothing,
+        dtr_bytes=dtr_bytes,
+    )
+
+
+def make_eval_step(
+    model: Module, *, num_classes: int, trace: bool = True, amp: bool = False
+) -> EvalStep:
+    """Build the evaluation step; call `model.eval()` before using it."""
+    return EvalStep(model, num_classes=num_classes, trace=trace, amp=amp)

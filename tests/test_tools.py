@@ -1,0 +1,252 @@
+"""The CLIs as users run them (subprocesses): --help, test.py and inference.py on tiny
+checkpoints of every format, one-line errors with exit status 2, train.py flags and --amp."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import make_imagenet, photo_bgr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+LINE = re.compile(r"^(\d+): class = (.{20,}) with probability = ([ \d]\d\.\d|100\.0) %$")
+
+
+def run_tool(name, *args, timeout=300, env=None):
+    p = subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=None if env is None else {**os.environ, **env})
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_user_error(rc, out, err, *needles):
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("tool", ["train.py", "test.py", "inference.py"])
+def test_help(tool):
+    rc, out, err = run_tool(tool, "--help", timeout=60)
+    assert rc == 0 and "usage:" in out
+    if tool == "train.py":
+        for flag in ("--data", "--arch", "--batch-size", "--ngpus", "--save-dir", "--save",
+                     "--learning-rate", "--epochs", "--workers", "--image-size", "--weight-decay",
+                     "--momentum", "--warmup-epochs", "--lr-schedule", "--label-smoothing",
+                     "--amp", "--trace", "--no-trace", "--dtr", "--resume", "--seed",
+                     "--num-nodes", "--node-rank", "--master-ip", "--master-port", "--save-every"):
+            assert flag in out, flag
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location("tool_" + name, os.path.join(TOOLS, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_flags_map_to_config():
+    tool = _load_tool("train")
+    cfg = tool.config_from_args(tool.build_parser().parse_args(["--data", "D"]))
+    assert (cfg.arch, cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.trace, cfg.amp,
+            cfg.dtr, cfg.lr_schedule) == ("resnet18", 32, 0.0125, 100, True, False, None, "step")
+    cfg = tool.config_from_args(tool.build_parser().parse_args(
+        ["-d", "D", "--save", "S", "--no-trace", "--dtr", "--lr", "0.1", "--lr-schedule",
+         "cosine", "--num-nodes", "2", "--node-rank", "1", "--master-ip", "10.0.0.1",
+         "--master-port", "2345", "--resume", "S"]))
+    assert (cfg.save_dir, cfg.trace, cfg.dtr, cfg.learning_rate, cfg.lr_schedule) == \
+        ("S", False, "auto", 0.1, "cosine")
+    assert (cfg.num_nodes, cfg.node_rank, cfg.master_ip, cfg.master_port, cfg.resume) == \
+        (2, 1, "10.0.0.1", 2345, "S")
+    assert tool.build_parser().parse_args(["-d", "D", "--save-dir", "X"]).save_dir == "X"
+
+
+def test_train_amp_on_cpu_gives_its_message(tmp_path):
+    import megengine as mge
+
+    if mge.is_cuda_available():
+        pytest.skip("a GPU is present: --amp is allowed")
+    rc, out, err = run_tool("train.py", "--data", tmp_path, "--amp")
+    assert_user_error(rc, out, err, "--amp needs a CUDA GPU", "nan")
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 3-class val set, the chelsea photo, and resnet18 weights in every format."""
+    import megengine as mge
+    from engine.checkpoint import FORMAT, VERSION, save_checkpoint
+    from engine.models import get_model
+
+    d = tmp_path_factory.mktemp("tools")
+    root = make_imagenet(str(d / "inet"), classes=3, train=1, val=2)
+    classes = sorted(os.listdir(os.path.join(root, "val")))
+    cat = str(d / "chelsea.jpg")
+    cv2.imwrite(cat, photo_bgr("chelsea"))
+    mge.random.seed(0)
+    sd3 = get_model("resnet18", num_classes=3).state_dict()
+    out = {"root": root, "cat": cat, "dir": d, "classes": classes}
+    out["engine"] = save_checkpoint(
+        {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
+         "config": {"arch": "resnet18", "num_classes": 3, "classes": classes,
+                    "image_size": 32}}, str(d / "engine.pkl"))
+    out["other_classes"] = save_checkpoint(
+        {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
+         "config": {"arch": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"],
+                    "image_size": 32}}, str(d / "other.pkl"))
+    out["bare3"] = save_checkpoint(sd3, str(d / "bare3.pkl"))
+    out["official1000"] = save_checkpoint(get_model("resnet18").state_dict(), str(d / "r18.pkl"))
+    return out
+
+
+# ------------------------------------------------------------------------------- test.py
+
+TOP = re.compile(r"top1\s+([\d.]+)\s+top5\s+([\d.]+)")
+
+
+@pytest.mark.parametrize("fmt", ["engine", "bare3"])
+def test_test_tool_prints_top1_top5_last(files, fmt):
+    rc, out, err = run_tool("test.py", "--data", files["root"], "--model", files[fmt],
+                            "--image-size", 32, "--batch-size", 4, "--workers", 0,
+                            "--no-progress")
+    assert rc == 0, err
+    m = TOP.search(out.strip().splitlines()[-1])
+    assert m, out
+    top1, top5 = map(float, m.groups())
+    assert 0 <= top1 <= top5 <= 100
+    assert "6 images" in out
+
+
+def test_test_tool_accepts_the_val_folder_itself(files):
+    rc, out, err = run_tool("test.py", "-d", os.path.join(files["root"], "val"), "-m",
+                            files["engine"], "--image-size", 32, "-b", 6, "-j", 0,
+                            "--no-progress")
+    assert rc == 0, err
+    assert TOP.search(out.strip().splitlines()[-1])
+
+
+def test_test_tool_errors(files):
+    rc, out, err = run_tool("test.py", "-d", files["root"], "-m", files["other_classes"],
+                            "--image-size", 32, "-j", 0)
+    assert_user_error(rc, out, err, "class mismatch")
+    rc, out, err = run_tool("test.py", "-d", files["root"], "-m", files["engine"], "-a",
+                            "resnet50", "-j", 0)
+    assert_user_error(rc, out, err, "resnet18 checkpoint but --arch is resnet50")
+    rc, out, err = run_tool("test.py", "-d", files["root"], "-m", files["official1000"],
+                            "-a", "resnet34", "-j", 0)
+    assert_user_error(rc, out, err, "do not fit the model")
+    rc, out, err = run_tool("test.py", "-d", files["dir"] / "nope", "-m", files["engine"])
+    assert_user_error(rc, out, err, "no such folder")
+
+
+# -------------------------------------------------------------------------- inference.py
+
+def test_inference_engine_checkpoint_prints_official_lines(files):
+    rc, out, err = run_tool("inference.py", "--model", files["engine"], "--image", files["cat"],
+                            "--image-size", 32)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3  # top-5 clamped to the 3 classes
+    probs = []
+    for k, line in enumerate(lines):
+        m = LINE.match(line)
+        assert m, line
+        assert int(m.group(1)) == k
+        assert m.group(2).strip() in files["classes"]  # names recorded in the checkpoint
+        probs.append(float(m.group(3)))
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 100) < 0.5
+
+
+def test_inference_official_1000_class_weights_use_imagenet_names(files):
+    from engine.imagenet_classes import imagenet_names
+
+    rc, out, err = run_tool("inference.py", "-a", "resnet18", "-m", files["official1000"],
+                            "-i", files["cat"], "--topk", 5)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 5
+    names = set(imagenet_names())
+    for k, line in enumerate(lines):
+        m = LINE.match(line)
+        assert m and int(m.group(1)) == k, line
+        assert m.group(2).strip() in names
+    # the official formatting, byte for byte
+    from engine.evaluate import format_prediction
+    assert format_prediction(1, "Siamese_cat", 0.123) == \
+        "1: class = Siamese_cat          with probability = 12.3 %"
+    assert imagenet_names()[284] == "Siamese_cat" and imagenet_names()[287] == "lynx"
+
+
+def test_inference_without_model_uses_the_published_weights_cache(files, tmp_path, monkeypatch):
+    """No --model: the published weights, read from megengine.hub's cache (pre-placed here:
+    this machine is offline), with ImageNet names."""
+    import shutil
+    from engine.models import pretrained_cache_path
+
+    monkeypatch.setenv("MGE_HOME", str(tmp_path / "mge"))
+    cached = pretrained_cache_path("resnet18")
+    os.makedirs(os.path.dirname(cached))
+    shutil.copy(files["official1000"], cached)
+    rc, out, err = run_tool("inference.py", "-i", files["cat"], "--topk", 2,
+                            env={"MGE_HOME": str(tmp_path / "mge")})
+    assert rc == 0, err
+    ref = run_tool("inference.py", "-m", files["official1000"], "-i", files["cat"], "--topk", 2)
+    assert out == ref[1] and len(out.splitlines()) == 2
+
+
+def test_inference_errors(files, tmp_path):
+    rc, out, err = run_tool("inference.py", "-m", files["engine"], "-i", tmp_path / "no.jpg")
+    assert_user_error(rc, out, err, "no such file", "no.jpg")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not a jpeg at all")
+    rc, out, err = run_tool("inference.py", "-m", files["engine"], "-i", junk)
+    assert_user_error(rc, out, err, "cannot decode", "junk.jpg")
+    rc, out, err = run_tool("inference.py", "-a", "resnet50", "-m", files["engine"], "-i",
+                            files["cat"])
+    assert_user_error(rc, out, err, "resnet18 checkpoint but --arch is resnet50")
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04garbage")
+    rc, out, err = run_tool("inference.py", "-m", bad, "-i", files["cat"])
+    assert_user_error(rc, out, err, "cannot read checkpoint")
+
+
+def test_preprocess_matches_official_resize_and_crop(files):
+    from engine.evaluate import preprocess
+
+    img = cv2.imread(files["cat"])                 # 300 x 451 (h x w)
+    x = preprocess(files["cat"], 224)
+    assert x.shape == (1, 3, 224, 224) and x.dtype == np.uint8
+    h, w = img.shape[:2]
+    tw = int(256 * w / h)
+    ref = cv2.resize(img, (tw, 256), interpolation=cv2.INTER_LINEAR)
+    x0 = int(round((tw - 224) / 2.0))
+    y0 = int(round((256 - 224) / 2.0))
+    np.testing.assert_array_equal(x[0].transpose(1, 2, 0), ref[y0:y0 + 224, x0:x0 + 224])
+
+
+# ------------------------------------------------------------------------------ train.py
+
+@pytest.mark.slow
+def test_train_tool_end_to_end_then_resume(files, tmp_path):
+    root = make_imagenet(str(tmp_path / "inet"), classes=2, train=4, val=1)
+    save = tmp_path / "run"
+    common = ["-d", root, "-b", 4, "--image-size", 32, "-j", 0, "--epochs", 2, "--no-progress",
+              "-p", 1, "--save", save]
+    rc, out, err = run_tool("train.py", *common, "--max-steps", 1)
+    assert rc == 0, err
+    assert "done: 1 steps" in out and (save / "checkpoint.pkl").exists()
+    rc, out, err = run_tool("train.py", *common, "--resume", save, "--no-trace")
+    assert rc == 0, err
+    assert "done: 4 steps" in out and "top1" in out
+    rc, out, err = run_tool("test.py", "-d", root, "-m", save / "checkpoint.pkl",
+                            "--image-size", 32, "-j", 0, "--no-progress")
+    assert rc == 0 and TOP.search(out.strip().splitlines()[-1]), err
