@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Training-step throughput per architecture and mode, with the input already on the device.
+
+For each (arch, image size, mode) it builds the model, a GradManager and SGD (momentum 0.9,
+wd 1e-4, as the trainer does) and the real step from engine.precision.make_train_step
+(normalize on the device, forward, backward, optimizer update). The uint8 batch and the labels
+are created once as device tensors, outside the timing, so no loader and no host->device copy
+is measured: this is the model's ceiling, which bench_e2e compares the loader-fed loop against.
+
+Modes: eager (no trace), trace (jit.trace, symbolic), amp (trace + mixed precision; CUDA only,
+skipped with a note on CPU, where MegEngine's float16 gives nan). The first --warmup steps
+(which compile the trace) are excluded; then --steps steps are timed with a full device sync
+after every --sync-every steps, and the median of those timings gives img/s.
+
+Defaults depend on the device: on a CUDA GPU resnet18,resnet50 at batch 128 and 160, 192 and
+224 px (the sizes of the sizing note in BENCHMARKS.md), 20 timed steps after 5 warm-up; on
+CPU resnet18,resnet50 at batch 8, 64 px, 3 timed steps after 2 warm-up (a few minutes on 2
+cores; the second warm-up step absorbs first-run allocation costs)."""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import finish, log  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+MODES = ("eager", "trace", "amp")
+
+# (archs, batch size, image sizes, timed steps, warm-up steps, sync every)
+GPU_DEFAULTS = ("resnet18,resnet50", 128, "160,192,224", 20, 5, 1)
+CPU_DEFAULTS = ("resnet18,resnet50", 8, "64", 3, 2, 1)
+
+
+def device_name() -> str:
+    """'cuda: <GPU name>' or 'cpu: <CPU model>'."""
+    from engine.precision import cuda_available
+
+    if cuda_available():
+        try:
+            import megengine as mge
+
+            props = mge.device.get_cuda_device_property(0)
+            if getattr(props, "name", None):
+                return "cuda: %s" % props.name
+        except Exception:  # noqa: BLE001 - the name is cosmetic
+            pass
+        try:
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10).stdout.splitlines()
+            if name:
+                return "cuda: %s" % name[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return "cuda"
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "cpu: %s (%d cores)" % (cpu, os.cpu_count() or 0)
+
+
+def sync() -> None:
+    """Wait for every queued device operation (the optimizer update included)."""
+    import megengine as mge
+
+    if hasattr(mge, "_full_sync"):
+        mge._full_sync()
+
+
+def build_step(arch: str, mode: str, num_classes: int):
+    """Model + GradManager + SGD + engine.precision train step, as engine.trainer builds them."""
+    import megengine.optimizer as optim
+    from megengine.autodiff import GradManager
+
+    from engine.models import get_model
+    from engine.precision import make_train_step
+
+    model = get_model(arch, num_classes=num_classes)
+    model.train()
+    gm = GradManager().attach(model.parameters())
+    opt = optim.SGD(model.parameters(), lr=0.0125, momentum=0.9, weight_decay=1e-4)
+    return make_train_step(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+
+
+def time_steps(step, images, labels, *, steps: int, warmup: int, sync_every: int):
+    """Seconds per step for each timed chunk of `sync_every` steps (warm-up excluded)."""
+    for _ in range(warmup):
+        step(images, labels).numpy()
+    sync()
+    per_step = []
+    done = 0
+    while done < steps:
+        k = min(sync_every, steps - done)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            loss = step(images, labels)
+        loss.numpy()
+        sync()
+        per_step.append((time.perf_counter() - t0) / k)
+        done += k
+    value = float(loss.numpy())
+    return per_step, value
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default=None,
+                   help="comma-separated, from engine.models.ARCHS (default resnet18,resnet50)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 on GPU, 8 on CPU")
+    p.add_argument("--image-size", default=None,
+                   help="pixels, or a comma list (default 160,192,224 GPU / 64 CPU)")
+    p.add_argument("--modes", default="eager,trace,amp",
+                   help="comma list of eager, trace, amp (amp is skipped on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU / 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first; the first compiles the trace (default 5 GPU / 2 CPU)")
+    p.add_argument("--sync-every", type=int, default=None,
+                   help="steps per timing, each ended by a full device sync (default 1)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from engine.models import ARCHS
+    from engine.precision import cuda_available
+
+    gpu = cuda_available()
+    d_archs, d_bs, d_sizes, d_steps, d_warm, d_sync = GPU_DEFAULTS if gpu else CPU_DEFAULTS
+    archs = [x for x in (a.archs or d_archs).split(",") if x]
+    sizes = [int(x) for x in str(a.image_size or d_sizes).split(",") if x]
+    bs = a.batch_size or d_bs
+    steps = a.steps if a.steps is not None else d_steps
+    warmup = a.warmup if a.warmup is not None else d_warm
+    sync_every = max(1, a.sync_every or d_sync)
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [x for x in archs if x not in ARCHS] + [m for m in modes if m not in MODES]
+    if bad:
+        p.error("unknown arch/mode %s; archs: %s; modes: %s"
+                % (", ".join(bad), ", ".join(ARCHS), ", ".join(MODES)))
+    if steps < 1 or warmup < 0 or bs < 1 or any(s < 32 for s in sizes):
+        p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --image-size >= 32")
+    notes = []
+    if "amp" in modes and not gpu:
+        modes.remove("amp")
+        notes.append("amp skipped: no CUDA GPU (MegEngine's CPU float16 gives nan)")
+        log("bench_train: " + notes[-1])
+
+    import megengine as mge
+
+    device = device_name()
+    rng = np.random.default_rng(a.seed)
+    results, rows = [], []
+    for size in sizes:
+        # One batch per size, created once on the device, outside every timing.
+        images = mge.tensor(rng.integers(0, 256, (bs, 3, size, size), dtype=np.uint8))
+        labels = mge.tensor(rng.integers(0, a.num_classes, (bs,)).astype(np.int32))
+        for arch in archs:
+            for mode in modes:
+                mge.random.seed(a.seed)
+                step = build_step(arch, mode, a.num_classes)
+                per_step, loss = time_steps(step, images, labels, steps=steps, warmup=warmup,
+                                            sync_every=sync_every)
+                med = statistics.median(per_step)
+                img_s = bs / med
+                log("%-10s %4d px %-5s %8.1f img/s  (%s ms/step, loss %.3f)"
+                    % (arch, size, mode, img_s, ", ".join("%.0f" % (t * 1e3) for t in per_step),
+                       loss))
+                results.append({"arch": arch, "mode": mode, "img_s": round(img_s, 2),
+                                "batch_size": bs, "image_size": size,
+                                "ms_per_step": round(med * 1e3, 2), "timed_steps": steps,
+                                "loss_finite": bool(np.isfinite(loss))})
+                rows.append((arch, size, mode, img_s, med * 1e3))
+                del step
+    finish(rows, ["arch", "px", "mode", "img/s (median)", "ms/step"],
+           {"device": device, "cuda": gpu, "batch_size": bs, "image_sizes": sizes,
+            "steps": steps, "warmup": warmup, "sync_every": sync_every,
+            "num_classes": a.num_classes, "notes": notes, "results": results},
+           "bench_train: batch %d on %s, input already on the device%s"
+           % (bs, device, "; " + "; ".join(notes) if notes else ""))
+
+
+if __name__ == "__main__":
+    main()
