@@ -67,9 +67,10 @@ class _ShardSource:
     def __len__(self) -> int:
         return len(self.split)
 
-    def read(self, i: int) -> Tuple[bytes, int, str]:
+    def read(self, i: int) -> Tuple[bytes, int, str, Optional[Tuple[int, int]]]:
         rec = self.split.get(i)
-        return rec["image"], rec["label"], rec["path"]
+        # The packer guarantees a 3-channel JPEG whose size is recorded: no header probe needed.
+        return rec["image"], rec["label"], rec["path"], (rec["width"], rec["height"])
 
 
 class _FolderSource:
@@ -85,10 +86,10 @@ class _FolderSource:
     def __len__(self) -> int:
         return len(self.items)
 
-    def read(self, i: int) -> Tuple[bytes, int, str]:
+    def read(self, i: int) -> Tuple[bytes, int, str, Optional[Tuple[int, int]]]:
         rel, label = self.items[i]
         with open(os.path.join(self.root, rel), "rb") as f:
-            return f.read(), label, rel
+            return f.read(), label, rel, None
 
 
 def _open_source(source: str):
@@ -114,11 +115,13 @@ class _Decoder:
         self.use_roi = use_roi
         self.resize_to = val_resize(image_size)
 
-    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray) -> None:
+    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
+                 size: Optional[Tuple[int, int]] = None) -> None:
+        """Decode into out (uint8 [3, S, S]); size is the JPEG's (width, height) when known."""
         if self.train:
-            img, flip = self._train(data, index, epoch)
+            img, flip = self._train(data, index, epoch, size)
         else:
-            img, flip = self._val(data), False
+            img, flip = self._val(data, size), False
         if img.shape[0] != self.size or img.shape[1] != self.size:
             img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
         if flip:
@@ -126,11 +129,12 @@ class _Decoder:
         # HWC -> CHW straight into the slot's three planes (3x cheaper than a numpy transpose).
         cv2.split(img, [out[0], out[1], out[2]])
 
-    def _train(self, data: bytes, index: int, epoch: int) -> Tuple[np.ndarray, bool]:
+    def _train(self, data: bytes, index: int, epoch: int,
+               size: Optional[Tuple[int, int]]) -> Tuple[np.ndarray, bool]:
         rng = sample_rng(self.seed, epoch, index)
         S = self.size
-        if sniff(data) == "jpeg":
-            width, height = jpeg_size(data)
+        if size is not None or sniff(data) == "jpeg":
+            width, height = size or jpeg_size(data)
             x, y, w, h = random_resized_crop(height, width, rng)
             # Decode at the smallest DCT scale that keeps the crop at least S x S: large
             # images decode at 1/2, 1/4, ... which is much cheaper than a full decode.
@@ -145,9 +149,9 @@ class _Decoder:
             crop = full[y:y + h, x:x + w]
         return crop, rng.random() < 0.5
 
-    def _val(self, data: bytes) -> np.ndarray:
-        if sniff(data) == "jpeg":
-            width, height = jpeg_size(data)
+    def _val(self, data: bytes, size: Optional[Tuple[int, int]]) -> np.ndarray:
+        if size is not None or sniff(data) == "jpeg":
+            width, height = size or jpeg_size(data)
             img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
         else:
             img = decode_bgr(data)
@@ -172,9 +176,9 @@ def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np
         idx = int(idx)
         for attempt in range(MAX_REPLACEMENTS):
             cur = (idx + attempt) % n
-            data, label, path = source.read(cur)
+            data, label, path, size = source.read(cur)
             try:
-                decoder(data, cur, epoch, images[j])
+                decoder(data, cur, epoch, images[j], size)
                 labels[j] = label
                 break
             except DecodeError as exc:
@@ -391,17 +395,23 @@ class Loader:
 
     def _get_result(self):
         while True:
+            # Checked on every result, not only when waiting: the other workers could otherwise
+            # carry on at reduced speed and hide a worker the OOM killer took.
+            self._check_workers()
             try:
                 return self._results.get(timeout=0.2)
             except queue.Empty:
-                for wid, p in enumerate(self._procs):
-                    if p.exitcode is not None:
-                        code = p.exitcode
-                        self.close()
-                        hint = " (killed by a signal: -9 is usually the out-of-memory killer)" \
-                            if code < 0 else ""
-                        raise RuntimeError("loader worker %d (pid %d) exited unexpectedly with "
-                                           "code %d%s" % (wid, p.pid, code, hint)) from None
+                pass
+
+    def _check_workers(self) -> None:
+        for wid, p in enumerate(self._procs):
+            if p.exitcode is not None:
+                code = p.exitcode
+                self.close()
+                hint = " (killed by a signal: -9 is usually the out-of-memory killer)" \
+                    if code < 0 else ""
+                raise RuntimeError("loader worker %d (pid %d) exited unexpectedly with code %d%s"
+                                   % (wid, p.pid, code, hint))
 
     def _drain(self) -> None:
         """Wait for tasks of an abandoned iteration: their slots may still be being written."""

@@ -6,22 +6,60 @@ exactly, so that evaluation matches the official pipeline pixel for pixel.
 from __future__ import annotations
 
 import math
-import random
 from typing import Tuple
 
-__all__ = ["sample_rng", "random_resized_crop", "resize_shorter", "center_crop", "val_resize"]
+__all__ = ["SampleRNG", "sample_rng", "random_resized_crop", "resize_shorter", "center_crop",
+           "val_resize"]
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+_MASK = (1 << 64) - 1
+
+
+class SampleRNG:
+    """SplitMix64: a tiny, fast, well-mixed generator for the handful of draws a sample needs.
+
+    Seeding random.Random costs ~13 us (it fills a 624-word state); this costs nothing, which
+    matters at a thousand samples per second per core.
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK
+
+    def next64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        return z ^ (z >> 31)
+
+    def random(self) -> float:
+        """Uniform in [0, 1)."""
+        return (self.next64() >> 11) * (1.0 / (1 << 53))
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+    def randint(self, a: int, b: int) -> int:
+        """Uniform integer in [a, b] (inclusive, as random.randint)."""
+        return a + self.next64() % (b - a + 1)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> SampleRNG:
     """The RNG of every random choice for sample `index` in `epoch`.
 
     A function of (seed, epoch, index) only, so the output never depends on the number of
-    workers, on which worker decodes the sample, or on timing.
+    workers, on which worker decodes the sample, or on timing. The three are hashed together
+    (one SplitMix64 step each) so that nearby (epoch, index) pairs give unrelated streams.
     """
-    return random.Random((seed & 0xFFFFFFFF) << 80 | (epoch & 0xFFFFFF) << 48 | index)
+    h = SampleRNG(seed)
+    h = SampleRNG(h.next64() ^ (epoch & _MASK))
+    h = SampleRNG(h.next64() ^ (index & _MASK))
+    return SampleRNG(h.next64())
 
 
-def random_resized_crop(height: int, width: int, rng: random.Random,
+def random_resized_crop(height: int, width: int, rng: SampleRNG,
                         scale: Tuple[float, float] = (0.08, 1.0),
                         ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
     """(x, y, w, h) of a crop covering scale of the area with aspect ratio in ratio."""
