@@ -272,7 +272,9 @@ def class_names(loaded: LoadedModel) -> List[str]:
     if loaded.num_classes == 1000 and (loaded.classes is None or loaded.classes == imagenet_wnids()):
         return imagenet_names()
     if loaded.classes is not None:
-        return list(loaded.classes)
+        # A subset of ImageNet (e.g. the sample set): show the WNIDs' ImageNet names.
+        known = dict(zip(imagenet_wnids(), imagenet_names()))
+        return [known.get(c, c) for c in loaded.classes]
     return ["class_%d" % i for i in range(loaded.num_classes)]
 
 
