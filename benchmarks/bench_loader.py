@@ -2,8 +2,10 @@
 """Loader throughput, side by side on the same JPEGs with the same worker count:
 (a) the engine Loader from LMDB shards, (b) the engine Loader from the raw folder, (c) the seed
 pipeline (megengine.data.DataLoader + ImageFolder (cv2) + RandomResizedCrop, RandomHorizontalFlip,
-Normalize, ToMode("CHW")), and (d) the decode ceiling: one process's full-decode rate x workers.
-Each configuration runs --seconds per repeat, repeats interleaved; medians are reported."""
+Normalize, ToMode("CHW")), and (d) the decode ceiling: one process's full-decode rate (TurboJPEG,
+default exact IDCT, no crop or resize) x workers; the same with the fast IDCT, which the engine's
+training crops use, is shown too. Each configuration runs --seconds per repeat, the ceilings are
+measured in every repeat, interleaved with the loaders; medians are reported."""
 import argparse
 import os
 import statistics
@@ -14,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_data_args, finish, image_files, log, rate, read_all, sample_data  # noqa: E402
 
 from engine.data import Loader  # noqa: E402
-from engine.data.decode import decode_bgr, roi_available  # noqa: E402
+from engine.data.decode import roi_available  # noqa: E402
 
 MEAN = [103.530, 116.280, 123.675]
 STD = [57.375, 57.120, 58.395]
@@ -63,15 +65,17 @@ def main(argv=None):
     raw, packed = sample_data(a.data, a.packed)
     train_raw, train_packed = os.path.join(raw, "train"), os.path.join(packed, "train")
 
+    from turbojpeg import TJFLAG_FASTDCT, TJPF_BGR, TurboJPEG
+
     blobs = read_all(image_files(train_raw)[:600])
+    tj = TurboJPEG()
 
-    def decode_all():
-        for b in blobs:
-            decode_bgr(b)
-        return len(blobs)
-
-    one_core, _ = rate(decode_all, repeats=a.repeats)
-    ceiling = one_core * a.workers
+    def decode_all(flags):
+        def run():
+            for b in blobs:
+                tj.decode(b, pixel_format=TJPF_BGR, flags=flags)
+            return len(blobs)
+        return run
 
     kw = dict(batch_size=a.batch_size, train=True, image_size=a.image_size, workers=a.workers,
               use_roi=not a.no_roi)
@@ -82,24 +86,33 @@ def main(argv=None):
         configs.append(("seed: megengine DataLoader", iter(seed_pipeline(
             train_raw, a.batch_size, a.image_size, a.workers))))
     got = {name: [] for name, _ in configs}
+    exact, fast = [], []
     for r in range(a.repeats):
+        exact.append(rate(decode_all(0), repeats=1, min_seconds=1.0)[0])
+        fast.append(rate(decode_all(TJFLAG_FASTDCT), repeats=1, min_seconds=1.0)[0])
+        log("repeat %d full decode, 1 process: %.0f img/s (fast IDCT %.0f)" % (r, exact[-1], fast[-1]))
         for name, batches in configs:
             got[name].append(measure(batches, a.seconds, a.batch_size))
             log("repeat %d %-28s %.0f img/s" % (r, name, got[name][-1]))
     engine.close()
     engine_raw.close()
+    ceiling = statistics.median(exact) * a.workers
+    ceiling_fast = statistics.median(fast) * a.workers
     med = {k: statistics.median(v) for k, v in got.items()}
     e, er = med["engine, LMDB shards"], med["engine, raw folder"]
     s = med.get("seed: megengine DataLoader")
     rows = [(k, v, "%.2f" % (v / ceiling), "%.2f" % (v / s) if s else "-") for k, v in med.items()]
     rows.append(("decode ceiling (1 core x %d)" % a.workers, ceiling, "1.00",
                  "%.2f" % (ceiling / s) if s else "-"))
+    rows.append(("  same, fast IDCT", ceiling_fast, "%.2f" % (ceiling_fast / ceiling),
+                 "%.2f" % (ceiling_fast / s) if s else "-"))
     decoder = "ROI (engine.data._jpegroi)" if engine.roi else "PyTurboJPEG (full decode + crop)"
     finish(rows, ["%d workers, batch %d, %d px" % (a.workers, a.batch_size, a.image_size),
                   "img/s (median)", "x ceiling", "x seed"],
            {"engine_img_s": round(e, 1), "engine_raw_img_s": round(er, 1),
             "seed_img_s": round(s, 1) if s else None,
-            "decode_ceiling_img_s": round(ceiling, 1), "workers": a.workers,
+            "decode_ceiling_img_s": round(ceiling, 1),
+            "decode_ceiling_fast_idct_img_s": round(ceiling_fast, 1), "workers": a.workers,
             "batch_size": a.batch_size, "image_size": a.image_size, "decoder": decoder},
            "bench_loader: %s (engine decoder: %s)" % (raw, decoder))
     os._exit(0)  # the seed DataLoader's infinite sampler keeps worker threads alive

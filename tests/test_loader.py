@@ -279,7 +279,7 @@ def test_memory_stays_flat_over_epochs(data):
 @pytest.mark.parametrize("use_roi", [True, False])
 def test_dct_scaled_window_matches_the_scaled_full_decode(use_roi):
     """Both decode paths agree with TurboJPEG's own scaled decode, at every fast scale."""
-    from turbojpeg import TJPF_BGR, TurboJPEG
+    from turbojpeg import TJFLAG_FASTDCT, TJPF_BGR, TurboJPEG
 
     from engine.data.decode import decode_crop, scaled_dim
 
@@ -287,10 +287,15 @@ def test_dct_scaled_window_matches_the_scaled_full_decode(use_roi):
         pytest.skip("ROI decoder not built")
     img = cv2.resize(photo_bgr("astronaut"), (1000, 760), interpolation=cv2.INTER_AREA)
     data = jpeg_bytes(img)
-    for num, den in [(8, 8), (4, 8), (2, 8), (1, 8)]:
-        full = TurboJPEG().decode(data, pixel_format=TJPF_BGR,
-                                  scaling_factor=None if num == 8 else (num // num, den // num))
-        assert full.shape[:2] == (scaled_dim(760, num), scaled_dim(1000, num))
-        x0, y0, w, h = 3 * num, 5 * num, 40 * num, 30 * num
-        got = decode_crop(data, num, x0, y0, w, h, use_roi=use_roi)
-        np.testing.assert_array_equal(got, full[y0:y0 + h, x0:x0 + w])
+    for fast_dct in (False, True):
+        for num, den in [(8, 8), (4, 8), (2, 8), (1, 8)]:
+            full = TurboJPEG().decode(data, pixel_format=TJPF_BGR,
+                                      scaling_factor=None if num == 8 else (1, den // num),
+                                      flags=TJFLAG_FASTDCT if fast_dct else 0)
+            assert full.shape[:2] == (scaled_dim(760, num), scaled_dim(1000, num))
+            x0, y0, w, h = 3 * num, 5 * num, 40 * num, 30 * num
+            got = decode_crop(data, num, x0, y0, w, h, use_roi=use_roi, fast_dct=fast_dct)
+            np.testing.assert_array_equal(got, full[y0:y0 + h, x0:x0 + w])
+    exact = decode_crop(data, 8, 0, 0, 1000, 760, use_roi=use_roi).astype(int)
+    fast = decode_crop(data, 8, 0, 0, 1000, 760, use_roi=use_roi, fast_dct=True).astype(int)
+    assert 0 < np.abs(exact - fast).mean() < 1.0  # a different IDCT, visually the same

@@ -142,9 +142,11 @@ class _Decoder:
             x0, y0 = x * num // 8, y * num // 8
             x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
             y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
-            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi)
+            # The fast integer IDCT: augmentation does not need the last grey level.
+            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi,
+                               fast_dct=True)
         else:  # PNG etc. in a raw folder: full decode, same geometry
-            full = decode_bgr(data)
+            full = decode_bgr(data, fast_dct=True)
             x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
             crop = full[y:y + h, x:x + w]
         return crop, rng.random() < 0.5
