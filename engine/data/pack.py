@@ -3,8 +3,8 @@
 Every file is sniffed by content, strictly decoded, and either kept byte for byte (a JPEG that
 libjpeg-turbo decodes to 3 channels), converted to an RGB JPEG at quality 95 (PNG, WebP, BMP,
 TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), or skipped with a reason (empty,
-truncated, corrupt, not an image). Decoding runs in a process pool; the main process writes
-shards in order.
+truncated, corrupt, not an image). Shards are independent: a process pool packs them in
+parallel, each shard by one worker from its first file to its last.
 
 Resumability: the file list, its order and its split into shards are a pure function of the
 input and the arguments (the fingerprint). A shard is written under a temporary name and renamed
@@ -98,13 +98,48 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
 
 
-def _work(task: Tuple[str, Optional[int]]) -> Dict[str, Any]:
-    r = process_file(*task)
-    if r.get("kind") in ("jpeg", "gray"):
-        # Kept byte for byte: the writer rereads the file (from the page cache) rather than
-        # having the bytes pickled through a pipe, which costs more than the read.
-        r["image"] = None
-    return r
+# Files processed, shared with the pool's workers (fork) so the progress bar moves per file.
+_progress_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+
+
+def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Write one complete shard (decode, validate, serialise, append) and its marker.
+
+    Shards are independent, so workers write different shards concurrently and nothing but a
+    small marker crosses a process boundary: piping every image back to one writer made that
+    process the bottleneck. The shard appears under its final name only when complete.
+    """
+    src, dst, k, items, fp, max_side = (job[x] for x in
+                                        ("src", "dst", "k", "items", "fp", "max_side"))
+    writer = shards.ShardWriter(os.path.join(dst, shards.shard_name(k)))
+    m = {"file": shards.shard_name(k), "fingerprint": fp, "seen": 0, "num_samples": 0,
+         "kinds": Counter(), "skipped": [], "bytes": 0}
+    try:
+        for rel, label in items:
+            r = process_file(os.path.join(src, rel), max_side)
+            m["seen"] += 1
+            if "skip" in r:
+                m["skipped"].append({"path": rel, "reason": r["skip"]})
+            else:
+                value = shards.pack_record(r["image"], label, r["height"], r["width"], rel)
+                writer.append(value)
+                m["kinds"][r["kind"]] += 1
+                m["bytes"] += len(value)
+            if _progress_counter is not None:
+                with _progress_counter.get_lock():
+                    _progress_counter.value += 1
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    m["num_samples"] = writer.num_samples
+    shards.write_json_atomic(os.path.join(dst, PROGRESS_DIR, m["file"] + ".json"), m)
+    return m
 
 
 def _fingerprint(split: str, classes, items, root: str, seed: int, shard_size: int,
@@ -132,8 +167,8 @@ class _Stats:
         self.bytes += m["bytes"]
 
 
-def _pack_split(root: str, out: str, split: str, classes: List[str], workers: int,
-                shard_size: int, max_side: Optional[int], seed: int, pool, progress: bool,
+def _pack_split(root: str, out: str, split: str, classes: List[str], shard_size: int,
+                max_side: Optional[int], seed: int, pool, counter, progress: bool,
                 log) -> Dict[str, Any]:
     src = os.path.join(root, split)
     dst = os.path.join(out, split)
@@ -177,41 +212,35 @@ def _pack_split(root: str, out: str, split: str, classes: List[str], workers: in
     if markers and todo:
         log("%s: resuming, %d of %d shards already complete" % (split, len(markers), len(chunks)))
 
-    stats = _Stats()
-    for m in markers.values():
-        stats.add_marker(m)
     t0 = time.time()
-    tasks = [(os.path.join(src, rel), max_side) for k in todo for rel, _ in chunks[k]]
-    results = pool.imap(_work, tasks, chunksize=16) if pool is not None else map(_work, tasks)
-    bar = _progress(len(items), len(items) - len(tasks), "pack " + split, progress)
+    jobs = [{"src": src, "dst": dst, "k": k, "items": chunks[k], "fp": fp, "max_side": max_side}
+            for k in todo]
+    todo_files = sum(len(j["items"]) for j in jobs)
+    bar = _progress(len(items), len(items) - todo_files, "pack " + split, progress)
     try:
-        for k in todo:
-            writer = shards.ShardWriter(os.path.join(dst, shards.shard_name(k)))
-            m = {"file": shards.shard_name(k), "fingerprint": fp, "seen": 0, "num_samples": 0,
-                 "kinds": Counter(), "skipped": [], "bytes": 0}
-            for rel, label in chunks[k]:
-                r = next(results)
-                m["seen"] += 1
-                if "skip" in r:
-                    m["skipped"].append({"path": rel, "reason": r["skip"]})
-                else:
-                    image = r["image"]
-                    if image is None:
-                        with open(os.path.join(src, rel), "rb") as f:
-                            image = f.read()
-                    value = shards.pack_record(image, label, r["height"], r["width"], rel)
-                    writer.append(value)
-                    m["kinds"][r["kind"]] += 1
-                    m["bytes"] += len(value)
-                bar.update(1)
-            writer.close()
-            m["num_samples"] = writer.num_samples
-            shards.write_json_atomic(os.path.join(prog, m["file"] + ".json"), m)
-            markers[k] = m
-            stats.add_marker(m)
+        if pool is None:
+            for job in jobs:
+                markers[job["k"]] = _pack_shard(job)
+                bar.update(len(job["items"]))
+        else:
+            start = counter.value
+            pending = {pool.apply_async(_pack_shard, (job,)): job["k"] for job in jobs}
+            shown = 0
+            while pending:
+                done = [r for r in pending if r.ready()]
+                for r in done:
+                    markers[pending.pop(r)] = r.get()  # re-raises a worker's exception
+                now = counter.value - start
+                bar.update(now - shown)
+                shown = now
+                if not done:
+                    time.sleep(0.05)
     finally:
         bar.close()
     seconds = time.time() - t0
+    stats = _Stats()
+    for k in range(len(chunks)):  # in shard order, whatever order the workers finished in
+        stats.add_marker(markers[k])
 
     kinds = {k: v for k, v in sorted(stats.kinds.items())}
     meta = {
@@ -235,7 +264,7 @@ def _pack_split(root: str, out: str, split: str, classes: List[str], workers: in
     shutil.rmtree(prog, ignore_errors=True)
     return {"split": split, "seen": stats.seen, "kept": stats.kept,
             "skipped": len(stats.skipped), "kinds": kinds, "bytes": stats.bytes,
-            "seconds": seconds, "processed": len(tasks), "done_before": False,
+            "seconds": seconds, "processed": todo_files, "done_before": False,
             "skipped_list": stats.skipped}
 
 
@@ -289,12 +318,16 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--workers must be >= 0 (0 = decode in the main process)")
 
     os.makedirs(out, exist_ok=True)
-    pool = mp.get_context("fork").Pool(workers) if workers > 0 else None
+    pool = counter = None
+    if workers > 0:
+        ctx = mp.get_context("fork")
+        counter = ctx.Value("q", 0)
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(counter,))
     summaries = []
     try:
         for split in splits:
-            summaries.append(_pack_split(data, out, split, classes, workers, shard_size,
-                                         max_side, seed, pool, progress, log))
+            summaries.append(_pack_split(data, out, split, classes, shard_size, max_side, seed,
+                                         pool, counter, progress, log))
     finally:
         if pool is not None:
             pool.terminate()
