@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import finish, log  # noqa: E402
+from common import cpu_name, finish, log  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -56,16 +56,7 @@ def device_name() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
         return "cuda"
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return "cpu: %s (%d cores)" % (cpu, os.cpu_count() or 0)
+    return "cpu: %s (%d cores)" % (cpu_name(), os.cpu_count() or 0)
 
 
 def sync() -> None:

@@ -78,6 +78,17 @@ def rate(fn: Callable[[], int], repeats: int = 5, min_seconds: float = 0.0) -> T
     return statistics.median(rates), rates
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     try:
         import psutil
@@ -85,16 +96,7 @@ def machine() -> str:
         cores = "%d cores (%d physical)" % (psutil.cpu_count(), psutil.cpu_count(logical=False))
     except ImportError:
         cores = "%d cores" % os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return "%s, %s, %s" % (platform.node(), cpu, cores)
+    return "%s, %s, %s" % (platform.node(), cpu_name(), cores)
 
 
 def log(msg: str) -> None:

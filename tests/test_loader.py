@@ -299,3 +299,22 @@ def test_dct_scaled_window_matches_the_scaled_full_decode(use_roi):
     exact = decode_crop(data, 8, 0, 0, 1000, 760, use_roi=use_roi).astype(int)
     fast = decode_crop(data, 8, 0, 0, 1000, 760, use_roi=use_roi, fast_dct=True).astype(int)
     assert 0 < np.abs(exact - fast).mean() < 1.0  # a different IDCT, visually the same
+
+
+def test_workers_never_inherit_an_open_environment(data):
+    """A split already open in this process (another loader, a verifier) still loads in
+    workers, which open their own environments, and stays readable here afterwards."""
+    import lmdb
+
+    _, packed = data
+    split = shards.Split(os.path.join(packed, "train"))
+    first = split.get(0)
+    inline = collect(Loader(os.path.join(packed, "train"), batch_size=4, train=True,
+                            workers=0, image_size=32))
+    with Loader(os.path.join(packed, "train"), batch_size=4, train=True, workers=2,
+                image_size=32) as ld:
+        assert_same(collect(ld), inline)
+        assert not shards._ENVS  # closed before the fork; only the workers read since
+    assert split.get(0) == first
+    with pytest.raises(lmdb.Error, match="already open"):  # py-lmdb's guard is still there
+        lmdb.open(split.files[0], subdir=False, readonly=True, lock=False)

@@ -375,9 +375,11 @@ class Loader:
         # system, and freed by the kernel when the last process holding it exits.
         self._buf = mmap.mmap(-1, self.prefetch * _slot_bytes(self.batch_size, self.image_size))
         self._images, self._labels = _views(self._buf, layout)
-        # fork: workers inherit the mapping and any LMDB environment this process already has
-        # open (read-only, lock=False: safe to read from a child), and an unguarded user
-        # script is not re-imported as it would be under spawn/forkserver.
+        # fork: workers inherit the mapping, and an unguarded user script is not re-imported
+        # as it would be under spawn/forkserver. No LMDB environment may cross the fork: this
+        # process closes its own (its readers reopen them lazily) and each worker opens its
+        # own on first read.
+        shards.close_all_envs()
         ctx = mp.get_context("fork")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         # One core per worker, so OpenCV must run single-threaded there. A child cannot change

@@ -22,7 +22,8 @@ import msgpack
 
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
-    "unpack_record", "ShardWriter", "write_json_atomic", "read_meta", "open_env", "Split",
+    "unpack_record", "ShardWriter", "write_json_atomic", "read_meta", "open_env",
+    "close_all_envs", "Split",
 ]
 
 FORMAT = "engine-lmdb-shards"
@@ -148,10 +149,9 @@ def read_meta(split_dir: str) -> Dict[str, Any]:
 
 # One open Environment per shard file per process: py-lmdb refuses a second open of the same
 # file in one process, yet several readers (train + eval loaders, a verifier) may share a split.
-# A forked child keeps using the handles it inherited: py-lmdb also refuses to reopen them there,
-# and with readonly + lock=False an environment is just a read-only file mapping (no lock
-# table, no reader slots), which a child can read through safely.
 _ENVS: Dict[str, lmdb.Environment] = {}
+# Bumped by close_all_envs(); readers drop transactions from an older generation.
+_GENERATION = 0
 
 
 def open_env(path: str) -> lmdb.Environment:
@@ -164,6 +164,19 @@ def open_env(path: str) -> lmdb.Environment:
                         max_readers=1024, max_dbs=0)
         _ENVS[key] = env
     return env
+
+
+def close_all_envs() -> None:
+    """Close this process's environments; readers reopen them lazily on their next read.
+
+    Called before forking workers, so that a child never inherits an open environment (LMDB
+    forbids using one across fork, and py-lmdb would also refuse to reopen the file there).
+    """
+    global _GENERATION
+    for env in _ENVS.values():
+        env.close()
+    _ENVS.clear()
+    _GENERATION += 1
 
 
 class Split:
@@ -188,19 +201,19 @@ class Split:
             raise ShardError("%s lists %d shard file(s) that are missing, e.g. %s"
                              % (self.root, len(missing), missing[0]))
         self._txns: Dict[int, Any] = {}
-        self._pid = None
+        self._pid = self._gen = None
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_txns"], state["_pid"] = {}, None
+        state["_txns"], state["_pid"], state["_gen"] = {}, None, None
         return state
 
     def _txn(self, shard: int):
-        if self._pid != os.getpid():
-            self._txns, self._pid = {}, os.getpid()
+        if self._pid != os.getpid() or self._gen != _GENERATION:
+            self._txns, self._pid, self._gen = {}, os.getpid(), _GENERATION
         txn = self._txns.get(shard)
         if txn is None:
             # A long-lived read transaction on a read-only, never-modified file: no reader
