@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_data_args, finish, image_files, log, rate, read_all, sample_data  # noqa: E402
 
 from engine.data import Loader  # noqa: E402
-from engine.data.decode import roi_available  # noqa: E402
 
 MEAN = [103.530, 116.280, 123.675]
 STD = [57.375, 57.120, 58.395]

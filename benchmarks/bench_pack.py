@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_data_args, finish, image_files, log, rate, read_all, sample_data  # noqa: E402

@@ -173,9 +173,6 @@ def write_png(results: Dict[str, Any], path: str) -> str:
     else:
         _empty(ax_e2e, "bench_e2e did not run")
     title = "engine benchmarks, %s, %s" % (results.get("date", ""), results.get("machine", ""))
-    if not results.get("runs"):
-        lines += ["", "> **No results yet**: run `make bench` to measure this machine and fill "
-                  "in this page."]
     if results.get("quick"):
         title += "  [QUICK RUN: tiny sizes, not meaningful]"
     fig.suptitle(title, fontsize=10)

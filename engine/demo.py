@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict
 __all__ = ["run_demo"]
 
 
-def run_demo(out: str = "demo", classes: int = 10, train_per_class: int = 100,
-             val_per_class: int = 20, image_size: int = 32, epochs: int = 4,
+def run_demo(out: str = "demo", classes: int = 10, train_per_class: int = 60,
+             val_per_class: int = 20, image_size: int = 32, epochs: int = 3,
              batch_size: int = 32, learning_rate: float = 0.05, workers: int = 1,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every stage, printing what it made and where; returns the figures."""

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny ImageNet-layout folders made from real photographs (skimage.data)."""
-import io
 import os
 import sys
 

@@ -12,7 +12,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="demo", help="folder for the data, shards and the run")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="loader processes")
     a = p.parse_args(argv)

@@ -15,7 +15,7 @@ import bisect
 import json
 import os
 import struct
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import lmdb
 import msgpack
