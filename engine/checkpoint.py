@@ -19,18 +19,17 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import tempfile
 import urllib.parse
 from typing import Any, Dict, Mapping, Optional
 
 from megengine import Tensor
 
+from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError
 
 FORMAT = "engine-checkpoint"
 VERSION = 1
 LATEST = "checkpoint.pkl"  # the official train.py's name; always the newest state of a run
-TMP_PREFIX = ".tmp-"  # partial files start with this and are never picked up by a load
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str) -> str:
@@ -39,32 +38,8 @@ def save_checkpoint(obj: Mapping[str, Any], path: str) -> str:
     A crash or kill -9 at any moment leaves either the previous file or the new one under
     `path`, never a truncated one; a stray temp file may remain and is ignored by loads.
     """
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(_to_host(obj), f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    # The rename itself lives in the directory's metadata: sync it so it survives a power cut.
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    return path
+    host = _to_host(obj)
+    return atomic_write(path, lambda f: pickle.dump(host, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _to_host(obj: Any) -> Any:

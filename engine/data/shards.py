@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterator, List
 import lmdb
 import msgpack
 
+from engine.atomic import atomic_write, fsync_dir
+
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
     "unpack_record", "ShardWriter", "write_json_atomic", "read_meta", "open_env",
@@ -59,24 +61,9 @@ def unpack_record(value) -> Dict[str, Any]:
     return msgpack.unpackb(value, raw=False)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON so that readers see either the old file or the complete new one, never a part."""
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 class ShardWriter:
@@ -110,7 +97,7 @@ class ShardWriter:
         self._env.sync(True)
         self._env.close()
         os.replace(self.tmp_path, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
         self._txn.abort()

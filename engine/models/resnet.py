@@ -50,8 +50,8 @@ The module and attribute names (``conv1``, ``bn1``, ``layerX.N.convK``, ``downsa
 import hashlib
 import math
 import os
+import shutil
 import sys
-import tempfile
 import urllib.request
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
@@ -60,6 +60,8 @@ import numpy as np
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
+
+from engine.atomic import atomic_write
 
 __all__ = [
     "ARCHS",
@@ -436,22 +438,11 @@ def pretrained_cache_path(name: str) -> str:
 def _download(url: str, dst: str, timeout: float) -> None:
     """Download to a temporary file then rename, so an interrupted or concurrent (one per rank)
     download never leaves a truncated file where the cache lookup would trust it."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".part", dir=os.path.dirname(dst))
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                out.write(chunk)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    def fetch(out) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+
+    atomic_write(dst, fetch)
 
 
 def _load_pretrained(model: "ResNet", name: str) -> None:
