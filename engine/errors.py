@@ -1,9 +1,37 @@
-"""The one exception type for user mistakes (bad paths, wrong flags, mismatched checkpoints).
+"""The one base class for problems a user can fix (bad paths, wrong flags, damaged data, a full
+disk, mismatched checkpoints).
 
-Tools catch it and print its message on one line, exit status 2, no traceback; anything else
-is a bug and keeps its traceback.
+Every tool catches `UserError` once, prints `error: <message>` on one line and exits with status
+2; anything else is a bug and keeps its traceback. The data side's errors (`LayoutError`,
+`ShardError`, `PackError`) subclass it, so a tool never needs to know which layer raised.
+This module imports nothing, so `engine.data` can use it without pulling in MegEngine.
 """
 
 
 class UserError(Exception):
     """A problem the user can fix; the message says what was wrong and what to do."""
+
+
+def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
+    """One line for an OSError met while writing `path` (full disk, read-only, permissions)."""
+    import errno
+    import os
+    import shutil
+
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
+                exc.errno, exc.strerror or str(exc))
+    msg = "cannot write %s: %s" % (path, what)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        try:
+            free = shutil.disk_usage(folder).free
+            msg += " (%.1f MB free there" % (free / 1e6)
+            msg += ", about %.1f MB needed)" % (needed / 1e6) if needed else ")"
+        except OSError:
+            pass
+        msg += "; free some space or choose another folder, then rerun"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        msg += "; choose a writable folder"
+    return msg

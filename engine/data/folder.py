@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from engine.errors import UserError
+
 __all__ = ["LayoutError", "list_classes", "scan_split", "classes_for"]
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The folder is not in the ImageNet layout; the message says what to change."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
+from engine.errors import UserError
 
 __all__ = ["PackError", "pack_imagenet", "process_file", "default_workers"]
 
@@ -37,7 +38,7 @@ JPEG_QUALITY = 95
 PROGRESS_DIR = ".pack"
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """Bad input or arguments: the message says what was wrong and how to fix it."""
 
 

@@ -21,6 +21,7 @@ import lmdb
 import msgpack
 
 from engine.atomic import atomic_write, fsync_dir
+from engine.errors import UserError
 
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
@@ -37,7 +38,7 @@ MAP_SIZE = 1 << 40
 COMMIT_EVERY = 512
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A split folder that is missing, incomplete or of a format this reader does not know."""
 
 
