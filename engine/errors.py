@@ -35,3 +35,15 @@ def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
     elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         msg += "; choose a writable folder"
     return msg
+
+
+class ConfigError(UserError, ValueError):
+    """An argument out of range or of the wrong kind (a file where a folder is expected)."""
+
+
+class DataError(UserError, RuntimeError):
+    """Data that cannot be read as promised: damaged records, a shard changed while in use."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A path the user named does not exist."""

@@ -1,40 +1,56 @@
-"""Loader: worker processes decode JPEGs straight into a ring of shared-memory batch slots.
+"""Loader: worker processes decode JPEGs straight into a small ring of shared-memory batch slots.
 
-    main process                              worker processes (N)
-    ------------                              --------------------
-    sampler -> (batch b, slot s, indices) --> tasks queue
-                                              read record (LMDB or file), decode with
-                                              libjpeg-turbo (crop window, DCT-scaled),
-                                              resize, flip, write uint8 CHW into slot s
-    results queue <-- (b, s, failures)    <--
-    yield slot s as numpy, no copy, in batch order
+    main process                                   worker processes (N)
+    ------------                                   --------------------
+    sampler -> batch k gets slot s, cut into        each has its own pipe to the main process;
+    chunks; each chunk goes down one worker's  -->  read records (LMDB or files), decode with
+    pipe (at most 2 outstanding per worker)         libjpeg-turbo (crop window, DCT-scaled),
+                                                    resize, flip, write uint8 CHW into its
+    batch k is ready when all its chunks are   <--  rows of slot s, reply (k, chunk, failures)
+    back; yield slot s as numpy, no copy, in order
 
-Only slot numbers cross process boundaries; pixels never get pickled. The slots live in one
-anonymous shared mapping that forked workers inherit: nothing is created in /dev/shm, so
-nothing can be left behind there, whatever happens to the processes.
+Only slot numbers cross process boundaries; pixels never get pickled. Several workers fill one
+slot, so the ring stays a few batches (`slots`, default 4) whatever the worker count: shared
+memory = slots x batch bytes. The slots live in one anonymous shared mapping that the forked
+workers inherit: nothing is created in /dev/shm, and the mapping is freed only when the last
+numpy view of it is gone, so a batch kept past `close()` stays readable.
+
+Each worker has its own pipes, so no lock is shared between workers: a worker killed or stopped
+at any moment cannot block the others or `close()`. The main process waits on the pipes and the
+workers' exit sentinels together, so a dead worker is reported at once, and a worker that makes
+no progress for `timeout` seconds (stopped, or stuck in a read) is reported by name.
+
+The pipeline is a stream of global batch numbers (epoch x batches per epoch + batch), so the
+next epoch's first batches are already decoding while the current one ends.
 """
 from __future__ import annotations
 
+import collections
+import gc
+import logging
+import math
 import mmap
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 import traceback
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from multiprocessing.connection import wait as wait_ready
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from engine.data import shards
+from engine.data.cpus import default_workers
 from engine.data.decode import (DecodeError, decode_bgr, decode_crop, jpeg_size, pick_scale,
                                 roi_available, scaled_dim, sniff)
 from engine.data.folder import classes_for, scan_split
 from engine.data.sampler import Sampler
 from engine.data.transforms import (center_crop, random_resized_crop, resize_shorter,
                                     sample_rng, val_resize)
+from engine.errors import ConfigError, DataError, MissingPathError, UserError
 
 __all__ = ["Loader", "default_workers"]
 
@@ -43,15 +59,12 @@ __all__ = ["Loader", "default_workers"]
 MAX_REPLACEMENTS = 16
 
 
-def default_workers() -> int:
-    """Physical cores minus one (the main process feeds the accelerator), at least one."""
-    try:
-        import psutil
+DEFAULT_SLOTS = 4
+# Chunks a worker may hold at once: one decoding, one waiting, so it never idles between them.
+PER_WORKER = 2
+DEFAULT_TIMEOUT_S = 120.0
 
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+log = logging.getLogger("engine.data")
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -81,7 +94,7 @@ class _FolderSource:
         self.classes = classes_for(self.root)
         self.items = scan_split(self.root, self.classes)
         if not self.items:
-            raise ValueError("%s has no files under class folders" % self.root)
+            raise DataError("%s has no files under class folders" % self.root)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,8 +106,12 @@ class _FolderSource:
 
 
 def _open_source(source: str):
+    if os.path.isfile(source):
+        raise ConfigError(
+            "%s is a file; pass a packed split folder (with meta.json) or a raw "
+            "<split>/<wnid>/*.JPEG folder" % source)
     if not os.path.isdir(source):
-        raise FileNotFoundError(
+        raise MissingPathError(
             "%s does not exist. Pass a packed split folder (with meta.json, made by "
             "tools/pack_imagenet.py) or a raw <split>/<wnid>/*.JPEG folder." % source)
     if os.path.exists(os.path.join(source, shards.META_FILE)) or any(
@@ -171,7 +188,7 @@ class _Decoder:
 
 def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np.ndarray,
           labels: np.ndarray) -> List[Tuple[int, str, str]]:
-    """Decode a batch into (images, labels); returns [(index, path, reason)] of replacements."""
+    """Decode samples into (images, labels); returns [(index, path, reason)] of replacements."""
     n = len(source)
     failures = []
     for j, idx in enumerate(indices):
@@ -186,36 +203,49 @@ def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np
             except DecodeError as exc:
                 failures.append((cur, path, str(exc)))
         else:
-            raise RuntimeError("%d consecutive records from index %d failed to decode (last: "
-                               "%s: %s); the data is damaged, repack it"
-                               % (MAX_REPLACEMENTS, idx, failures[-1][1], failures[-1][2]))
+            raise DataError("%d consecutive records from index %d failed to decode (last: %s: %s);"
+                            " the data is damaged: check it with tools/verify_pack.py or repack it"
+                            % (MAX_REPLACEMENTS, idx, failures[-1][1], failures[-1][2]))
     return failures
 
 
-def _worker_main(wid: int, source, decoder: _Decoder, buf: mmap.mmap, layout: Dict[str, Any],
-                 tasks, results) -> None:
+def _worker_main(wid: int, conn, source, decoder: _Decoder, buf: mmap.mmap,
+                 layout: Dict[str, int]) -> None:
+    # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
+    # collection would touch (and so copy) the pages of millions of long-lived objects.
+    gc.freeze()
     # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     images, labels = _views(buf, layout)
     while True:
         try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the main process died: don't linger as an orphan
-                return
-            continue
+            if not conn.poll(1.0):
+                if os.getppid() != parent:  # the main process died: don't linger as an orphan
+                    return
+                continue
+            task = conn.recv()
+        except (EOFError, OSError):  # the main process closed our pipe
+            return
         if task is None:
             return
-        gen, epoch, b, slot, indices = task
+        key, epoch, slot, start, indices = task
+        stop = start + len(indices)
         try:
-            failures = _fill(source, decoder, indices, epoch, images[slot], labels[slot])
-            results.put((gen, b, slot, failures, None))
-        except Exception:  # noqa: BLE001 - reported to the main process, which raises
-            results.put((gen, b, slot, [], "worker %d: %s" % (wid, traceback.format_exc())))
+            failures = _fill(source, decoder, indices, epoch, images[slot, start:stop],
+                             labels[slot, start:stop])
+            reply = (key, failures, None)
+        except UserError as exc:  # the user's to fix: re-raised as is in the main process
+            reply = (key, [], exc)
+        except Exception:  # noqa: BLE001 - a bug: the main process raises it with this traceback
+            reply = (key, [], "loader worker %d: %s" % (wid, traceback.format_exc()))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
 
 
-def _views(buf, layout: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+def _views(buf, layout: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
     slots, bs, S = layout["slots"], layout["batch_size"], layout["image_size"]
     images = np.ndarray((slots, bs, 3, S, S), np.uint8, buf, 0)
     labels = np.ndarray((slots, bs), np.int32, buf, images.nbytes)
@@ -224,6 +254,35 @@ def _views(buf, layout: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
 
 def _slot_bytes(batch_size: int, image_size: int) -> int:
     return batch_size * (3 * image_size * image_size + 4)
+
+
+_SIGNALS = {
+    signal.SIGKILL: "SIGKILL: usually the out-of-memory killer; lower workers or batch size",
+    signal.SIGBUS: "SIGBUS: a file it was reading was truncated or replaced while mapped; check "
+                   "the data with tools/verify_pack.py",
+    signal.SIGSEGV: "SIGSEGV: a crash in native code",
+    signal.SIGTERM: "SIGTERM: something outside the loader stopped it",
+}
+
+
+def _exit_reason(code: int) -> str:
+    text = "exited unexpectedly with code %d" % code
+    if code < 0:
+        try:
+            sig = signal.Signals(-code)
+            text += " (%s)" % (_SIGNALS.get(sig) or sig.name)
+        except ValueError:
+            pass
+    return text
+
+
+class _Batch:
+    """A batch in flight: its slot, its size and the chunks not yet back."""
+
+    __slots__ = ("slot", "size", "remaining", "failures")
+
+    def __init__(self, slot: int, size: int, chunks: int):
+        self.slot, self.size, self.remaining, self.failures = slot, size, chunks, []
 
 
 # ------------------------------------------------------------------------------- the loader
@@ -237,16 +296,26 @@ class Loader:
         train: RandomResizedCrop + horizontal flip in a shuffled order (True), or resize the
             shorter side to round(image_size / 0.875) + center crop in record order (False).
         image_size: output height and width.
-        workers: decoding processes; None = physical cores - 1, 0 = decode in this process.
+        workers: decoding processes; None = max(1, usable cores // local_world_size - 1)
+            (see engine.data.cpus), 0 = decode in this process.
         seed, rank, world_size: the sample order and this rank's share (see Sampler).
         drop_last: drop the last incomplete batch; default True for train, False otherwise.
-        prefetch: batch slots in flight (default 2 per worker); shared memory is
-            prefetch x batch bytes.
+        local_world_size: loaders sharing this machine (one per GPU process): sizes the
+            default worker count.
+        slots: batches in the shared ring (>= 2: one held by the caller, the rest filling);
+            shared memory = slots x batch bytes, whatever the worker count.
+        persistent_workers: keep the workers and the ring between epochs (True), or start
+            them for each pass and release them at its end (False: for an eval loader that
+            runs once an epoch and should hold nothing in between).
+        timeout: seconds a worker may work on one chunk of a batch before it is reported as
+            stalled (stopped, or stuck in a read), naming the worker.
         use_roi: use the compiled decoder when it is built: only the crop window is decoded
             for training, and val decodes skip PyTurboJPEG's per-call overhead.
+        prefetch: the former name of `slots`.
 
     A yielded images array is a view of a shared slot: it stays valid until the next batch is
-    requested. Copy it (or hand it to the framework, which copies) before asking for more.
+    requested (later batches reuse the slot), and stays readable after the loader closes. Copy
+    it (or hand it to the framework, which copies) before asking for more.
     Iterating runs the current epoch from the current position; when it completes, the epoch
     advances by one. `state_dict()` / `load_state_dict()` resume exactly mid-epoch.
     """
@@ -254,33 +323,54 @@ class Loader:
     def __init__(self, source: str, *, batch_size: int, train: bool, image_size: int = 224,
                  workers: Optional[int] = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None,
-                 prefetch: Optional[int] = None, use_roi: bool = True):
-        if image_size < 8:
-            raise ValueError("image_size must be at least 8 (got %d)" % image_size)
+                 local_world_size: int = 1, slots: Optional[int] = None,
+                 persistent_workers: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
+                 use_roi: bool = True, prefetch: Optional[int] = None):
+        # Every cheap check first, before any file is opened or process started.
+        if slots is None:
+            slots = DEFAULT_SLOTS if prefetch is None else prefetch
+        for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
+                                 ("local_world_size", local_world_size, 1),
+                                 ("slots", slots, 2)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                hint = " (one slot is held by the caller while the next fills)" \
+                    if name == "slots" else ""
+                raise ConfigError("Loader: %s must be an integer >= %d (got %r)%s"
+                                  % (name, low, value, hint))
+        if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 0):
+            raise ConfigError("Loader: workers must be an integer >= 0 (0 decodes in this "
+                              "process; got %r)" % (workers,))
+        if not timeout > 0:
+            raise ConfigError("Loader: timeout must be > 0 seconds (got %r)" % (timeout,))
         self.source_path = os.path.abspath(source)
         self._source = _open_source(source)
         self.classes: List[str] = list(self._source.classes)
         self.num_classes = len(self.classes)
         self.train = train
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.workers = default_workers() if workers is None else int(workers)
-        if self.workers < 0:
-            raise ValueError("workers must be >= 0 (0 decodes in the main process)")
-        self.sampler = Sampler(len(self._source), batch_size, shuffle=train, seed=seed, rank=rank,
-                               world_size=world_size,
+        self.batch_size = int(batch_size)
+        self.image_size = int(image_size)
+        self.local_world_size = int(local_world_size)
+        self.workers = default_workers(self.local_world_size) if workers is None else int(workers)
+        self.slots = int(slots)
+        self.persistent_workers = persistent_workers
+        self.timeout = float(timeout)
+        self.sampler = Sampler(len(self._source), self.batch_size, shuffle=train, seed=seed,
+                               rank=rank, world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
-        self.prefetch = max(1, prefetch if prefetch is not None else 2 * max(1, self.workers))
         self.roi = bool(use_roi and roi_available())
-        self._decoder = _Decoder(train, image_size, seed, self.roi)
+        self._decoder = _Decoder(train, self.image_size, seed, self.roi)
+        # Chunk so that one batch gives every worker a share: the ring needs only a few slots.
+        self._chunk = max(1, math.ceil(self.batch_size / max(1, self.workers)))
         self.epoch = 0
         self.position = 0  # batches handed to the caller in the current epoch
         self.num_replaced = 0
         self._warned: set = set()
-        self._procs: List[mp.Process] = []
-        self._buf: Optional[mmap.mmap] = None
-        self._gen = 0
-        self._outstanding = 0  # tasks submitted and not yet collected
+        self._procs: List[Any] = []
+        self._conns: List[Any] = []
+        self._held_by: List[Deque[int]] = []
+        self._images: Optional[np.ndarray] = None
+        self._labels: Optional[np.ndarray] = None
+        self._stream = -1  # the global batch the pipeline yields next (-1: no pipeline)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -291,6 +381,16 @@ class Loader:
     def num_samples(self) -> int:
         """Records in the source (before sharding across ranks)."""
         return len(self._source)
+
+    @property
+    def prefetch(self) -> int:
+        """The former name of `slots`."""
+        return self.slots
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Bytes of the shared batch ring when workers run (slots x batch bytes), else 0."""
+        return self.slots * _slot_bytes(self.batch_size, self.image_size) if self.workers else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch at the next iteration."""
@@ -303,8 +403,9 @@ class Loader:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position <= len(self):
-            raise ValueError("position %d out of range for %d batches per epoch; was the state "
-                             "saved with another batch size or world size?" % (position, len(self)))
+            raise ConfigError("position %d out of range for %d batches per epoch; was the state "
+                              "saved with another batch size or world size?"
+                              % (position, len(self)))
         self.epoch, self.position = epoch, position
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -314,33 +415,35 @@ class Loader:
         for batch in it:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
+        if not self.persistent_workers:
+            self.close()
 
     def close(self) -> None:
-        """Stop the workers and release the shared memory (also done at exit)."""
-        procs, self._procs = self._procs, []
-        if procs:
-            for _ in procs:
-                try:
-                    self._tasks.put(None)
-                except (OSError, ValueError):
-                    pass
-            deadline = time.time() + 5
-            for p in procs:
-                p.join(max(0.0, deadline - time.time()))
-                if p.is_alive():
-                    p.terminate()
-                    p.join(1)
-            for q in (self._tasks, self._results):
-                q.close()
-                q.join_thread()
-        self._outstanding = 0
-        if self._buf is not None:
-            buf, self._buf = self._buf, None
-            self._images = self._labels = None
+        """Stop the workers and drop this loader's hold on the ring (also done at exit).
+
+        Never blocks on a dead or stopped worker: live ones get a second to finish their chunk,
+        then everything still running is killed. The ring's memory is returned when the last
+        batch view the caller kept is gone (numpy holds the mapping), never while one is alive.
+        """
+        procs, conns = self._procs, self._conns
+        self._procs, self._conns = [], []
+        for conn in conns:
             try:
-                buf.close()
-            except BufferError:  # the caller still holds a batch view; freed with it
+                conn.send(None)
+            except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 1.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()  # SIGKILL also ends a stopped process
+                p.join(5)
+        for conn in conns:
+            conn.close()
+        self._images = self._labels = None
+        self._held_by = []
+        self._stream = -1
 
     def __enter__(self) -> "Loader":
         return self
@@ -354,7 +457,7 @@ class Loader:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    # -- iteration ---------------------------------------------------------------------------
+    # -- iteration in this process -------------------------------------------------------------
 
     def _iter_inline(self):
         S, bs = self.image_size, self.batch_size
@@ -368,20 +471,24 @@ class Loader:
             n = len(indices)
             yield images[:n], labels[:n]
 
+    # -- iteration with workers ----------------------------------------------------------------
+
     def _start(self) -> None:
-        layout = {"slots": self.prefetch, "batch_size": self.batch_size,
+        layout = {"slots": self.slots, "batch_size": self.batch_size,
                   "image_size": self.image_size}
         # MAP_SHARED | MAP_ANONYMOUS: shared with the forked workers, invisible to the file
-        # system, and freed by the kernel when the last process holding it exits.
-        self._buf = mmap.mmap(-1, self.prefetch * _slot_bytes(self.batch_size, self.image_size))
-        self._images, self._labels = _views(self._buf, layout)
+        # system. It is never closed explicitly: numpy views keep the mmap object alive, and
+        # closing it under a view the caller kept would turn a later read into a segfault.
+        buf = mmap.mmap(-1, self.slots * _slot_bytes(self.batch_size, self.image_size))
+        self._images, self._labels = _views(buf, layout)
+        log.info("loader %s: %d workers, ring of %d slots = %.1f MB shared memory",
+                 self.source_path, self.workers, self.slots, self.shared_memory_bytes / 1e6)
         # fork: workers inherit the mapping, and an unguarded user script is not re-imported
         # as it would be under spawn/forkserver. No LMDB environment may cross the fork: this
         # process closes its own (its readers reopen them lazily) and each worker opens its
         # own on first read.
         shards.close_all_envs()
         ctx = mp.get_context("fork")
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
         # One core per worker, so OpenCV must run single-threaded there. A child cannot change
         # that itself: cv2.setNumThreads after fork waits on pool threads that only exist in the
         # parent, forever. So the parent drops to one thread (stopping its pool) while forking.
@@ -389,73 +496,151 @@ class Loader:
         cv2.setNumThreads(1)
         try:
             for wid in range(self.workers):
+                mine, theirs = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=_worker_main, name="engine-loader-%d" % wid, daemon=True,
-                                args=(wid, self._source, self._decoder, self._buf, layout,
-                                      self._tasks, self._results))
+                                args=(wid, theirs, self._source, self._decoder, buf, layout))
                 p.start()
+                theirs.close()
                 self._procs.append(p)
-        finally:
+                self._conns.append(mine)
+        except BaseException:
             cv2.setNumThreads(cv_threads)
+            self.close()
+            raise
+        cv2.setNumThreads(cv_threads)
+        # Per worker: the batches of the chunks it holds, in order; when it last made progress.
+        self._held_by = [collections.deque() for _ in self._procs]
+        self._progress = [time.monotonic()] * len(self._procs)
+        self._reset_stream(self.epoch * len(self) + self.position)
 
-    def _get_result(self):
-        while True:
-            # Checked on every result, not only when waiting: the other workers could otherwise
-            # carry on at reduced speed and hide a worker the OOM killer took.
-            self._check_workers()
+    def _reset_stream(self, key: int) -> None:
+        """Start the stream at global batch `key`, after any chunk still being written lands."""
+        while any(self._held_by):
+            self._receive(wait=True, strict=False)
+        self._batches: Dict[int, _Batch] = {}
+        self._pending: Deque[Tuple[int, int, int, int, np.ndarray]] = collections.deque()
+        self._free = list(range(self.slots))
+        self._held: Optional[int] = None  # slot of the batch the caller holds
+        self._next_key = self._stream = key
+
+    def _submit(self, limit: int) -> None:
+        """Give free slots to the next batches (up to global batch `limit`), hand out chunks."""
+        L = len(self)
+        while self._free and self._next_key < limit:
+            key = self._next_key
+            epoch, b = divmod(key, L)
+            indices = self.sampler.batch(epoch, b)
+            slot = self._free.pop()
+            starts = range(0, len(indices), self._chunk)
+            self._batches[key] = _Batch(slot, len(indices), len(starts))
+            for start in starts:
+                self._pending.append((key, epoch, slot, start,
+                                      indices[start:start + self._chunk]))
+            self._next_key += 1
+        while self._pending:
+            wid = min(range(len(self._procs)), key=lambda w: len(self._held_by[w]))
+            if len(self._held_by[wid]) >= PER_WORKER:
+                break
+            task = self._pending.popleft()
+            if not self._held_by[wid]:
+                self._progress[wid] = time.monotonic()  # idle until now: the clock starts here
+            self._conns[wid].send(task)
+            self._held_by[wid].append(task[0])
+
+    def _receive(self, wait: bool, strict: bool = True) -> None:
+        """Collect finished chunks; raise for a dead, failed or stalled worker."""
+        sentinels = {p.sentinel: wid for wid, p in enumerate(self._procs)}
+        conns = {id(c): wid for wid, c in enumerate(self._conns)}
+        ready = wait_ready(list(self._conns) + list(sentinels), timeout=0.2 if wait else 0)
+        for obj in ready:
+            if isinstance(obj, int):
+                continue  # an exit sentinel: checked below, after the pipes are drained
+            wid = conns[id(obj)]
             try:
-                return self._results.get(timeout=0.2)
-            except queue.Empty:
-                pass
+                key, failures, error = obj.recv()
+            except (EOFError, OSError):
+                continue  # the worker is gone: its sentinel reports why
+            self._held_by[wid].popleft()
+            self._progress[wid] = time.monotonic()
+            if error is not None and strict:
+                self.close()
+                if isinstance(error, BaseException):
+                    raise error
+                raise RuntimeError(error)
+            batch = self._batches.get(key)
+            if batch is not None:
+                batch.remaining -= 1
+                batch.failures.extend(failures)
+        self._check_workers()
 
     def _check_workers(self) -> None:
+        now = time.monotonic()
         for wid, p in enumerate(self._procs):
             if p.exitcode is not None:
-                code = p.exitcode
-                self.close()
-                hint = " (killed by a signal: -9 is usually the out-of-memory killer)" \
-                    if code < 0 else ""
-                raise RuntimeError("loader worker %d (pid %d) exited unexpectedly with code %d%s"
-                                   % (wid, p.pid, code, hint))
+                self._fail("loader worker %d (pid %d) %s%s"
+                           % (wid, p.pid, _exit_reason(p.exitcode), self._where(wid)))
+            if self._held_by[wid] and now - self._progress[wid] > self.timeout:
+                self._fail("loader worker %d (pid %d) made no progress for %.0f s%s%s; it may be "
+                           "stopped or stuck in a read (raise Loader(timeout=...) if records "
+                           "are legitimately this slow)"
+                           % (wid, p.pid, now - self._progress[wid], self._state(p.pid),
+                              self._where(wid)))
 
-    def _drain(self) -> None:
-        """Wait for tasks of an abandoned iteration: their slots may still be being written."""
-        while self._outstanding:
-            self._get_result()
-            self._outstanding -= 1
+    def _where(self, wid: int) -> str:
+        """' while decoding batch B of epoch E (records in <files>)' for a worker's chunk."""
+        if not self._held_by[wid]:
+            return ""
+        key = self._held_by[wid][0]
+        epoch, b = divmod(key, len(self))
+        text = " while decoding batch %d of epoch %d" % (b, epoch)
+        split = getattr(self._source, "split", None)
+        if split is not None:
+            files = sorted({os.path.basename(split.files[split.locate(int(i))[0]])
+                            for i in self.sampler.batch(epoch, b)})
+            text += " (records in %s)" % ", ".join(files[:4] + (["..."] if len(files) > 4 else []))
+        return text
+
+    @staticmethod
+    def _state(pid: int) -> str:
+        try:
+            import psutil
+
+            status = psutil.Process(pid).status()
+        except Exception:  # noqa: BLE001 - only decorates the message
+            return ""
+        return {"stopped": " (it is stopped: SIGSTOP or a debugger)",
+                "disk-sleep": " (it is blocked in I/O: a hung file system?)"}.get(status, "")
+
+    def _fail(self, message: str) -> None:
+        self.close()
+        raise RuntimeError(message)
 
     def _iter_workers(self):
+        L = len(self)
         if not self._procs:
             self._start()
-        self._drain()
-        self._gen += 1
-        gen, epoch, total = self._gen, self.epoch, len(self)
-        free = list(range(self.prefetch))
-        ready: Dict[int, Tuple[int, list]] = {}
-        next_submit = self.position
-        held = None  # slot of the batch the caller holds now
+        elif self._stream != self.epoch * L + self.position:  # set_epoch / load_state_dict
+            self._reset_stream(self.epoch * L + self.position)
+        end = (self.epoch + 1) * L
+        # A persistent loader decodes ahead into the next epoch (the default progression); a
+        # per-pass loader stops at the end of this one.
+        limit = (1 << 62) if self.persistent_workers else end
         try:
-            while self.position < total:
-                while free and next_submit < total:
-                    slot = free.pop()
-                    self._tasks.put((gen, epoch, next_submit, slot,
-                                     self.sampler.batch(epoch, next_submit)))
-                    self._outstanding += 1
-                    next_submit += 1
-                while self.position not in ready:
-                    g, b, slot, failures, error = self._get_result()
-                    self._outstanding -= 1
-                    if error is not None:
-                        self.close()
-                        raise RuntimeError("loader %s" % error)
-                    ready[b] = (slot, failures)
-                slot, failures = ready.pop(self.position)
-                self._note(failures)
-                if held is not None:
-                    free.append(held)
-                held = slot
-                n = len(self.sampler.batch(epoch, self.position))
+            while self._stream < end:
+                self._submit(limit)
+                batch = self._batches[self._stream]
+                while batch.remaining:
+                    self._receive(wait=True)
+                    self._submit(limit)
+                del self._batches[self._stream]
+                self._note(batch.failures)
+                if self._held is not None:
+                    self._free.append(self._held)
+                self._held = batch.slot
+                self._stream += 1
                 self.position += 1
-                yield self._images[slot, :n], self._labels[slot, :n]
+                n = batch.size
+                yield self._images[batch.slot, :n], self._labels[batch.slot, :n]
         except GeneratorExit:
             raise
         except BaseException:
