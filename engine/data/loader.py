@@ -638,6 +638,7 @@ class Loader:
                     self._free.append(self._held)
                 self._held = batch.slot
                 self._stream += 1
+                self._submit(limit)  # refill the freed slot while the caller has the batch
                 self.position += 1
                 n = batch.size
                 yield self._images[batch.slot, :n], self._labels[batch.slot, :n]

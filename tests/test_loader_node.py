@@ -1,0 +1,141 @@
+"""Node-scale sizing: worker counts from affinity, cgroup quotas and loaders per node; a ring of
+a few slots filled by several workers; eval loaders that hold nothing between passes."""
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import make_imagenet
+from engine.data import Loader
+from engine.data.cpus import cgroup_cpu_limit, default_workers, usable_cores
+from engine.data.loader import DEFAULT_SLOTS
+from engine.data.pack import pack_imagenet
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("node") / "raw")
+    make_imagenet(root, classes=3, train=11, val=4)
+    out = str(tmp_path_factory.mktemp("node") / "packed")
+    pack_imagenet(root, out, workers=1, shard_size=5, progress=False, log=lambda *a: None)
+    return out
+
+
+def cgroup(tmp_path, files):
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path)
+
+
+def test_cgroup_v2_quota(tmp_path):
+    assert cgroup_cpu_limit(cgroup(tmp_path / "a", {"cpu.max": "350000 100000\n"})) == 3.5
+    assert cgroup_cpu_limit(cgroup(tmp_path / "b", {"cpu.max": "max 100000\n"})) is None
+    assert cgroup_cpu_limit(str(tmp_path / "none")) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    root = cgroup(tmp_path / "a", {"cpu/cpu.cfs_quota_us": "800000", "cpu/cpu.cfs_period_us":
+                                   "100000"})
+    assert cgroup_cpu_limit(root) == 8.0
+    root = cgroup(tmp_path / "b", {"cpu,cpuacct/cpu.cfs_quota_us": "-1",
+                                   "cpu,cpuacct/cpu.cfs_period_us": "100000"})
+    assert cgroup_cpu_limit(root) is None
+
+
+def test_usable_cores_is_the_affinity_capped_by_the_quota(tmp_path):
+    none = str(tmp_path / "none")
+    assert usable_cores(affinity=set(range(64)), cgroup_root=none) == 64
+    quota = cgroup(tmp_path / "q", {"cpu.max": "1650000 100000"})  # 16.5 CPUs
+    assert usable_cores(affinity=set(range(64)), cgroup_root=quota) == 17
+    assert usable_cores(affinity={0, 1, 2, 3}, cgroup_root=quota) == 4
+    assert usable_cores() >= 1  # this machine, whatever it is
+
+
+@pytest.mark.parametrize("cores, lws, workers", [
+    (64, 1, 63), (64, 8, 7), (128, 8, 15), (16, 8, 1), (2, 1, 1), (2, 8, 1), (1, 1, 1),
+])
+def test_default_workers_per_rank(cores, lws, workers):
+    assert default_workers(lws, cores=cores) == workers
+    # a node of `cores` with lws ranks never runs more processes than cores + ranks, once
+    # each rank has at least two cores
+    if cores // lws >= 2:
+        assert lws * (workers + 1) <= cores
+
+
+def test_loader_default_workers_follow_local_world_size(packed):
+    ld = Loader(os.path.join(packed, "train"), batch_size=4, train=True, local_world_size=8)
+    assert ld.workers == default_workers(8) == max(1, usable_cores() // 8 - 1)
+    ld1 = Loader(os.path.join(packed, "train"), batch_size=4, train=True)
+    assert ld1.workers == max(1, usable_cores() - 1)
+
+
+def test_shared_memory_is_slots_times_batch_bytes_whatever_the_worker_count(packed):
+    for workers in (1, 3):
+        with Loader(os.path.join(packed, "train"), batch_size=6, train=True, workers=workers,
+                    image_size=40) as ld:
+            assert ld.slots == DEFAULT_SLOTS
+            batch_bytes = 6 * 3 * 40 * 40 + 6 * 4  # images + int32 labels
+            assert ld.shared_memory_bytes == DEFAULT_SLOTS * batch_bytes
+            next(iter(ld))
+            ring = ld._images.base  # the one anonymous mapping behind every slot
+            assert len(ring) == ld.shared_memory_bytes
+    inline = Loader(os.path.join(packed, "train"), batch_size=6, train=True, workers=0)
+    assert inline.shared_memory_bytes == 0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_several_workers_filling_one_slot_give_the_batches_of_workers_0(packed, train):
+    split = os.path.join(packed, "train" if train else "val")
+    kw = dict(batch_size=7, train=train, image_size=48, seed=11)
+
+    def epochs(workers, n=3):
+        out = []
+        with Loader(split, workers=workers, **kw) as ld:
+            for _ in range(n):
+                out.append([(x.copy(), y.copy()) for x, y in ld])
+        return out
+
+    ref = epochs(0)
+    for workers in (2, 3, 5):  # chunks of 4, 3 and 2 samples
+        got = epochs(workers)
+        for e_ref, e_got in zip(ref, got):
+            assert len(e_ref) == len(e_got)
+            for (xa, ya), (xb, yb) in zip(e_ref, e_got):
+                np.testing.assert_array_equal(ya, yb)
+                np.testing.assert_array_equal(xa, xb)
+
+
+def test_the_next_epoch_is_already_decoding_when_one_ends(packed):
+    with Loader(os.path.join(packed, "train"), batch_size=4, train=True, workers=2,
+                image_size=32) as ld:
+        for _ in ld:
+            pass
+        assert ld.state_dict() == {"epoch": 1, "position": 0}
+        ahead = sorted(ld._batches)
+        assert ahead and ahead[0] == len(ld)  # epoch 1's first batches hold slots already
+        assert len(ahead) == ld.slots - 1  # one slot stays with the batch the caller holds
+
+
+def loader_processes():
+    return [c for c in psutil.Process().children(recursive=True)
+            if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_an_eval_loader_holds_no_processes_between_passes(packed):
+    ld = Loader(os.path.join(packed, "val"), batch_size=4, train=False, workers=2,
+                persistent_workers=False)
+    assert not loader_processes()
+    seen = 0
+    first = []
+    for x, y in ld:
+        assert len(loader_processes()) == 2  # running during the pass
+        first.append(y.copy())
+        seen += len(y)
+    assert seen == ld.num_samples
+    assert not loader_processes() and not ld._procs  # released at its end
+    second = [y.copy() for _, y in ld]  # and started again for the next pass
+    assert not loader_processes()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second)) and len(first) == len(second)
