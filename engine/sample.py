@@ -43,6 +43,13 @@ _MARKER_FORMAT = "engine-sample-imagenet"
 
 #: Long side of a written image is drawn from this closed range (pixels).
 LONG_SIDE = (400, 500)
+# The imagenet_like mode: ImageNet's files are ~110 KB on average at a ~500 px long side. Smooth
+# photos resized from crops compress to a third of that, which flatters the decoder (decode time
+# follows the entropy-coded bytes), so that mode adds sensor-like grain and encodes at high
+# quality. Grain sigma in grey levels (luma; chroma gets half).
+IMAGENET_LIKE_LONG_SIDE = (450, 500)
+IMAGENET_LIKE_QUALITY = (93, 97)
+IMAGENET_LIKE_GRAIN = (5.0, 9.0)
 #: JPEG quality is drawn from this closed range.
 QUALITY = (75, 95)
 
@@ -187,12 +194,14 @@ def _class_base(photo: np.ndarray, colour: bool, variant: int) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _render(base: np.ndarray, rng: np.random.Generator) -> Tuple[bytes, int, int]:
+def _render(base: np.ndarray, rng: np.random.Generator,
+            imagenet_like: bool = False) -> Tuple[bytes, int, int]:
     """One random sample of a class: crop, resize, flip, colour change, JPEG. -> (bytes, h, w)."""
     import cv2
 
     # Output size: ImageNet-like long side and aspect ratio (mostly 3/4..4/3, sometimes wider).
-    long_side = int(rng.integers(LONG_SIDE[0], LONG_SIDE[1] + 1))
+    sides = IMAGENET_LIKE_LONG_SIDE if imagenet_like else LONG_SIDE
+    long_side = int(rng.integers(sides[0], sides[1] + 1))
     if rng.random() < 0.85:
         aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
     else:
@@ -227,7 +236,13 @@ def _render(base: np.ndarray, rng: np.random.Generator) -> Tuple[bytes, int, int
     lut = np.clip(lut, 0, 255).astype(np.uint8).reshape(256, 1, 3)
     img = cv2.LUT(img, lut)
 
-    quality = int(rng.integers(QUALITY[0], QUALITY[1] + 1))
+    qualities = IMAGENET_LIKE_QUALITY if imagenet_like else QUALITY
+    quality = int(rng.integers(qualities[0], qualities[1] + 1))
+    if imagenet_like:  # drawn last, so the default mode's files stay byte-identical
+        sigma = float(rng.uniform(*IMAGENET_LIKE_GRAIN))
+        h, w = img.shape[:2]
+        grain = rng.normal(0.0, sigma, (h, w, 1)) + rng.normal(0.0, sigma / 2, (h, w, 3))
+        img = np.clip(img + grain + 0.5, 0, 255).astype(np.uint8)
     ok, buf = cv2.imencode(".JPEG", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
         raise RuntimeError("cv2.imencode failed to encode a JPEG")
@@ -285,6 +300,7 @@ def make_sample_imagenet(
     train_per_class: int = 100,
     val_per_class: int = 20,
     seed: int = 0,
+    imagenet_like: bool = False,
 ) -> dict:
     """Write a small ImageNet-layout folder of real photos and return a summary.
 
@@ -304,6 +320,9 @@ def make_sample_imagenet(
         train_per_class: train images per class (>= 1).
         val_per_class: val images per class (>= 0; 0 writes no ``val/``).
         seed: the seed; the same arguments give byte-identical files.
+        imagenet_like: files with ImageNet's statistics (~100-110 KB mean at a 450-500 px long
+            side: high JPEG quality plus sensor-like grain) instead of the smooth ~35 KB ones;
+            decode time follows the compressed bytes, so loader figures should be quoted on both.
 
     Returns:
         dict with ``out``, ``classes`` (WNIDs in label order), ``sources`` (WNID -> photo
@@ -331,6 +350,7 @@ def make_sample_imagenet(
         "seed": int(seed),
         "train_per_class": int(train_per_class),
         "val_per_class": int(val_per_class),
+        "imagenet_like": bool(imagenet_like),
         "classes": wnids,
         "sources": {s["wnid"]: s["description"] for s in specs},
     }
@@ -354,7 +374,7 @@ def make_sample_imagenet(
             os.makedirs(d, exist_ok=True)
             for k in range(1, n + 1):
                 rng = np.random.default_rng([int(seed), split_id, c, k])
-                data, _, _ = _render(base, rng)
+                data, _, _ = _render(base, rng, imagenet_like)
                 _write_atomic(os.path.join(d, pattern.format(w=spec["wnid"], k=k)), data)
                 counts[split] += 1
                 total_bytes += len(data)

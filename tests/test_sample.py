@@ -205,3 +205,21 @@ def test_tool_too_many_classes(tmp_path):
     assert r.returncode == 2
     assert f"maximum is {max_classes()}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_imagenet_like_mode_matches_imagenet_file_statistics(sample, tmp_path):
+    """~100-110 KB at a 450-500 px long side (ImageNet's averages), same layout and labels;
+    the default mode is untouched by the option's existence."""
+    out, _ = sample
+    like = str(tmp_path / "like")
+    make_sample_imagenet(like, seed=0, classes=6, train_per_class=6, val_per_class=1,
+                         imagenet_like=True)
+    files = _files(like)
+    sizes = [len(b) for b in files.values()]
+    assert 90_000 <= np.mean(sizes) <= 125_000, np.mean(sizes)
+    for data in list(files.values())[:10]:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert 450 <= max(img.shape[:2]) <= 500
+    assert np.mean([len(b) for b in _files(out).values()]) < 60_000  # the smooth default
+    with open(os.path.join(like, MARKER)) as f:
+        assert json.load(f)["imagenet_like"] is True

@@ -31,11 +31,16 @@ def main(argv=None) -> int:
     parser.add_argument("--val-per-class", type=int, default=20,
                         help="val images per class, 0 for no val/ (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--imagenet-like", action="store_true",
+                        help="files with ImageNet's statistics (~100-110 KB mean, long side "
+                             "450-500 px: high quality plus sensor-like grain) instead of the "
+                             "smooth ~35 KB default; use it for loader and packer figures")
     args = parser.parse_args(argv)
     try:
         s = make_sample_imagenet(args.out, classes=args.classes,
                                  train_per_class=args.train_per_class,
-                                 val_per_class=args.val_per_class, seed=args.seed)
+                                 val_per_class=args.val_per_class, seed=args.seed,
+                                 imagenet_like=args.imagenet_like)
     except (ValueError, FileExistsError, NotADirectoryError) as exc:
         parser.error(str(exc))
     counts = ", ".join(f"{n} {split}" for split, n in s["counts"].items())
