@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
     cv2.setNumThreads(1)
-    data, _ = sample_data(a.data, need_packed=False)
+    data, _ = sample_data(a.data, need_packed=False, imagenet_like=a.imagenet_like)
     blobs = read_all(image_files(os.path.join(data, "train"))[: a.limit])
     S = a.image_size
     out = np.empty((3, S, S), np.uint8)

@@ -118,7 +118,8 @@ def main(argv=None):
     if mode == "amp" and not gpu:
         p.error("--mode amp needs a CUDA GPU (MegEngine's CPU float16 gives nan); use trace")
 
-    raw, packed = sample_data(a.data, a.packed, need_packed=a.source == "packed")
+    raw, packed = sample_data(a.data, a.packed, need_packed=a.source == "packed",
+                              imagenet_like=a.imagenet_like)
     train_dir = os.path.join(packed if a.source == "packed" else raw, "train")
     loader = Loader(train_dir, batch_size=bs, train=True, image_size=size, workers=a.workers,
                     seed=a.seed)

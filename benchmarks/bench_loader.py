@@ -2,10 +2,16 @@
 """Loader throughput, side by side on the same JPEGs with the same worker count:
 (a) the engine Loader from LMDB shards, (b) the engine Loader from the raw folder, (c) the seed
 pipeline (megengine.data.DataLoader + ImageFolder (cv2) + RandomResizedCrop, RandomHorizontalFlip,
-Normalize, ToMode("CHW")), and (d) the decode ceiling: one process's full-decode rate (TurboJPEG,
-default exact IDCT, no crop or resize) x workers; the same with the fast IDCT, which the engine's
-training crops use, is shown too. Each configuration runs --seconds per repeat, the ceilings are
-measured in every repeat, interleaved with the loaders; medians are reported."""
+Normalize, ToMode("CHW")), (d) NVIDIA DALI's CPU pipeline when it is installed (file reader,
+decoders.image_random_crop with area 0.08-1 and ratio 3/4-4/3, resize, crop_mirror_normalize to
+uint8 CHW with a random mirror, num_threads = workers, device_id=None), and (e) the decode
+ceiling: one process's full-decode rate (TurboJPEG, default exact IDCT, no crop or resize) x
+workers; the same with the fast IDCT, which the engine's training crops use, is shown too. Each
+configuration runs --seconds per repeat, the ceilings are measured in every repeat, interleaved
+with the loaders; medians are reported.
+
+--cold drops the shards' pages from the page cache (posix_fadvise DONTNEED) before every
+measurement and compares LMDB with OS readahead off and on (the engine's choice)."""
 import argparse
 import os
 import statistics
@@ -13,9 +19,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, image_files, log, rate, read_all, sample_data  # noqa: E402
+from common import (add_data_args, finish, image_files, log, mean_file_kb, rate, read_all,  # noqa: E402
+                    sample_data)
 
-from engine.data import Loader  # noqa: E402
+from engine.data import Loader, shards  # noqa: E402
 
 MEAN = [103.530, 116.280, 123.675]
 STD = [57.375, 57.120, 58.395]
@@ -50,6 +57,62 @@ def seed_pipeline(train_dir: str, batch_size: int, image_size: int, workers: int
     return DataLoader(ds, sampler=sampler, transform=tf, num_workers=workers)
 
 
+def dali_pipeline(train_dir: str, batch_size: int, image_size: int, workers: int, seed: int = 0):
+    """DALI's CPU-only equivalent of the training transform (None when DALI is absent)."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        return None
+
+    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=None, seed=seed + 1,
+                  prefetch_queue_depth=2)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=train_dir, random_shuffle=True, name="files")
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.BGR,
+                                               random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW",
+                                          mirror=fn.random.coin_flip())
+        return images, labels
+
+    p = pipe()
+    p.build()
+
+    def batches():
+        while True:
+            images, labels = p.run()
+            yield images.as_array(), labels.as_array()
+    return batches()
+
+
+def drop_cache(split_dir: str) -> None:
+    """Evict a split's shard files from the page cache, as if read for the first time."""
+    for name in os.listdir(split_dir):
+        if name.endswith(".lmdb"):
+            fd = os.open(os.path.join(split_dir, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def cold_epoch(split_dir: str, readahead: bool, kw) -> float:
+    """img/s of one whole epoch read from a cold page cache, readahead off or on."""
+    shards.close_all_envs()
+    default, shards.READAHEAD = shards.READAHEAD, readahead
+    try:
+        drop_cache(split_dir)
+        with Loader(split_dir, **kw) as ld:
+            t0, n = time.perf_counter(), 0
+            for x, _ in ld:
+                n += len(x)
+            return n / (time.perf_counter() - t0)
+    finally:
+        shards.READAHEAD = default
+        shards.close_all_envs()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     add_data_args(p)
@@ -60,13 +123,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-seed", action="store_true", help="skip the MegEngine seed pipeline")
     p.add_argument("--no-roi", action="store_true", help="engine rows without the ROI decoder")
+    p.add_argument("--no-dali", action="store_true", help="skip DALI even when installed")
+    p.add_argument("--cold", action="store_true",
+                   help="also time whole epochs from a cold page cache, readahead off vs on")
     a = p.parse_args(argv)
-    raw, packed = sample_data(a.data, a.packed)
+    raw, packed = sample_data(a.data, a.packed, imagenet_like=a.imagenet_like)
     train_raw, train_packed = os.path.join(raw, "train"), os.path.join(packed, "train")
 
     from turbojpeg import TJFLAG_FASTDCT, TJPF_BGR, TurboJPEG
 
-    blobs = read_all(image_files(train_raw)[:600])
+    files = image_files(train_raw)
+    blobs = read_all(files[:600])
     tj = TurboJPEG()
 
     def decode_all(flags):
@@ -81,6 +148,12 @@ def main(argv=None):
     engine = Loader(train_packed, **kw)
     engine_raw = Loader(train_raw, **kw)
     configs = [("engine, LMDB shards", forever(engine)), ("engine, raw folder", forever(engine_raw))]
+    dali = None if a.no_dali else dali_pipeline(train_raw, a.batch_size, a.image_size,
+                                                   a.workers)
+    if dali is not None:
+        configs.append(("DALI CPU pipeline", dali))
+    else:
+        log("DALI not installed (pip install nvidia-dali-cuda120): no DALI row")
     if not a.no_seed:
         configs.append(("seed: megengine DataLoader", iter(seed_pipeline(
             train_raw, a.batch_size, a.image_size, a.workers))))
@@ -95,25 +168,45 @@ def main(argv=None):
             log("repeat %d %-28s %.0f img/s" % (r, name, got[name][-1]))
     engine.close()
     engine_raw.close()
+    cold = {}
+    if a.cold:
+        ckw = dict(kw, train=True)
+        for r in range(a.repeats):
+            for ra in (False, True):
+                cold.setdefault(ra, []).append(cold_epoch(train_packed, ra, ckw))
+                log("repeat %d cold epoch, readahead %s: %.0f img/s"
+                    % (r, "on" if ra else "off", cold[ra][-1]))
     ceiling = statistics.median(exact) * a.workers
     ceiling_fast = statistics.median(fast) * a.workers
     med = {k: statistics.median(v) for k, v in got.items()}
     e, er = med["engine, LMDB shards"], med["engine, raw folder"]
     s = med.get("seed: megengine DataLoader")
-    rows = [(k, v, "%.2f" % (v / ceiling), "%.2f" % (v / s) if s else "-") for k, v in med.items()]
+    d = med.get("DALI CPU pipeline")
+    rows = [(k, v, "%.2f" % (v / ceiling), "%.2f" % (v / s) if s else "-", "%.2f" % (v / d) if d
+             else "-") for k, v in med.items()]
     rows.append(("decode ceiling (1 core x %d)" % a.workers, ceiling, "1.00",
-                 "%.2f" % (ceiling / s) if s else "-"))
+                 "%.2f" % (ceiling / s) if s else "-", "%.2f" % (ceiling / d) if d else "-"))
     rows.append(("  same, fast IDCT", ceiling_fast, "%.2f" % (ceiling_fast / ceiling),
-                 "%.2f" % (ceiling_fast / s) if s else "-"))
+                 "%.2f" % (ceiling_fast / s) if s else "-",
+                 "%.2f" % (ceiling_fast / d) if d else "-"))
+    for ra, rates in sorted(cold.items()):
+        v = statistics.median(rates)
+        rows.append(("engine, cold cache, readahead %s" % ("on" if ra else "off"), v,
+                     "%.2f" % (v / ceiling), "-", "-"))
     decoder = "ROI (engine.data._jpegroi)" if engine.roi else "PyTurboJPEG (full decode + crop)"
     finish(rows, ["%d workers, batch %d, %d px" % (a.workers, a.batch_size, a.image_size),
-                  "img/s (median)", "x ceiling", "x seed"],
+                  "img/s (median)", "x ceiling", "x seed", "x DALI"],
            {"engine_img_s": round(e, 1), "engine_raw_img_s": round(er, 1),
             "seed_img_s": round(s, 1) if s else None,
+            "dali_img_s": round(d, 1) if d else None,
+            "cold_readahead_off_img_s": round(statistics.median(cold[False]), 1) if cold else None,
+            "cold_readahead_on_img_s": round(statistics.median(cold[True]), 1) if cold else None,
+            "mean_file_kb": round(mean_file_kb(files), 1), "imagenet_like": a.imagenet_like,
             "decode_ceiling_img_s": round(ceiling, 1),
             "decode_ceiling_fast_idct_img_s": round(ceiling_fast, 1), "workers": a.workers,
             "batch_size": a.batch_size, "image_size": a.image_size, "decoder": decoder},
-           "bench_loader: %s (engine decoder: %s)" % (raw, decoder))
+           "bench_loader: %s, mean file %.0f KB (engine decoder: %s)"
+           % (raw, mean_file_kb(files), decoder))
     os._exit(0)  # the seed DataLoader's infinite sampler keeps worker threads alive
 
 

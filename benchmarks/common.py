@@ -20,6 +20,9 @@ def add_data_args(p, packed: bool = True) -> None:
     p.add_argument("--data", default=None, metavar="DIR",
                    help="raw ImageNet-layout folder (default: the sample set, made on first use "
                         "under %s)" % DEFAULT_CACHE)
+    p.add_argument("--imagenet-like", action="store_true",
+                   help="default data: the sample set's ImageNet-like variant (~107 KB files at "
+                        "450-500 px, 24 classes x 100 train) instead of the smooth ~33 KB one")
     if packed:
         p.add_argument("--packed", default=None, metavar="DIR",
                        help="its packed twin (packed there on first use; default: a cache folder "
@@ -27,15 +30,19 @@ def add_data_args(p, packed: bool = True) -> None:
 
 
 def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
-                need_packed: bool = True) -> Tuple[str, Optional[str]]:
+                need_packed: bool = True, imagenet_like: bool = False) -> Tuple[str, Optional[str]]:
     """(raw root, packed root): the given folders, or the default sample set, made once."""
     if data is None:
-        data = os.path.join(DEFAULT_CACHE, "sample")
+        data = os.path.join(DEFAULT_CACHE, "sample-imagenet-like" if imagenet_like else "sample")
         if not os.path.exists(os.path.join(data, "val")):
             from engine.sample import make_sample_imagenet
 
             log("making the sample set in %s" % data)
-            make_sample_imagenet(data)
+            if imagenet_like:  # enough for 8 ranks x batch 256 in bench_node
+                make_sample_imagenet(data, classes=24, train_per_class=100, val_per_class=10,
+                                     imagenet_like=True)
+            else:
+                make_sample_imagenet(data)
     if need_packed:
         packed = packed or os.path.join(DEFAULT_CACHE, "packed-" + _tag(data))
         if not os.path.exists(os.path.join(packed, "val", "meta.json")):
@@ -56,6 +63,10 @@ def image_files(split_dir: str) -> List[str]:
     from engine.data.folder import scan_split
 
     return [os.path.join(split_dir, rel) for rel, _ in scan_split(split_dir)]
+
+
+def mean_file_kb(paths: Sequence[str]) -> float:
+    return sum(os.path.getsize(p) for p in paths) / max(1, len(paths)) / 1e3
 
 
 def read_all(paths: Sequence[str]) -> List[bytes]:
