@@ -46,7 +46,8 @@ def rank_main(rank: int, args, workers: int, ready, start, results) -> None:
 
 
 def tree_memory(root: psutil.Process):
-    procs = [root] + root.children(recursive=True)
+    """(processes, summed RSS, summed PSS) of the ranks and their workers (not this parent)."""
+    procs = root.children(recursive=True)
     rss = pss = 0
     for p in procs:
         try:
