@@ -230,12 +230,12 @@ def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
         if old.get(key) != new[key]:
             return "%s %r then, %r now" % (key, old.get(key), new[key])
     if old.get("classes") != new["classes"]:
-        return "the class folders changed (%d then, %d now)" % (len(old.get("classes") or []),
-                                                               len(new["classes"]))
+        return "the class folders changed: %d then, %d now" % (len(old.get("classes") or []),
+                                                              len(new["classes"]))
     if old.get("num_files") != new["num_files"]:
-        return "the input listing changed (%s files then, %d now)" % (old.get("num_files"),
-                                                                     new["num_files"])
-    return "the input listing changed (file names, sizes or modification times)"
+        return "the input listing changed: %s files then, %d now" % (old.get("num_files"),
+                                                                    new["num_files"])
+    return "the input listing changed: file names, sizes or modification times"
 
 
 def _write_plan(dst: str, plan: Dict[str, Any]) -> None:
