@@ -6,17 +6,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.pack import PackError, default_workers, pack_imagenet  # noqa: E402
+from engine.data.pack import default_workers, merge_pack, pack_imagenet  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__,
         epilog="Rerunning with the same arguments resumes an interrupted pack; a finished split "
-               "is left alone. Output: OUT/<split>/shard-NNNNN.lmdb + meta.json (written last).")
-    p.add_argument("--data", required=True, metavar="ROOT", help="ImageNet root folder")
+               "is left alone. Output: OUT/<split>/shard-NNNNN.lmdb + plan.json (written first) "
+               "+ meta.json (written last). Several nodes: run the same command on each with "
+               "--num-nodes N --node-rank r (or under Slurm/torchrun, which set them); the last "
+               "node to finish writes meta.json, or run --merge.")
+    p.add_argument("--data", metavar="ROOT", help="ImageNet root folder (not needed with --merge)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--splits", default="train,val", help="comma-separated (default: train,val)")
+    p.add_argument("--splits", default=None, help="comma-separated (default: train,val; with "
+                   "--merge: every split that has a plan.json)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: all cores, %d here)" % default_workers())
     p.add_argument("--shard-size", type=int, default=5000, help="files per shard (default 5000)")
@@ -25,15 +30,31 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="train record order (default 0)")
     p.add_argument("--strict", action="store_true",
                    help="exit non-zero if any file had to be skipped")
+    p.add_argument("--num-nodes", type=int, default=None,
+                   help="machines packing into one shared --out (default: from SLURM_* / "
+                        "NNODES / GROUP_RANK, else 1)")
+    p.add_argument("--node-rank", type=int, default=None, help="this machine's rank, 0..N-1")
+    p.add_argument("--merge", action="store_true",
+                   help="only write meta.json from the shards all nodes packed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    splits = [s for s in a.splits.split(",") if s] if a.splits is not None else None
     try:
-        pack_imagenet(a.data, a.out, splits=[s for s in a.splits.split(",") if s],
-                      workers=a.workers, shard_size=a.shard_size, max_side=a.max_side,
-                      seed=a.seed, strict=a.strict, progress=not a.quiet)
-    except PackError as exc:
+        if a.merge:
+            merge_pack(a.out, splits)
+        elif a.data is None:
+            p.error("--data is required (except with --merge)")
+        else:
+            pack_imagenet(a.data, a.out, splits=splits or ["train", "val"], workers=a.workers,
+                          shard_size=a.shard_size, max_side=a.max_side, seed=a.seed,
+                          strict=a.strict, progress=not a.quiet, num_nodes=a.num_nodes,
+                          node_rank=a.node_rank)
+    except UserError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun to resume", file=sys.stderr)
+        return 130
     return 0
 
 

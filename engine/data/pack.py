@@ -3,39 +3,54 @@
 Every file is sniffed by content, strictly decoded, and either kept byte for byte (a JPEG that
 libjpeg-turbo decodes to 3 channels), converted to an RGB JPEG at quality 95 (PNG, WebP, BMP,
 TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), or skipped with a reason (empty,
-truncated, corrupt, not an image). Shards are independent: a process pool packs them in
+truncated, corrupt, not an image). Shards are independent: forked worker processes pack them in
 parallel, each shard by one worker from its first file to its last.
 
-Resumability: the file list, its order and its split into shards are a pure function of the
-input and the arguments (the fingerprint). A shard is written under a temporary name and renamed
-when complete, then a small marker records its counts; a rerun keeps every shard whose marker
-matches the fingerprint and rewrites the rest. meta.json comes last. A pack killed at any moment
-and rerun therefore ends with every file exactly once.
+The plan: the file list, its order and its split into shards are a pure function of the input
+listing and the arguments (the fingerprint), written first to <split>/plan.json. Node r of N
+packs the shards k with k mod N == r, so several machines can pack into one shared folder.
+
+Resumability: a shard is written under a temporary name and renamed when complete, then a small
+marker records its counts and checksum; a rerun keeps every shard whose marker matches the
+plan and rewrites the rest. meta.json comes last, written from the markers by whichever node
+finds them all present (or by --merge). A pack killed at any moment and rerun therefore ends with
+every file exactly once.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
+import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
+import traceback
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
+import lmdb
 import numpy as np
 
 from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
-from engine.errors import UserError
+from engine.errors import UserError, disk_error_message
 
-__all__ = ["PackError", "pack_imagenet", "process_file", "default_workers"]
+__all__ = ["PackError", "pack_imagenet", "merge_pack", "resolve_nodes", "process_file",
+           "default_workers", "PLAN_FILE", "LOCK_FILE"]
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".pack"
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "engine-pack-plan"
+LOCK_FILE = ".pack.lock"
 
 
 class PackError(UserError, ValueError):
@@ -99,28 +114,223 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
 
 
-# Files processed, shared with the pool's workers (fork) so the progress bar moves per file.
+# ---------------------------------------------------------------------------------------------
+# Nodes, locks and the plan
+
+
+def resolve_nodes(num_nodes: Optional[int], node_rank: Optional[int],
+                  env: Mapping[str, str]) -> Tuple[int, int, str]:
+    """(number of nodes, this node's rank, where that came from) for a multi-node pack.
+
+    Explicit flags win; else a Slurm array (SLURM_ARRAY_TASK_COUNT + SLURM_ARRAY_TASK_ID, minus
+    SLURM_ARRAY_TASK_MIN), a Slurm allocation (SLURM_NNODES + SLURM_NODEID), a launcher's
+    NNODES + NODE_RANK, or torchrun's GROUP_RANK (with NNODES or GROUP_WORLD_SIZE); else one
+    node. A pure function of its arguments, so it is tested with plain dicts.
+    """
+    if num_nodes is not None or node_rank is not None:
+        if num_nodes is None or node_rank is None:
+            raise PackError("--num-nodes and --node-rank go together (got only %s)"
+                            % ("--num-nodes" if node_rank is None else "--node-rank"))
+        return _check_nodes(num_nodes, node_rank, "--num-nodes/--node-rank")
+
+    def num(name: str) -> Optional[int]:
+        v = env.get(name)
+        if v is None or not v.strip():
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            raise PackError("environment variable %s=%r is not an integer; pass --num-nodes and "
+                            "--node-rank instead" % (name, v)) from None
+
+    count, task = num("SLURM_ARRAY_TASK_COUNT"), num("SLURM_ARRAY_TASK_ID")
+    if count is not None and task is not None:
+        low = num("SLURM_ARRAY_TASK_MIN")
+        return _check_nodes(count, task - (low or 0),
+                            "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (use --array=0-%d)"
+                            % (count - 1))
+    for n_var, r_var in (("SLURM_NNODES", "SLURM_NODEID"), ("NNODES", "NODE_RANK")):
+        n, r = num(n_var), num(r_var)
+        if n is not None and r is not None:
+            return _check_nodes(n, r, "%s/%s" % (n_var, r_var))
+    group = num("GROUP_RANK")
+    if group is not None:
+        n = num("NNODES")
+        n = num("GROUP_WORLD_SIZE") if n is None else n
+        if n is None:
+            raise PackError("GROUP_RANK is set but neither NNODES nor GROUP_WORLD_SIZE is; pass "
+                            "--num-nodes and --node-rank")
+        return _check_nodes(n, group, "GROUP_RANK")
+    return 1, 0, "single node"
+
+
+def _check_nodes(n: int, r: int, source: str) -> Tuple[int, int, str]:
+    if n < 1:
+        raise PackError("the number of nodes must be at least 1 (got %d from %s)" % (n, source))
+    if not 0 <= r < n:
+        raise PackError("node rank %d is outside 0..%d (from %s)" % (r, n - 1, source))
+    return n, r, source
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return "pid %s on host %s, started %s" % (info["pid"], info["host"], info["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _lock(path: str, what: str) -> int:
+    """An exclusive flock on `path`, recording who holds it; PackError naming the holder if taken.
+
+    flock dies with its process, so a killed pack never blocks the rerun.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, path)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise PackError("%s is being written by another pack (%s; lock file %s). Wait for it to "
+                        "finish or stop it, then rerun" % (what, holder, path)) from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass  # the lock holds without the note; only the message to a second pack is poorer
+    return fd
+
+
+def _shard_digest(chunk: Sequence[Tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for rel, label in chunk:
+        h.update(("%s\0%d\n" % (rel, label)).encode())
+    return h.hexdigest()
+
+
+def _make_plan(split: str, classes: List[str], items: List[Tuple[str, int]], fp: str,
+               seed: int, shard_size: int, max_side: Optional[int]) -> Dict[str, Any]:
+    """Which files go to which shard: a pure function of the listing and the arguments, so every
+    node computes the same plan and any node can be rerun alone."""
+    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return {"format": PLAN_FORMAT, "version": 1, "split": split, "classes": classes,
+            "seed": seed, "shard_size": shard_size, "max_side": max_side,
+            "shuffled": split == "train", "num_files": len(items), "fingerprint": fp,
+            "shards": [{"file": shards.shard_name(k), "num_files": len(c),
+                        "files_sha256": _shard_digest(c)} for k, c in enumerate(chunks)]}
+
+
+def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    for key in ("split", "seed", "shard_size", "max_side"):
+        if old.get(key) != new[key]:
+            return "%s %r then, %r now" % (key, old.get(key), new[key])
+    if old.get("classes") != new["classes"]:
+        return "the class folders changed: %d then, %d now" % (len(old.get("classes") or []),
+                                                              len(new["classes"]))
+    if old.get("num_files") != new["num_files"]:
+        return "the input listing changed: %s files then, %d now" % (old.get("num_files"),
+                                                                    new["num_files"])
+    return "the input listing changed: file names, sizes or modification times"
+
+
+def _write_plan(dst: str, plan: Dict[str, Any]) -> None:
+    """Publish plan.json, or refuse if one made from other input or arguments is there.
+
+    Every node writes the same bytes (a pure function, written by atomic rename), so nodes may
+    race to write it; reading it back catches a concurrent pack of different arguments.
+    """
+    path = os.path.join(dst, PLAN_FILE)
+    for attempt in (0, 1):
+        old = _load_json(path)
+        if old is None and attempt == 0:
+            try:
+                shards.write_json_atomic(path, plan)
+            except OSError as exc:
+                raise PackError(disk_error_message(exc, path)) from None
+            continue
+        if old != plan:
+            raise PackError(
+                "%s was made for other input or arguments (%s). Rerun with the arguments it was "
+                "made with, or pack into another --out (or delete %s to start that split over)"
+                % (path, _plan_difference(old or {}, plan), dst))
+        return
+
+
+def _load_json(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None if it is absent or unreadable (a partial file)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _marker_path(dst: str, k: int) -> str:
+    return os.path.join(dst, PROGRESS_DIR, shards.shard_name(k) + ".json")
+
+
+def _read_marker(dst: str, k: int, fp: str) -> Optional[Dict[str, Any]]:
+    m = _load_json(_marker_path(dst, k))
+    if m is None or m.get("fingerprint") != fp:
+        return None
+    if not os.path.exists(os.path.join(dst, shards.shard_name(k))):
+        return None
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing one shard
+
+
+# Files processed, shared with the forked workers so the progress bar moves per file.
 _progress_counter = None
 
 
-def _init_worker(counter) -> None:
-    global _progress_counter
-    _progress_counter = counter
+def _disk_message(exc: BaseException, path: str, needed: int) -> str:
+    if isinstance(exc, OSError):
+        return disk_error_message(exc, path, needed)
+    # LMDB reports a short write on a full disk as EIO ("Input/output error"): tell a full disk
+    # from a real I/O error by the space left.
+    text = str(exc)
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
+    if "No space" in text or "MDB_MAP_FULL" in text or (free is not None and free < 16 << 20):
+        return disk_error_message(OSError(errno.ENOSPC, "No space left on device"), path, needed)
+    return "cannot write %s: LMDB error (%s)%s" % (
+        path, text, "" if free is None else "; %.1f MB free there" % (free / 1e6))
 
 
 def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
-    """Write one complete shard (decode, validate, serialise, append) and its marker.
+    """Write one complete shard (decode, validate, serialise, append), then its marker.
 
-    Shards are independent, so workers write different shards concurrently and nothing but a
-    small marker crosses a process boundary: piping every image back to one writer made that
-    process the bottleneck. The shard appears under its final name only when complete.
+    Shards are independent, so workers (and nodes) write different shards concurrently and
+    nothing but a small marker crosses a process boundary: piping every image back to one writer
+    made that process the bottleneck. The shard appears under its final name only when complete;
+    a per-shard lock keeps two packs of different node counts from writing the same file.
     """
     src, dst, k, items, fp, max_side = (job[x] for x in
                                         ("src", "dst", "k", "items", "fp", "max_side"))
-    writer = shards.ShardWriter(os.path.join(dst, shards.shard_name(k)))
-    m = {"file": shards.shard_name(k), "fingerprint": fp, "seen": 0, "num_samples": 0,
-         "kinds": Counter(), "skipped": [], "bytes": 0}
+    name = shards.shard_name(k)
+    path = os.path.join(dst, name)
+    lock = _lock(os.path.join(dst, PROGRESS_DIR, name + ".lock"),
+                 "%s of %s" % (name, os.path.basename(dst)))
+    writer = None
     try:
+        done = _read_marker(dst, k, fp)  # finished by another pack since this one looked
+        if done is not None:
+            _count(len(items))
+            return done
+        m = {"file": name, "fingerprint": fp, "seen": 0, "num_samples": 0,
+             "kinds": Counter(), "skipped": [], "bytes": 0}
+        writer = shards.ShardWriter(path)
         for rel, label in items:
             r = process_file(os.path.join(src, rel), max_side)
             m["seen"] += 1
@@ -131,25 +341,153 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
                 writer.append(value)
                 m["kinds"][r["kind"]] += 1
                 m["bytes"] += len(value)
-            if _progress_counter is not None:
-                with _progress_counter.get_lock():
-                    _progress_counter.value += 1
+            _count(1)
+        writer.close()
+        writer = None
+        m["num_samples"] = sum(m["kinds"].values())
+        m["size"] = os.path.getsize(path)
+        m["checksum"] = shards.file_checksum(path)
+        shards.write_json_atomic(_marker_path(dst, k), m)
+        return m
+    except (lmdb.Error, OSError) as exc:
+        if writer is not None:
+            writer.abort()
+        raise PackError(_disk_message(exc, path, job.get("needed", 0))) from None
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
-    writer.close()
-    m["num_samples"] = writer.num_samples
-    shards.write_json_atomic(os.path.join(dst, PROGRESS_DIR, m["file"] + ".json"), m)
-    return m
+    finally:
+        os.close(lock)
 
 
-def _fingerprint(split: str, classes, items, root: str, seed: int, shard_size: int,
+def _count(n: int) -> None:
+    if _progress_counter is not None:
+        with _progress_counter.get_lock():
+            _progress_counter.value += n
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if the packer dies (kill -9, OOM): an orphan would hold its
+    shard's lock and keep writing after the user believes the pack has stopped."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(job: Dict[str, Any], conn, counter, parent: int) -> None:
+    global _progress_counter
+    _die_with_parent()
+    if os.getppid() != parent:  # the packer died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the packer's to handle
+    _progress_counter = counter
+    try:
+        conn.send(("ok", _pack_shard(job)))
+        code = 0
+    except UserError as exc:
+        conn.send(("user", str(exc)))
+        code = 2
+    except BaseException:
+        conn.send(("bug", traceback.format_exc()))
+        code = 1
+    conn.close()
+    sys.exit(code)
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        try:
+            return "was killed by signal %d (%s)" % (-code, signal.Signals(-code).name)
+        except ValueError:
+            return "was killed by signal %d" % -code
+    return "exited with status %s" % code
+
+
+def _remove_partial(dst: str, k: int) -> None:
+    tmp = os.path.join(dst, shards.shard_name(k)) + ".tmp"
+    for f in (tmp, tmp + "-lock"):
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+
+
+def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
+                 ) -> Dict[int, Dict[str, Any]]:
+    """Pack `jobs` in up to `workers` forked processes, one process per shard.
+
+    Self-managed rather than a multiprocessing.Pool: a Pool silently replaces a worker that was
+    killed and waits forever for its task. Here each worker holds the write end of a pipe, so
+    its death is an end-of-file seen within one poll; the pack then stops the others, removes
+    their partial shards and reports the shard that was lost. Finished shards keep their markers.
+    """
+    ctx = mp.get_context("fork")
+    pending = list(jobs)
+    running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
+    markers: Dict[int, Dict[str, Any]] = {}
+    shards.close_all_envs()  # a child must not inherit an open LMDB environment
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(job, send, counter, os.getpid()),
+                                   name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
+                proc.start()
+                send.close()  # only the child holds the write end: its death is EOF here
+                running[job["k"]] = (proc, recv, job)
+            ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
+            for k, (proc, recv, job) in list(running.items()):
+                if recv not in ready:
+                    continue
+                try:
+                    kind, payload = recv.recv()
+                except (EOFError, OSError):
+                    kind, payload = "lost", None
+                proc.join(10)
+                recv.close()
+                del running[k]
+                where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
+                if kind == "ok":
+                    markers[k] = payload
+                elif kind == "user":
+                    raise PackError(payload)
+                elif kind == "bug":
+                    raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
+                else:
+                    raise PackError(
+                        "the worker packing %s (pid %s) %s; the other workers were stopped. "
+                        "Rerun the same command to resume (finished shards are kept)"
+                        % (where, proc.pid, _describe_exit(proc.exitcode)))
+            on_progress()
+    finally:
+        for proc, recv, job in running.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc, recv, job in running.values():
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            recv.close()
+            _remove_partial(job["dst"], job["k"])
+    return markers
+
+
+# ---------------------------------------------------------------------------------------------
+# A split: scan, plan, pack this node's shards, merge
+
+
+def _fingerprint(split: str, classes, items, stats, seed: int, shard_size: int,
                  max_side: Optional[int]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([shards.VERSION, split, classes, seed, shard_size, max_side]).encode())
-    for rel, label in items:
-        st = os.stat(os.path.join(root, rel))
-        h.update(("%s\0%d\0%d\0%d\n" % (rel, label, st.st_size, st.st_mtime_ns)).encode())
+    for (rel, label), (size, mtime) in zip(items, stats):
+        h.update(("%s\0%d\0%d\0%d\n" % (rel, label, size, mtime)).encode())
     return h.hexdigest()
 
 
@@ -168,11 +506,10 @@ class _Stats:
         self.bytes += m["bytes"]
 
 
-def _pack_split(root: str, out: str, split: str, classes: List[str], shard_size: int,
-                max_side: Optional[int], seed: int, pool, counter, progress: bool,
-                log) -> Dict[str, Any]:
-    src = os.path.join(root, split)
-    dst = os.path.join(out, split)
+def _scan(data: str, split: str, classes: List[str], seed: int, shard_size: int,
+          max_side: Optional[int]) -> Dict[str, Any]:
+    """List a split, order it, fingerprint it and plan its shards (reads only)."""
+    src = os.path.join(data, split)
     try:
         items = scan_split(src, classes)
     except LayoutError as exc:
@@ -182,91 +519,187 @@ def _pack_split(root: str, out: str, split: str, classes: List[str], shard_size:
     if split == "train":  # each shard mixes classes; the loader shuffles again per epoch
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
-    fp = _fingerprint(split, classes, items, src, seed, shard_size, max_side)
+    stats = []
+    for rel, _ in items:
+        try:
+            st = os.stat(os.path.join(src, rel))
+        except OSError as exc:
+            raise PackError("cannot read %s (%s)" % (os.path.join(src, rel), exc.strerror))
+        stats.append((st.st_size, st.st_mtime_ns))
+    fp = _fingerprint(split, classes, items, stats, seed, shard_size, max_side)
+    plan = _make_plan(split, classes, items, fp, seed, shard_size, max_side)
+    sizes = [sum(s for s, _ in stats[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+    return {"split": split, "src": src, "items": items, "plan": plan, "source_bytes": sizes}
+
+
+def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: str
+               ) -> Dict[str, Any]:
+    stats = _Stats()
+    entries = []
+    for k in range(len(plan["shards"])):  # in shard order, whoever packed them
+        m = markers[k]
+        stats.add_marker(m)
+        path = os.path.join(dst, m["file"])
+        size = m.get("size", os.path.getsize(path))
+        checksum = m.get("checksum") or shards.file_checksum(path)  # markers of older packs
+        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": size,
+                        "checksum": checksum})
+    return {
+        "format": shards.FORMAT,
+        "version": shards.VERSION,
+        "split": plan["split"],
+        "num_samples": stats.kept,
+        "classes": plan["classes"],
+        "shards": entries,
+        "skipped": stats.skipped,
+        "kinds": {k: v for k, v in sorted(stats.kinds.items())},
+        "bytes": stats.bytes,
+        "seen": stats.seen,
+        "seed": plan["seed"],
+        "shard_size": plan["shard_size"],
+        "max_side": plan["max_side"],
+        "shuffled": plan["shuffled"],
+        "fingerprint": plan["fingerprint"],
+    }
+
+
+def _merge_split(dst: str, plan: Dict[str, Any], log) -> Optional[Dict[str, Any]]:
+    """Write meta.json from the markers if every shard is present; else return None.
+
+    Idempotent, and safe for several nodes at once: the content is a function of the markers,
+    and it is published by atomic rename.
+    """
+    meta_path = os.path.join(dst, shards.META_FILE)
+    old = _load_json(meta_path)
+    if old is not None and old.get("fingerprint") == plan["fingerprint"]:
+        return old
+    fp = plan["fingerprint"]
+    markers = {k: m for k in range(len(plan["shards"]))
+               for m in [_read_marker(dst, k, fp)] if m is not None}
+    if len(markers) < len(plan["shards"]):
+        old = _load_json(meta_path)  # another node may have merged (and removed markers) meanwhile
+        return old if old is not None and old.get("fingerprint") == fp else None
+    meta = _meta_from(plan, markers, dst)
+    try:
+        shards.write_json_atomic(meta_path, meta)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, meta_path)) from None
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
+    return meta
+
+
+def _missing(dst: str, plan: Dict[str, Any]) -> List[int]:
+    return [k for k in range(len(plan["shards"]))
+            if _read_marker(dst, k, plan["fingerprint"]) is None]
+
+
+def _pack_split(scan: Dict[str, Any], out: str, workers: int, nodes: Tuple[int, int],
+                counter, progress: bool, log) -> Dict[str, Any]:
+    split, src, items, plan = scan["split"], scan["src"], scan["items"], scan["plan"]
+    fp = plan["fingerprint"]
+    dst = os.path.join(out, split)
+    done_before = {"split": split, "seen": len(items), "seconds": 0.0, "done_before": True}
 
     meta_path = os.path.join(dst, shards.META_FILE)
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        old = _load_json(meta_path) or {}
         if old.get("fingerprint") == fp:
             log("%s: already packed (%d records in %s), nothing to do"
                 % (split, old["num_samples"], dst))
-            return {"split": split, "seen": len(items), "kept": old["num_samples"],
-                    "skipped": len(old["skipped"]), "kinds": old.get("kinds", {}),
-                    "bytes": old.get("bytes", 0), "seconds": 0.0, "done_before": True}
+            return dict(done_before, kept=old["num_samples"], skipped=len(old["skipped"]),
+                        kinds=old.get("kinds", {}), bytes=old.get("bytes", 0))
         raise PackError(
             "%s already holds a complete pack of different input or arguments. Choose another "
             "--out, or delete %s to repack." % (dst, dst))
 
-    prog = os.path.join(dst, PROGRESS_DIR)
-    os.makedirs(prog, exist_ok=True)
-    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    markers: Dict[int, Dict[str, Any]] = {}
-    for k in range(len(chunks)):
-        mpath = os.path.join(prog, shards.shard_name(k) + ".json")
-        if os.path.exists(mpath) and os.path.exists(os.path.join(dst, shards.shard_name(k))):
-            with open(mpath) as f:
-                m = json.load(f)
-            if m.get("fingerprint") == fp:
-                markers[k] = m
-    todo = [k for k in range(len(chunks)) if k not in markers]
-    if markers and todo:
-        log("%s: resuming, %d of %d shards already complete" % (split, len(markers), len(chunks)))
-
-    t0 = time.time()
-    jobs = [{"src": src, "dst": dst, "k": k, "items": chunks[k], "fp": fp, "max_side": max_side}
-            for k in todo]
-    todo_files = sum(len(j["items"]) for j in jobs)
-    bar = _progress(len(items), len(items) - todo_files, "pack " + split, progress)
     try:
-        if pool is None:
+        os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, dst)) from None
+    _write_plan(dst, plan)
+    n_nodes, rank = nodes
+    n_shards = len(plan["shards"])
+    mine = [k for k in range(n_shards) if k % n_nodes == rank]
+    todo = [k for k in mine if _read_marker(dst, k, fp) is None]
+    if len(todo) < len(mine) and todo:
+        log("%s: resuming, %d of %d shards already complete"
+            % (split, len(mine) - len(todo), len(mine)))
+    needed = sum(scan["source_bytes"][k] for k in todo)
+    sz = plan["shard_size"]
+    jobs = [{"src": src, "dst": dst, "k": k, "items": items[k * sz:(k + 1) * sz], "fp": fp,
+             "max_side": plan["max_side"], "needed": needed} for k in todo]
+    todo_files = sum(len(j["items"]) for j in jobs)
+    mine_files = sum(plan["shards"][k]["num_files"] for k in mine)
+    t0 = time.time()
+    bar = _progress(mine_files, mine_files - todo_files, "pack " + split, progress)
+    try:
+        if workers == 0:
             for job in jobs:
-                markers[job["k"]] = _pack_shard(job)
+                _pack_shard(job)
                 bar.update(len(job["items"]))
         else:
-            start = counter.value
-            pending = {pool.apply_async(_pack_shard, (job,)): job["k"] for job in jobs}
-            shown = 0
-            while pending:
-                done = [r for r in pending if r.ready()]
-                for r in done:
-                    markers[pending.pop(r)] = r.get()  # re-raises a worker's exception
+            start, shown = counter.value, [0]
+
+            def show():
                 now = counter.value - start
-                bar.update(now - shown)
-                shown = now
-                if not done:
-                    time.sleep(0.05)
+                bar.update(now - shown[0])
+                shown[0] = now
+
+            _run_workers(jobs, workers, counter, show)
     finally:
         bar.close()
     seconds = time.time() - t0
-    stats = _Stats()
-    for k in range(len(chunks)):  # in shard order, whatever order the workers finished in
-        stats.add_marker(markers[k])
 
-    kinds = {k: v for k, v in sorted(stats.kinds.items())}
-    meta = {
-        "format": shards.FORMAT,
-        "version": shards.VERSION,
-        "split": split,
-        "num_samples": stats.kept,
-        "classes": classes,
-        "shards": [{"file": markers[k]["file"], "num_samples": markers[k]["num_samples"]}
-                   for k in range(len(chunks))],
-        "skipped": stats.skipped,
-        "kinds": kinds,
-        "bytes": stats.bytes,
-        "seed": seed,
-        "shard_size": shard_size,
-        "max_side": max_side,
-        "shuffled": split == "train",
-        "fingerprint": fp,
-    }
-    shards.write_json_atomic(meta_path, meta)
-    shutil.rmtree(prog, ignore_errors=True)
-    return {"split": split, "seen": stats.seen, "kept": stats.kept,
-            "skipped": len(stats.skipped), "kinds": kinds, "bytes": stats.bytes,
-            "seconds": seconds, "processed": todo_files, "done_before": False,
-            "skipped_list": stats.skipped}
+    meta = _merge_split(dst, plan, log)
+    summary = {"split": split, "seconds": seconds, "processed": todo_files, "done_before": False,
+               "node": rank, "num_nodes": n_nodes, "shards_packed": len(todo)}
+    if meta is None:
+        missing = _missing(dst, plan)
+        log("%s: node %d of %d packed its %d shards; %d shard(s) of other nodes still missing "
+            "(e.g. %s). The last node to finish writes meta.json, or run --merge."
+            % (split, rank, n_nodes, len(mine), len(missing),
+               shards.shard_name(missing[0]) if missing else "-"))
+        summary.update(merged=False, seen=todo_files, kept=None, skipped=0, kinds={}, bytes=0)
+        return summary
+    summary.update(merged=True, seen=meta.get("seen", len(items)), kept=meta["num_samples"],
+                   skipped=len(meta["skipped"]), kinds=meta.get("kinds", {}),
+                   bytes=meta.get("bytes", 0), skipped_list=meta["skipped"])
+    return summary
+
+
+def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log=print) -> Dict[str, Any]:
+    """Write meta.json of each split of a multi-node pack from its plan and shard markers.
+
+    Idempotent. Raises PackError naming the missing shards while any is absent (the split then
+    stays unreadable, as it has no meta.json).
+    """
+    if not os.path.isdir(out):
+        raise PackError("--out %s does not exist or is not a folder" % out)
+    if splits is None:
+        splits = [s for s in ("train", "val") if os.path.exists(os.path.join(out, s, PLAN_FILE))]
+        if not splits:
+            raise PackError("%s holds no split with a %s: nothing to merge (pack it first)"
+                            % (out, PLAN_FILE))
+    done = []
+    for split in splits:
+        dst = os.path.join(out, split)
+        plan = _load_json(os.path.join(dst, PLAN_FILE))
+        if plan is None or plan.get("format") != PLAN_FORMAT:
+            raise PackError("%s has no readable %s; pack it first" % (dst, PLAN_FILE))
+        meta = _merge_split(dst, plan, log)
+        if meta is None:
+            missing = [shards.shard_name(k) for k in _missing(dst, plan)]
+            raise PackError(
+                "cannot merge %s: %d of %d shards are missing (%s%s); rerun the node(s) that "
+                "own them (shard k belongs to node k mod --num-nodes), then merge again"
+                % (dst, len(missing), len(plan["shards"]), ", ".join(missing[:8]),
+                   " ..." if len(missing) > 8 else ""))
+        log("%s: merged, %d records in %d shards" % (split, meta["num_samples"],
+                                                    len(meta["shards"])))
+        done.append({"split": split, "num_samples": meta["num_samples"],
+                     "shards": len(meta["shards"])})
+    return {"out": os.path.abspath(out), "splits": done}
 
 
 class _NoBar:
@@ -289,53 +722,71 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                   workers: Optional[int] = None, shard_size: int = 5000,
                   max_side: Optional[int] = None, seed: int = 0, strict: bool = False,
-                  progress: bool = True, log=print) -> Dict[str, Any]:
+                  progress: bool = True, log=print, num_nodes: Optional[int] = None,
+                  node_rank: Optional[int] = None,
+                  env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
-    Raises PackError on bad input; with strict=True also when any file had to be skipped
-    (the shards are still written, so a rerun after fixing the files only repacks what changed).
+    With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
+    this node packs shards k with k mod N == rank; whichever node finds every shard present
+    writes meta.json. Raises PackError on bad input, a held lock or a full/read-only disk; with
+    strict=True also when any file had to be skipped (the shards are still written, so a rerun
+    after fixing the files only repacks what changed).
     """
     if shard_size < 1:
         raise PackError("--shard-size must be at least 1 (got %d)" % shard_size)
     if max_side is not None and max_side < 16:
         raise PackError("--max-side must be at least 16 px (got %d)" % max_side)
+    splits = list(splits)
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:
         raise PackError("--splits takes train and/or val (got %s)" % ",".join(splits))
+    if len(set(splits)) != len(splits):
+        raise PackError("--splits names a split twice (got %s)" % ",".join(splits))
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise PackError("--workers must be >= 0 (0 = decode in the main process)")
+    n_nodes, rank, source = resolve_nodes(num_nodes, node_rank,
+                                          os.environ if env is None else env)
     if not os.path.isdir(data):
         raise PackError("--data %s does not exist or is not a folder" % data)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PackError("--out %s exists and is not a folder; choose a folder" % out)
     train_dir = os.path.join(data, "train")
     if os.path.isdir(train_dir):
         classes = list_classes(train_dir)
-    elif splits == ["val"] or tuple(splits) == ("val",):
+    elif splits == ["val"]:
         classes = list_classes(os.path.join(data, "val"))
         log("note: %s not found; labels follow val's own sorted class folders" % train_dir)
     else:
         raise PackError("%s does not exist; expected ROOT/train/<wnid>/*.JPEG" % train_dir)
     if not classes:
         raise PackError("%s has no class folders" % train_dir)
-    workers = default_workers() if workers is None else workers
-    if workers < 0:
-        raise PackError("--workers must be >= 0 (0 = decode in the main process)")
+    # Every requested split is listed and planned before anything is written, so a missing or
+    # malformed split is reported up front, not after hours spent on the others.
+    scans = [_scan(data, split, classes, seed, shard_size, max_side) for split in splits]
 
-    os.makedirs(out, exist_ok=True)
-    pool = counter = None
-    if workers > 0:
-        ctx = mp.get_context("fork")
-        counter = ctx.Value("q", 0)
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(counter,))
-    summaries = []
     try:
-        for split in splits:
-            summaries.append(_pack_split(data, out, split, classes, shard_size, max_side, seed,
-                                         pool, counter, progress, log))
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, out)) from None
+    lock_name = LOCK_FILE if n_nodes == 1 else ".pack-node%d-of-%d.lock" % (rank, n_nodes)
+    lock = _lock(os.path.join(out, lock_name),
+                 out if n_nodes == 1 else "%s (node %d of %d)" % (out, rank, n_nodes))
+    if n_nodes > 1:
+        log("node %d of %d (from %s): packing shards k with k mod %d == %d"
+            % (rank, n_nodes, source, n_nodes, rank))
+    counter = mp.get_context("fork").Value("q", 0) if workers > 0 else None
+    try:
+        summaries = [_pack_split(scan, out, workers, (n_nodes, rank), counter, progress, log)
+                     for scan in scans]
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    result = {"out": os.path.abspath(out), "workers": workers, "splits": summaries}
+        os.close(lock)
+    result = {"out": os.path.abspath(out), "workers": workers, "num_nodes": n_nodes,
+              "node_rank": rank, "splits": summaries}
     for s in summaries:
-        log(_summary_line(s, out))
+        if s.get("merged", True):
+            log(_summary_line(s, out))
         for item in s.get("skipped_list", [])[:20]:
             log("  skipped %s: %s" % (item["path"], item["reason"]))
     skipped = sum(s["skipped"] for s in summaries)

@@ -1,0 +1,237 @@
+"""Copy a packed split to a node-local disk, verifying checksums; resumable and rank-safe.
+
+Per split: the shards are copied first (each to a hidden temporary name, checked against the
+checksum in meta.json while copying, then renamed), meta.json last, so a destination without
+meta.json is visibly incomplete and readers refuse it. A rerun skips every local shard whose size
+and checksum already match, and re-copies a damaged one. Several ranks of one node may run this
+at once: one copies under an flock on DST/.stage.lock, the others wait (the holder reports its
+progress in the lock file; a holder that makes none for `stall_timeout` seconds is an error), then
+find the finished stamp and return without rereading anything.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
+from engine.data import shards
+from engine.data.verify import find_splits
+from engine.errors import UserError, disk_error_message
+
+__all__ = ["StageError", "stage", "stage_split"]
+
+LOCK = ".stage.lock"
+STAMP = ".staged.json"  # written after meta.json: what a finished stage left, for waiting ranks
+_CHUNK = 8 << 20
+
+
+class StageError(UserError, RuntimeError):
+    """The source is damaged or incomplete, or the destination cannot take the copy."""
+
+
+def _meta_bytes(src: str) -> bytes:
+    shards.read_meta(src)  # refuses an incomplete or unknown split with a clear message
+    with open(os.path.join(src, shards.META_FILE), "rb") as f:
+        return f.read()
+
+
+def _stamp(dst: str, meta_raw: bytes, entries: List[Dict[str, Any]]) -> Dict[str, Any]:
+    files = {}
+    for e in entries:
+        st = os.stat(os.path.join(dst, e["file"]))
+        files[e["file"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return {"meta_sha256": hashlib.sha256(meta_raw).hexdigest(), "files": files}
+
+
+def _stamp_matches(dst: str, meta_raw: bytes, entries: List[Dict[str, Any]]) -> bool:
+    try:
+        with open(os.path.join(dst, STAMP)) as f:
+            old = json.load(f)
+        with open(os.path.join(dst, shards.META_FILE), "rb") as f:
+            if f.read() != meta_raw:
+                return False
+        return old == _stamp(dst, meta_raw, entries)
+    except (OSError, ValueError):
+        return False
+
+
+class _Progress:
+    """The holder's note in the lock file: who, since when, bytes done (the waiters' liveness)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.done, self.last = fd, 0, 0.0
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "bytes_done": 0}
+        self.write()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if time.time() - self.last > 0.5:
+            self.write()
+
+    def write(self) -> None:
+        self.info["bytes_done"] = self.done
+        self.last = time.time()
+        try:
+            data = json.dumps(self.info).encode()
+            os.pwrite(self.fd, data.ljust(256), 0)
+        except OSError:
+            pass
+
+
+def _read_note(fd: int) -> Dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode().strip() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(dst: str, stall_timeout: float, poll: float, log) -> Tuple[int, bool]:
+    """(fd holding the flock, whether another process held it first)."""
+    path = os.path.join(dst, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StageError(disk_error_message(exc, path)) from None
+    waited, seen, last_change = False, None, time.time()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, waited
+        except BlockingIOError:
+            pass
+        note = _read_note(fd)
+        if not waited:
+            log("%s: another process (pid %s on %s) is staging it; waiting"
+                % (dst, note.get("pid", "?"), note.get("host", "?")))
+            waited = True
+        state = (note.get("pid"), note.get("bytes_done"))
+        if state != seen:
+            seen, last_change = state, time.time()
+        elif time.time() - last_change > stall_timeout:
+            os.close(fd)
+            raise StageError(
+                "staging into %s by pid %s on host %s made no progress for %.0f s; stop that "
+                "process (a killed one releases the lock by itself) and rerun"
+                % (dst, note.get("pid", "?"), note.get("host", "?"), stall_timeout))
+        time.sleep(poll)
+
+
+def _copy(src: str, dst: str, expected: Optional[str], progress: _Progress) -> None:
+    """Copy src to dst through a hidden temp file, hashing the bytes on the way; publish only a
+    copy whose checksum matches meta.json (a damaged source or a bad read never lands)."""
+    folder = os.path.dirname(dst)
+    tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(dst))
+    h = hashlib.blake2b()
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while True:
+                chunk = fi.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                fo.write(chunk)
+                progress.add(len(chunk))
+            fo.flush()
+            os.fsync(fo.fileno())
+        got = "%s:%s" % (shards.CHECKSUM_ALGO, h.hexdigest())
+        if expected and got != expected:
+            raise StageError("%s: checksum differs from its meta.json (the source is damaged); "
+                             "check it with tools/verify_pack.py and repack it" % src)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
+                log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Copy packed split `src` to `dst`; returns counts of copied and already-correct shards."""
+    meta_raw = _meta_bytes(src)
+    meta = json.loads(meta_raw)
+    entries = meta["shards"]
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise StageError("%s exists and is not a folder" % dst)
+    try:
+        os.makedirs(dst, exist_ok=True)
+    except OSError as exc:
+        raise StageError(disk_error_message(exc, dst)) from None
+    fd, waited = _acquire(dst, stall_timeout, poll, log)
+    try:
+        if waited and _stamp_matches(dst, meta_raw, entries):
+            log("%s: staged by another process, complete" % dst)
+            return {"dst": dst, "copied": 0, "kept": len(entries), "waited": True, "bytes": 0}
+        progress = _Progress(fd)
+        local_meta = os.path.join(dst, shards.META_FILE)
+        try:
+            with open(local_meta, "rb") as f:
+                stale = f.read() != meta_raw
+        except OSError:
+            stale = False
+        for f in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)]:
+            if os.path.exists(f):  # readers must not pair an old meta.json with new shards
+                os.remove(f)
+        todo, kept = [], 0
+        for e in entries:
+            local = os.path.join(dst, e["file"])
+            ok = os.path.exists(local) and os.path.getsize(local) == e.get(
+                "size", os.path.getsize(os.path.join(src, e["file"])))
+            if ok and e.get("checksum"):
+                ok = shards.file_checksum(local, progress.add) == e["checksum"]
+                if not ok:
+                    log("%s: local copy is damaged; copying it again" % local)
+            if ok:
+                kept += 1
+            else:
+                todo.append(e)
+        sizes = [os.path.getsize(os.path.join(src, e["file"])) for e in todo]
+        free = shutil.disk_usage(dst).free
+        if sum(sizes) > free:
+            raise StageError("cannot stage into %s: %.1f MB to copy, %.1f MB free there; free "
+                             "some space or choose another folder" % (dst, sum(sizes) / 1e6,
+                                                                      free / 1e6))
+        t0 = time.time()
+        for e in todo:
+            try:
+                _copy(os.path.join(src, e["file"]), os.path.join(dst, e["file"]),
+                      e.get("checksum"), progress)
+            except OSError as exc:
+                raise StageError(disk_error_message(exc, os.path.join(dst, e["file"]),
+                                                    sum(sizes))) from None
+        try:
+            atomic_write(local_meta, lambda f: f.write(meta_raw))  # last: now readers may open
+            atomic_write(os.path.join(dst, STAMP),
+                         lambda f: f.write(json.dumps(_stamp(dst, meta_raw, entries)).encode()))
+        except OSError as exc:
+            raise StageError(disk_error_message(exc, local_meta)) from None
+        fsync_dir(dst)
+        seconds = time.time() - t0
+        if not any(e.get("checksum") for e in entries):
+            log("%s: note: this pack records no checksums; shards were compared by size only"
+                % src)
+        log("%s: %d shard(s) copied (%.1f MB, %.0f MB/s), %d already correct"
+            % (dst, len(todo), sum(sizes) / 1e6,
+               sum(sizes) / 1e6 / seconds if seconds > 0 else 0.0, kept))
+        return {"dst": dst, "copied": len(todo), "kept": kept, "waited": waited,
+                "bytes": sum(sizes), "seconds": seconds}
+    finally:
+        os.close(fd)
+
+
+def stage(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
+          log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Stage a split (SRC has meta.json) to DST, or every split of a pack root to DST/<split>."""
+    splits = find_splits(src)
+    if splits == [src]:
+        return [stage_split(src, dst, stall_timeout, poll, log)]
+    return [stage_split(s, os.path.join(dst, os.path.basename(s)), stall_timeout, poll, log)
+            for s in splits]

@@ -1,0 +1,170 @@
+"""Check a packed split against its meta.json: files, sizes, checksums, record counts, records.
+
+Levels: `fast` reads every shard once for its checksum (disk speed, nothing decoded); the default
+also checks each shard's LMDB header and record keys, and decodes every record (or a random
+sample of them) as the loader would. Splits packed before checksums existed are checked for
+everything else, and the report says their checksums are absent.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+import lmdb
+
+from engine.data import shards
+from engine.data.decode import DecodeError, decode_bgr
+
+__all__ = ["verify_split", "verify", "find_splits"]
+
+
+def find_splits(path: str) -> List[str]:
+    """`path` itself if it is a split (has meta.json or plan.json), else its split sub-folders."""
+    def is_split(d: str) -> bool:
+        return any(os.path.exists(os.path.join(d, f)) for f in (shards.META_FILE, "plan.json"))
+
+    if not os.path.isdir(path):
+        raise shards.ShardError("%s does not exist or is not a folder" % path)
+    if is_split(path):
+        return [path]
+    found = sorted(os.path.join(path, e.name) for e in os.scandir(path)
+                   if e.is_dir() and not e.name.startswith(".") and is_split(e.path))
+    if not found:
+        raise shards.ShardError("%s is neither a packed split (no meta.json) nor a folder of "
+                                "packed splits" % path)
+    return found
+
+
+def verify_split(split_dir: str, sample: Optional[int] = None, fast: bool = False,
+                 seed: int = 0) -> Dict[str, Any]:
+    """Returns a report; report["mismatches"] lists every problem found (empty: all good)."""
+    t0 = time.time()
+    # Files may have changed since this process last opened them (a verifier rerun after a
+    # repair); other readers in the process reopen lazily.
+    shards.close_all_envs()
+    rep: Dict[str, Any] = {"split_dir": split_dir, "mismatches": [], "shards": 0, "records": 0,
+                           "bytes": 0, "checksums": "absent", "checksummed_bytes": 0,
+                           "decoded": 0, "fast": fast}
+    bad: List[str] = rep["mismatches"]
+    try:
+        meta = shards.read_meta(split_dir)
+    except shards.ShardError as exc:
+        bad.append(str(exc))
+        rep["seconds"] = time.time() - t0
+        return rep
+    entries = meta["shards"]
+    rep["shards"], rep["records"] = len(entries), meta["num_samples"]
+    with_sums = sum(1 for e in entries if e.get("checksum"))
+    rep["checksums"] = ("present" if with_sums == len(entries) and entries
+                        else "partial" if with_sums else "absent")
+    if sum(int(e["num_samples"]) for e in entries) != meta["num_samples"]:
+        bad.append("meta.json: shards hold %d records but num_samples is %d"
+                   % (sum(int(e["num_samples"]) for e in entries), meta["num_samples"]))
+    readable = []  # shards whose records can be read safely
+    for e in entries:
+        path = os.path.join(split_dir, e["file"])
+        if not os.path.exists(path):
+            bad.append("%s: missing" % e["file"])
+            continue
+        size = os.path.getsize(path)
+        rep["bytes"] += size
+        if "size" in e and size != e["size"]:
+            bad.append("%s: %d bytes, meta.json says %d (truncated or replaced)"
+                       % (e["file"], size, e["size"]))
+            continue
+        if e.get("checksum"):
+            got = shards.file_checksum(path)
+            rep["checksummed_bytes"] += size
+            if got != e["checksum"]:
+                bad.append("%s: checksum differs from meta.json (the file is damaged)"
+                           % e["file"])
+                continue
+        if fast:
+            continue
+        try:
+            shards.check_shard_file(path)
+        except shards.ShardError as exc:
+            bad.append("%s: %s" % (e["file"], exc))
+            continue
+        problem = _check_keys(path, int(e["num_samples"]))
+        if problem:
+            bad.append("%s: %s" % (e["file"], problem))
+            continue
+        readable.append(e)
+    if not fast and readable:
+        _check_records(split_dir, meta, readable, sample, seed, rep)
+    rep["seconds"] = time.time() - t0
+    return rep
+
+
+def _check_keys(path: str, expected: int) -> Optional[str]:
+    """None if the shard holds exactly the keys 0..expected-1 (the contract)."""
+    try:
+        env = shards.open_env(path)
+    except shards.ShardError as exc:
+        return str(exc)
+    try:
+        with env.begin() as txn:
+            n = txn.stat()["entries"]
+            if n != expected:
+                return "holds %d records, meta.json says %d" % (n, expected)
+            if n == 0:
+                return None
+            cur = txn.cursor()
+            # n distinct 8-byte keys from 0 to n-1 are exactly 0..n-1
+            first = cur.first() and cur.key()
+            last = cur.last() and cur.key()
+            if first != shards.record_key(0) or last != shards.record_key(n - 1):
+                return "record keys are not 0..%d" % (n - 1)
+    except lmdb.Error as exc:
+        return "unreadable (%s)" % exc
+    return None
+
+
+def _check_records(split_dir: str, meta: Dict[str, Any], entries: List[Dict[str, Any]],
+                   sample: Optional[int], seed: int, rep: Dict[str, Any]) -> None:
+    n_classes = len(meta["classes"])
+    index = [(e, j) for e in entries for j in range(int(e["num_samples"]))]
+    if sample is not None and sample < len(index):
+        index = random.Random(seed).sample(index, sample)
+        index.sort(key=lambda x: (x[0]["file"], x[1]))
+    bad = rep["mismatches"]
+    by_file: Dict[str, List[int]] = {}
+    for e, j in index:
+        by_file.setdefault(e["file"], []).append(j)
+    for name, local in by_file.items():
+        with shards.open_env(os.path.join(split_dir, name)).begin() as txn:
+            for j in local:
+                problem = _check_record(txn.get(shards.record_key(j)), n_classes)
+                rep["decoded"] += 1
+                if problem:
+                    bad.append("%s record %d: %s" % (name, j, problem))
+
+
+def _check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+    if value is None:
+        return "missing"
+    try:
+        rec = shards.unpack_record(value)
+    except Exception as exc:  # msgpack raises several types for damaged bytes
+        return "not a msgpack record (%s)" % exc
+    if not isinstance(rec, dict) or not {"image", "label", "height", "width", "path"} <= set(rec):
+        return "lacks required fields"
+    where = " (%s)" % rec["path"]
+    if not (isinstance(rec["label"], int) and 0 <= rec["label"] < n_classes):
+        return "label %r outside 0..%d%s" % (rec["label"], n_classes - 1, where)
+    try:
+        img = decode_bgr(rec["image"])
+    except DecodeError as exc:
+        return "image does not decode: %s%s" % (exc, where)
+    if img.shape != (rec["height"], rec["width"], 3):
+        return "image is %s, record says %dx%d%s" % (img.shape, rec["height"], rec["width"], where)
+    return None
+
+
+def verify(path: str, sample: Optional[int] = None, fast: bool = False,
+           seed: int = 0) -> List[Dict[str, Any]]:
+    """Verify a split, or every split under a pack's root; one report per split."""
+    return [verify_split(d, sample=sample, fast=fast, seed=seed) for d in find_splits(path)]
