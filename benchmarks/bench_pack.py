@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--splits", default="train,val")
     p.add_argument("--shard-size", type=int, default=100)
     a = p.parse_args(argv)
-    data, _ = sample_data(a.data, need_packed=False)
+    data, _ = sample_data(a.data, need_packed=False, imagenet_like=a.imagenet_like)
     splits = a.splits.split(",")
     src_files = [f for s in splits for f in image_files(os.path.join(data, s))]
     blobs = read_all(src_files)  # warm the page cache too, as packing reads the same files
