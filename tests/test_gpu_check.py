@@ -180,3 +180,33 @@ def test_gpu_check_passes_on_this_gpu_machine():
     print("\n".join(lines))
     assert rc == 0, "\n".join(lines)
     assert any(line.startswith("PASS  traced AMP step") for line in lines)
+
+
+def _plan(venv, **env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MEGENGINE_")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "bootstrap.sh"), "--megengine-plan"],
+                       env={**base, "ENGINE_VENV": str(venv), **env}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_bootstrap_takes_the_megengine_requirement_from_the_environment(tmp_path):
+    """--megengine-plan: what bootstrap would install; it installs nothing, so this is cheap."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    assert _plan(venv) == "megengine: install: pip install megengine==1.13.0"  # PyPI default
+    (venv / ".engine-megengine").write_text("megengine==1.13.0\n")
+    assert _plan(venv) == "megengine: up to date: megengine==1.13.0"
+    cu118 = {"MEGENGINE_SPEC": "megengine==1.13.4+cu118",
+             "MEGENGINE_FIND_LINKS": gc.INDEX_URL}
+    assert _plan(venv, **cu118) == (
+        "megengine: reinstall (was: megengine==1.13.0): pip install --force-reinstall --no-deps "
+        "megengine==1.13.4+cu118 -f " + gc.INDEX_URL)
+    (venv / ".engine-megengine").write_text("megengine==1.13.4+cu118 -f %s\n" % gc.INDEX_URL)
+    assert _plan(venv, **cu118).startswith("megengine: up to date")
+    # back to the default: forced, because the +cu118 build also satisfies ==1.13.0
+    assert _plan(venv).startswith("megengine: reinstall (was: megengine==1.13.4+cu118")
+    assert _plan(venv, MEGENGINE_INDEX_URL="https://mirror.example/simple").endswith(
+        "megengine==1.13.0 --extra-index-url https://mirror.example/simple")
+    assert sorted(os.listdir(venv)) == [".engine-megengine"]  # the plan changed nothing
