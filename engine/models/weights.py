@@ -168,7 +168,11 @@ def _node_lock(path: str) -> Iterator[None]:
 
     The lock file stays (removing it would let a waiter and a newcomer lock different inodes).
     """
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise WeightsError(disk_error_message(exc, path + ".lock") + " (the weights cache; set "
+                                                                     "MGE_HOME to move it)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
