@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 DEMO := demo
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench gpu-check clean
 
 install:
 	@bash tools/bootstrap.sh
@@ -18,6 +18,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# On a GPU machine: does the installed MegEngine build run this engine on these GPUs? (exit 1 on
+# any FAIL; on a CPU machine it says there is nothing to check and exits 0)
+gpu-check: install
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf $(DEMO) build *.egg-info engine/data/_jpegroi*.so .pytest_cache

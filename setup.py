@@ -54,7 +54,9 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
-        "megengine==1.13.0",
+        # any 1.13 build: tools/bootstrap.sh installs the one MEGENGINE_SPEC names (PyPI's
+        # 1.13.0 by default, a +cu118 build from MegEngine's index for newer GPUs) beforehand
+        "megengine>=1.13.0,<1.14",
         "numpy>=1.23,<2",
         "opencv-python<4.11",
         "PyTurboJPEG<2",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import urllib.parse
 from typing import Any, Dict, Mapping, Optional
 
 from megengine import Tensor
@@ -107,22 +106,20 @@ def is_engine_checkpoint(obj: Mapping[str, Any]) -> bool:
 
 
 def is_url(s: str) -> bool:
-    return urllib.parse.urlparse(s).scheme in ("http", "https", "ftp", "s3")
+    from engine.models.weights import is_url as _is_url
+
+    return _is_url(s)
 
 
 def read_weights(source: str) -> Dict[str, Any]:
-    """Load a weights source: a local file or a URL (fetched through megengine.hub's cache)."""
-    if is_url(source):
-        from megengine import hub
+    """Load a weights source: a local file, or a URL fetched into megengine.hub's cache.
 
-        try:
-            obj = hub.load_serialized_obj_from_url(source)
-        except Exception as exc:  # noqa: BLE001 - network, HTTP and unpickling errors alike
-            raise UserError(
-                "could not load weights from %s (%s: %s); download the file and pass its path"
-                % (source, type(exc).__name__, exc)
-            ) from None
-        if not isinstance(obj, Mapping):
-            raise UserError("%s holds a %s, not a state dict" % (source, type(obj).__name__))
-        return dict(obj)
+    URLs go through engine.models.weights.fetch: one download per node under a lock, temp file
+    + rename, and the sha256 prefix a published name carries checked, so a rank never unpickles
+    a half-written or damaged download.
+    """
+    if is_url(source):
+        from engine.models.weights import fetch
+
+        return load_checkpoint(fetch(source))
     return load_checkpoint(source)

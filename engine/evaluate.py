@@ -54,13 +54,14 @@ def _fc_classes(state: Dict[str, Any]) -> Optional[int]:
 
 
 def load_model(arch: str, source: Optional[str]) -> LoadedModel:
-    """Build `arch` and load weights from `source` (None or "none" = published weights).
+    """Build `arch` and load weights from `source` (None, "none" or "published" = published
+    weights; a URL is fetched once per node into the cache by engine.models.weights.fetch).
 
     A checkpoint of another architecture or class count is a UserError that names both sides.
     """
-    from engine.models import get_model, load_weights
+    from engine.models import PUBLISHED, get_model, load_weights
 
-    if source is not None and source.lower() == "none":
+    if source is not None and source.strip().lower() in ("none", PUBLISHED):
         source = None
     image_size = 224
     try:

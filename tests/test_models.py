@@ -16,7 +16,7 @@ import megengine.module as M
 
 import official_resnet_model as official
 import engine.models as models
-from engine.models import resnet as resnet_mod
+from engine.models import weights as weights_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,14 +195,29 @@ def test_cache_path_matches_megengine_hub(tmp_path, monkeypatch):
     assert models.pretrained_cache_path("resnet18").startswith(str(tmp_path / "xdg" / "megengine" / "serialized"))
 
 
-def test_pretrained_loads_preplaced_cache_file(tmp_path, monkeypatch):
+def _offline(monkeypatch, tmp_path):
+    """Cache in tmp_path; any download attempt hits a closed local port (never the real server)."""
     monkeypatch.setenv("MGE_HOME", str(tmp_path))
-    monkeypatch.setattr(resnet_mod, "_download", lambda *a: pytest.fail("must not download"))
+    monkeypatch.setattr(weights_mod, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
+    monkeypatch.setattr(weights_mod, "DOWNLOAD_TIMEOUT_S", 2.0)
+
+
+def _publish_as(monkeypatch, arch: str, data: bytes) -> str:
+    """Pretend `data` is the published file of `arch`: a name that carries its sha256 prefix."""
+    digest = hashlib.sha256(data).hexdigest()
+    monkeypatch.setitem(weights_mod.PRETRAINED_FILES, arch, "%s_test_%s.pkl" % (arch, digest[:8]))
+    path = models.pretrained_cache_path(arch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_pretrained_loads_preplaced_cache_file(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
     src = models.resnet18()
     state = randomized_state(src, seed=3)
-    path = models.pretrained_cache_path("resnet18")
-    os.makedirs(os.path.dirname(path))
-    mge.save(state, path)
+    _publish_as(monkeypatch, "resnet18", pickle.dumps(state))
     m = models.resnet18(pretrained=True)
     for k, v in m.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
@@ -211,10 +226,7 @@ def test_pretrained_loads_preplaced_cache_file(tmp_path, monkeypatch):
 
 
 def test_pretrained_without_file_fails_fast_with_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("MGE_HOME", str(tmp_path))
-    # Never touch the real server from a test: port 9 on localhost refuses at once.
-    monkeypatch.setattr(resnet_mod, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
-    monkeypatch.setattr(resnet_mod, "DOWNLOAD_TIMEOUT_S", 2.0)
+    _offline(monkeypatch, tmp_path)
     start = time.monotonic()
     with pytest.raises(RuntimeError) as exc:
         models.resnet18(pretrained=True)
@@ -224,15 +236,27 @@ def test_pretrained_without_file_fails_fast_with_path(tmp_path, monkeypatch):
     assert path in msg and path.startswith(str(tmp_path))
     assert "resnet18_naiveaug_70312_78a63ca6.pkl" in msg
     serialized = os.path.dirname(path)
-    assert not os.path.isdir(serialized) or os.listdir(serialized) == []  # no partial file left
+    # nothing but the node lock file: no partial or temp file a later run could trust
+    assert [f for f in os.listdir(serialized) if not f.endswith(".lock")] == []
 
 
-def test_pretrained_corrupt_cache_file_says_delete(tmp_path, monkeypatch):
-    monkeypatch.setenv("MGE_HOME", str(tmp_path))
+def test_pretrained_cache_file_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    """A truncated/foreign file under the published name is not trusted: it is downloaded again,
+    and offline that fails with a message naming the mismatch and the path."""
+    _offline(monkeypatch, tmp_path)
     path = models.pretrained_cache_path("resnet18")
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(b"truncated")
+    with pytest.raises(RuntimeError) as exc:
+        models.resnet18(pretrained=True)
+    msg = str(exc.value)
+    assert "sha256" in msg and "78a63ca6" in msg and path in msg
+
+
+def test_pretrained_unreadable_file_with_right_hash_says_delete(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    _publish_as(monkeypatch, "resnet18", b"not a pickle at all")
     with pytest.raises(RuntimeError, match="delete it"):
         models.resnet18(pretrained=True)
 

@@ -1,12 +1,46 @@
 #!/usr/bin/env bash
 # Set up everything `make` needs from nothing: a Python that MegEngine 1.13 supports (3.8-3.10),
-# libjpeg-turbo (runtime + headers), .venv, and this package (editable, with the dev extra).
-# Idempotent and quick when nothing changed.
+# libjpeg-turbo (runtime + headers), .venv, MegEngine, and this package (editable, with the dev
+# extra). Idempotent and quick when nothing changed.
+#
+# Which MegEngine build comes from the environment (default: the PyPI wheel, a CUDA 10.1 build
+# whose kernels stop at sm_75; README "Running on GPUs" says which build each GPU needs):
+#   MEGENGINE_SPEC         pip requirement, default megengine==1.13.0 (e.g. megengine==1.13.4+cu118)
+#   MEGENGINE_FIND_LINKS   pip -f location, e.g. https://www.megengine.org.cn/whl/mge.html
+#   MEGENGINE_INDEX_URL    pip --extra-index-url, for a PEP 503 mirror of such wheels
+# The venv records the requirement it was installed with; when it changes, MegEngine is
+# reinstalled (forced: 1.13.0 and 1.13.0+cu118 share a version number).
+# `tools/bootstrap.sh --megengine-plan` prints what would be done and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv
+VENV=${ENGINE_VENV:-.venv}
 
 say() { echo "[bootstrap] $*" >&2; }
+
+MEGENGINE_SPEC=${MEGENGINE_SPEC:-megengine==1.13.0}
+mge_args=("$MEGENGINE_SPEC")
+[ -n "${MEGENGINE_FIND_LINKS:-}" ] && mge_args+=(-f "$MEGENGINE_FIND_LINKS")
+[ -n "${MEGENGINE_INDEX_URL:-}" ] && mge_args+=(--extra-index-url "$MEGENGINE_INDEX_URL")
+mge_want="${mge_args[*]}"
+mge_stamp=$VENV/.engine-megengine
+
+mge_plan() {  # install (never recorded) | reinstall (the requirement changed) | ok
+  if [ ! -f "$mge_stamp" ]; then echo install
+  elif [ "$(cat "$mge_stamp")" != "$mge_want" ]; then echo reinstall
+  else echo ok; fi
+}
+
+if [ "${1:-}" = "--megengine-plan" ]; then
+  case $(mge_plan) in
+    install) echo "megengine: install: pip install ${mge_want}" ;;
+    reinstall) echo "megengine: reinstall (was: $(cat "$mge_stamp")): pip install --force-reinstall --no-deps ${mge_want}" ;;
+    ok) echo "megengine: up to date: ${mge_want}" ;;
+  esac
+  exit 0
+elif [ $# -gt 0 ]; then
+  say "unknown argument $1 (the only one is --megengine-plan)"
+  exit 2
+fi
 
 probe() {  # prints the interpreter's path when it runs and is 3.8-3.10
   "$1" -c 'import sys; assert (3, 8) <= sys.version_info[:2] <= (3, 10); print(sys.executable)' 2>/dev/null
@@ -53,9 +87,20 @@ if ! { [ -x $VENV/bin/python ] && probe $VENV/bin/python >/dev/null; }; then
   $VENV/bin/python -m pip install -q --upgrade pip
 fi
 
+case $(mge_plan) in
+  install)
+    say "installing ${mge_want} into $VENV (the PyPI wheel is ~940 MB on first download)"
+    $VENV/bin/python -m pip install -q "${mge_args[@]}" ;;
+  reinstall)
+    say "MegEngine requirement changed from '$(cat "$mge_stamp")' to '${mge_want}': reinstalling"
+    # --no-deps: numpy & co. stay as setup.py pins them; the next step adds anything missing
+    $VENV/bin/python -m pip install -q --force-reinstall --no-deps "${mge_args[@]}" ;;
+esac
+printf '%s\n' "$mge_want" > "$mge_stamp"
+
 stamp=$VENV/.engine-installed
 if [ ! -f $stamp ] || [ setup.py -nt $stamp ]; then
-  say "installing engine and its dependencies into $VENV (MegEngine is ~940 MB on first download)"
+  say "installing engine and its dependencies into $VENV"
   $VENV/bin/python -m pip install -q -e '.[dev]'
   touch $stamp
 fi

@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-a", "--arch", default="resnet18", help="model name (engine.models.ARCHS)")
     p.add_argument("-m", "--model", default=None, metavar="PKL",
-                   help="weights: path or URL to an official .pkl or an engine checkpoint; "
-                        "default or 'none': MegEngine's published weights for --arch")
+                   help="weights: path or URL to an official .pkl or an engine checkpoint (a "
+                        "URL is downloaded once into the megengine.hub cache; names ending in "
+                        "_<hex>.pkl are sha256-checked); default, 'none' or 'published': "
+                        "MegEngine's published weights for --arch")
     p.add_argument("-i", "--image", required=True, help="image file (anything OpenCV reads)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to print")
     p.add_argument("--image-size", type=int, default=None,

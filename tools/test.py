@@ -19,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ROOT (its val/ is used) or a val split folder: packed or raw")
     p.add_argument("-a", "--arch", default="resnet18", help="model name (engine.models.ARCHS)")
     p.add_argument("-m", "--model", default=None, metavar="PKL",
-                   help="weights: path or URL to an official .pkl or an engine checkpoint; "
-                        "default or 'none': MegEngine's published weights for --arch")
+                   help="weights: path or URL to an official .pkl or an engine checkpoint (a "
+                        "URL is downloaded once into the megengine.hub cache; names ending in "
+                        "_<hex>.pkl are sha256-checked); default, 'none' or 'published': "
+                        "MegEngine's published weights for --arch")
     p.add_argument("-n", "--ngpus", type=int, default=None,
                    help="GPUs to use; default: all visible (CPU: 1 process)")
     p.add_argument("-b", "--batch-size", type=int, default=100, help="images per GPU per step")

@@ -20,10 +20,15 @@ from .resnet import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from .weights import PUBLISHED, WeightsError, fetch, prefetch_weights
 
 __all__ = [
     "ARCHS",
     "PRETRAINED_FILES",
+    "PUBLISHED",
+    "WeightsError",
+    "fetch",
+    "prefetch_weights",
     "BasicBlock",
     "Bottleneck",
     "LoadResult",

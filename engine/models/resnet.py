@@ -38,21 +38,17 @@ Why this module exists instead of importing the official ``model.py``:
 
 * the official forward pools with a fixed ``avg_pool2d(x, 7)``, so anything but 224 px input
   either fails or silently stops being a global pool; here the pool is adaptive;
-* the official ``pretrained=True`` path downloads through megfile with no useful error when the
-  machine is offline; here the hub cache is checked first and a failure names the exact file
-  path to pre-place;
+* the official ``pretrained=True`` path downloads through megfile with every rank writing the
+  final cache file and no check of what arrived; here :mod:`engine.models.weights` downloads
+  once per node, atomically, checks the sha256 prefix in the file name, and a failure names the
+  exact file path to pre-place;
 * ``load_state_dict`` of MegEngine mutates the model before it notices a bad key or shape and
   its messages do not say what went wrong; :func:`load_weights` validates first and explains.
 
 The module and attribute names (``conv1``, ``bn1``, ``layerX.N.convK``, ``downsample.0/1``,
 ``fc``) must stay exactly as they are: they are the keys of the published ``.pkl`` weights.
 """
-import hashlib
 import math
-import os
-import shutil
-import sys
-import urllib.request
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
@@ -61,7 +57,13 @@ import megengine as mge
 import megengine.functional as F
 import megengine.module as M
 
-from engine.atomic import atomic_write
+from engine.models import weights
+from engine.models.weights import (
+    PRETRAINED_FILES,
+    WEIGHTS_URL_BASE,
+    pretrained_cache_path,
+    pretrained_url,
+)
 
 __all__ = [
     "ARCHS",
@@ -383,92 +385,22 @@ _SPECS: Dict[str, _Spec] = {
 #: Every architecture name accepted by :func:`get_model`, in a stable order.
 ARCHS: Tuple[str, ...] = tuple(_SPECS)
 
-#: The files MegEngine published (top-1 in the name); wide variants have none.
-PRETRAINED_FILES: Dict[str, str] = {
-    "resnet18": "resnet18_naiveaug_70312_78a63ca6.pkl",
-    "resnet34": "resnet34_naiveaug_73960_fd9d869d.pkl",
-    "resnet50": "resnet50_fbaug_76254_4e14b7d1.pkl",
-    "resnet101": "resnet101_fbaug_77944_b7932921.pkl",
-    "resnet152": "resnet152_fbaug_78582_7551aff3.pkl",
-    "resnext50_32x4d": "resnext50_32x4d_fbaug_77592_c4b04e5e.pkl",
-    "resnext101_32x8d": "resnext101_32x8d_fbaug_79520_80efb344.pkl",
-}
-
-WEIGHTS_URL_BASE = "https://data.megengine.org.cn/models/weights/"
-
-#: Socket timeout (seconds) for the weight download; the machine may be offline, so fail fast.
-DOWNLOAD_TIMEOUT_S = 10.0
-
-
-def pretrained_url(name: str) -> str:
-    """The official URL; it also fixes the hub cache file name, so it must stay official."""
-    return "https://data.megengine.org.cn/models/weights/" + _pretrained_file(name)
-
-
 def _pretrained_file(name: str) -> str:
     _check_arch(name)
-    if name not in PRETRAINED_FILES:
-        raise ValueError(
-            "no published ImageNet weights exist for %r (MegEngine published weights only for %s); "
-            "build it with pretrained=False and train it, or load your own checkpoint with "
-            "engine.models.load_weights" % (name, ", ".join(PRETRAINED_FILES))
-        )
-    return PRETRAINED_FILES[name]
-
-
-def _megengine_home() -> str:
-    # Same rule as megengine.hub (hub/hub.py _get_megengine_home), so files already cached by
-    # the official ``hub.load(..., pretrained=True)`` are found and vice versa.
-    return os.path.expanduser(
-        os.getenv("MGE_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "megengine"))
-    )
-
-
-def pretrained_cache_path(name: str) -> str:
-    """Where megengine.hub caches the weights of ``name``: pre-place the file here when offline.
-
-    The path is ``<MGE_HOME>/serialized/<sha256(url)[:6]>_<file>``, exactly what
-    ``megengine.hub.load_serialized_obj_from_url`` uses.
-    """
-    url = pretrained_url(name)
-    digest = hashlib.sha256(url.encode()).hexdigest()[:6]
-    return os.path.join(_megengine_home(), "serialized", digest + "_" + os.path.basename(url))
-
-
-def _download(url: str, dst: str, timeout: float) -> None:
-    """Download to a temporary file then rename, so an interrupted or concurrent (one per rank)
-    download never leaves a truncated file where the cache lookup would trust it."""
-    def fetch(out) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
-
-    atomic_write(dst, fetch)
+    return weights._published_file(name)
 
 
 def _load_pretrained(model: "ResNet", name: str) -> None:
-    path = pretrained_cache_path(name)
-    if not os.path.exists(path):
-        # Download from WEIGHTS_URL_BASE (overridable for mirrors) but cache under the name the
-        # official URL gives, so megengine.hub and this module share one cache.
-        url = WEIGHTS_URL_BASE + _pretrained_file(name)
-        sys.stderr.write("downloading %s weights from %s to %s\n" % (name, url, path))
-        try:
-            _download(url, path, DOWNLOAD_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - every failure gets the same actionable message
-            raise RuntimeError(
-                "could not download the pretrained %s weights from %s (%s: %s). "
-                "On a machine without internet access, fetch that file elsewhere and put it at\n"
-                "    %s\n"
-                "(the megengine.hub cache: $MGE_HOME, else $XDG_CACHE_HOME/megengine, else "
-                "~/.cache/megengine, then serialized/<sha256(url)[:6]>_<file>)."
-                % (name, url, type(exc).__name__, exc, path)
-            ) from exc
+    # fetch() downloads once per node under a lock, atomically, and checks the sha256 prefix in
+    # the file name, so what is loaded here is complete; a failure is a WeightsError
+    # (RuntimeError) naming the cache path to pre-place the file at.
+    path = weights.fetch(name)
     try:
         state = mge.load(path)
     except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(
-            "the cached weight file %s could not be read (%s: %s); it is probably truncated or "
-            "not a MegEngine pickle: delete it and retry" % (path, type(exc).__name__, exc)
+        raise weights.WeightsError(
+            "the cached weight file %s could not be read (%s: %s); it is probably not a "
+            "MegEngine pickle: delete it and retry" % (path, type(exc).__name__, exc)
         ) from exc
     load_weights(model, state, source=path)
 
