@@ -18,7 +18,7 @@ import sys
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -49,10 +49,11 @@ class TrainConfig:
     dtr: Optional[str] = None                # None = off; "auto" or a size such as "5GB"
     resume: Optional[str] = None             # checkpoint file, or a save dir (its latest)
     seed: int = 0
-    num_nodes: int = 1
-    node_rank: int = 0
-    master_ip: str = "localhost"
-    master_port: int = 0
+    # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
+    num_nodes: Optional[int] = None
+    node_rank: Optional[int] = None
+    master_ip: Optional[str] = None
+    master_port: Optional[int] = None
     print_freq: int = 20                     # steps per metrics record / progress update
     save_every: int = 0                      # also checkpoint every N steps (0 = epoch ends only)
     max_steps: Optional[int] = None          # stop after this many global steps (smoke runs)
@@ -76,8 +77,8 @@ class TrainConfig:
             (0 <= c.warmup_epochs <= c.epochs, "--warmup-epochs must be in [0, --epochs]"),
             (c.lr_schedule in SCHEDULES, "--lr-schedule must be one of %s" % "|".join(SCHEDULES)),
             (0 <= c.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (c.num_nodes >= 1 and 0 <= c.node_rank < c.num_nodes,
-             "--node-rank must be in [0, --num-nodes)"),
+            (c.num_nodes is None or c.num_nodes >= 1, "--num-nodes must be >= 1"),
+            (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
             (c.print_freq >= 1, "--print-freq must be >= 1"),
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
@@ -87,6 +88,15 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         return c
+
+    def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
+        """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""
+        cl = distributed.resolve_cluster(
+            env, num_nodes=self.num_nodes, node_rank=self.node_rank, master_ip=self.master_ip,
+            master_port=self.master_port, ngpus=self.ngpus)
+        return dataclasses.replace(self, num_nodes=cl.num_nodes, node_rank=cl.node_rank,
+                                   master_ip=cl.master_addr, master_port=cl.master_port,
+                                   ngpus=cl.gpus_per_node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +245,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from engine import precision
     from engine.checkpoint import resolve_resume
 
-    cfg = config.finalized()
+    cfg = config.finalized().with_cluster(os.environ)
+    if cfg.num_nodes > 1:
+        distributed.check_one_process_per_node(os.environ)
     precision.require_amp_device(cfg.amp)
     resolve_data(cfg.data)
     if cfg.resume:

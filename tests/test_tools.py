@@ -58,6 +58,9 @@ def test_train_flags_map_to_config():
     cfg = tool.config_from_args(tool.build_parser().parse_args(["--data", "D"]))
     assert (cfg.arch, cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.trace, cfg.amp,
             cfg.dtr, cfg.lr_schedule) == ("resnet18", 32, 0.0125, 100, True, False, None, "step")
+    # the node layout defaults to None so that torchrun/Slurm variables can fill it in
+    assert (cfg.num_nodes, cfg.node_rank, cfg.master_ip, cfg.master_port, cfg.ngpus) == \
+        (None, None, None, None, None)
     cfg = tool.config_from_args(tool.build_parser().parse_args(
         ["-d", "D", "--save", "S", "--no-trace", "--dtr", "--lr", "0.1", "--lr-schedule",
          "cosine", "--num-nodes", "2", "--node-rank", "1", "--master-ip", "10.0.0.1",

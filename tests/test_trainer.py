@@ -110,6 +110,21 @@ def test_resolve_data(tmp_path):
         resolve_data(str(tmp_path / "only_train"))
 
 
+def test_config_node_layout_comes_from_flags_then_env():
+    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]",
+             "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "42"}
+    c = TrainConfig(data="d").finalized().with_cluster(slurm)
+    assert (c.num_nodes, c.node_rank, c.master_ip, c.ngpus) == (2, 1, "gpu01", 8)
+    assert c.master_port == 20042
+    c = TrainConfig(data="d", ngpus=4, master_port=3000).finalized().with_cluster(slurm)
+    assert (c.ngpus, c.master_port) == (4, 3000)
+    c = TrainConfig(data="d").finalized().with_cluster({})
+    assert (c.num_nodes, c.node_rank, c.master_ip, c.master_port) == (1, 0, "localhost", 0)
+    with pytest.raises(UserError, match="loopback"):
+        TrainConfig(data="d", num_nodes=2, node_rank=1, master_ip="localhost",
+                    master_port=5000).finalized().with_cluster({})
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="lr-schedule"):
         TrainConfig(data="d", lr_schedule="linear").finalized()

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--arch", default="resnet18", help="model name (engine.models.ARCHS)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="images per GPU per step")
     p.add_argument("-n", "--ngpus", type=int, default=None,
-                   help="GPUs (processes) per node; default: all visible, 1 process on CPU")
+                   help="GPUs (processes) per node; default: SLURM_GPUS_ON_NODE under Slurm, "
+                        "else all visible; 1 process on CPU")
     p.add_argument("-s", "--save-dir", "--save", dest="save_dir", default=None,
                    help="output folder (default: output/<arch>)")
     p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=0.0125,
@@ -48,11 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="PATH",
                    help="checkpoint file, or a save dir to continue from its latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-nodes", type=int, default=1, help="machines in a multi-node run")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index")
-    p.add_argument("--master-ip", default="localhost", help="address of node 0")
-    p.add_argument("--master-port", type=int, default=0,
-                   help="rendezvous port on node 0 (0 = any free port; single node only)")
+    p.add_argument("--num-nodes", type=int, default=None,
+                   help="machines in a multi-node run (default: from NNODES / WORLD_SIZE, "
+                        "SLURM_NNODES, else 1)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this machine's index (default: NODE_RANK / RANK, SLURM_NODEID, else 0)")
+    p.add_argument("--master-ip", default=None,
+                   help="address of node 0 as every node sees it (default: MASTER_ADDR, the "
+                        "first host of SLURM_JOB_NODELIST, else localhost for one node)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port on node 0 (default: MASTER_PORT, derived from "
+                        "SLURM_JOB_ID, else any free port on one node)")
     p.add_argument("-p", "--print-freq", type=int, default=20,
                    help="steps per metrics record and progress update")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
