@@ -353,6 +353,18 @@ def broadcast_module(module: Any) -> None:
         dist.bcast_list_(list(module.buffers()))
 
 
+def broadcast_buffers(module: Any) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, in place.
+
+    Plain BN updates its running statistics from each rank's own batches, so after training
+    steps every rank holds different ones; evaluating with them would score N slightly
+    different models. Called before each evaluation so that every rank scores rank 0's model,
+    the one the checkpoint saves.
+    """
+    if get_world_size() > 1:
+        _dist().bcast_list_(list(module.buffers()))
+
+
 def barrier() -> None:
     """Wait for every rank (e.g. before others read a checkpoint rank 0 just wrote)."""
     if get_world_size() > 1:
@@ -385,6 +397,7 @@ __all__ = [
     "launch",
     "allreduce_callback",
     "broadcast_module",
+    "broadcast_buffers",
     "barrier",
     "all_reduce_sum",
 ]

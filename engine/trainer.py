@@ -369,6 +369,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     def evaluate(epoch: int) -> Optional[Dict[str, float]]:
         if val_loader is None:
             return None
+        distributed.broadcast_buffers(model)  # every rank scores rank 0's BN statistics
         model.eval()
         result = run_eval(eval_step, val_loader)
         model.train()

@@ -337,9 +337,22 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(distributed, "allreduce_callback", lambda: None)
     monkeypatch.setattr(distributed, "broadcast_module", lambda module: None)
-    monkeypatch.setattr(distributed, "all_reduce_sum", lambda v: np.asarray(v, np.float64))
+    events = []
+
+    def buffers(module):  # stands in for the broadcast of rank 0's BN statistics
+        events.append("broadcast_buffers")
+
+    def reduce(values):
+        events.append("all_reduce_sum/%d" % len(values))
+        return np.asarray(values, np.float64)
+
+    monkeypatch.setattr(distributed, "broadcast_buffers", buffers)
+    monkeypatch.setattr(distributed, "all_reduce_sum", reduce)
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
+    # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before
+    evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
+    assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
     assert summary["steps"] == 1 and summary["checkpoint"] is None
     assert summary["world_size"] == 2 and summary["lr"] == pytest.approx(0.02)
     assert summary["top1"] is not None  # rank 1 evaluates its shard too (sums are all-reduced)
