@@ -52,6 +52,17 @@ def require_amp_device(amp: bool) -> None:
         raise UserError(AMP_CPU_MESSAGE)
 
 
+# PyTorch's and basecls' starting scale. MegEngine's GradScaler defaults to 2**4, which
+# under-uses float16's range: small gradients underflow to 0 for the thousands of steps the
+# scale needs to grow (x2 per growth_interval=2000 clean steps) to 2**16.
+INIT_SCALE = 2.0 ** 16
+
+
+def make_grad_scaler() -> mge_amp.GradScaler:
+    """The loss scaler for AMP steps, starting at 2**16."""
+    return mge_amp.GradScaler(init_scale=INIT_SCALE)
+
+
 class Normalize:
     """uint8 BGR [N,3,H,W] -> float32 (x - mean) / std, computed on the device.
 
@@ -134,7 +145,7 @@ class TrainStep:
     ):
         self.model, self.gm, self.opt = model, gm, opt
         self.amp = amp
-        self.scaler = scaler if scaler is not None else (mge_amp.GradScaler() if amp else None)
+        self.scaler = scaler if scaler is not None else (make_grad_scaler() if amp else None)
         self.label_smoothing = float(label_smoothing)
         self.normalize = Normalize()
         self.params = list(gm.attached_tensors())  # what backward writes .grad into

@@ -263,7 +263,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     import megengine as mge
     import megengine.optimizer as optim
-    from megengine import amp as mge_amp
     from megengine.autodiff import GradManager
     from tqdm import tqdm
 
@@ -301,7 +300,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     base_lr = scaled_lr(cfg.learning_rate, world)
     opt = optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay)
-    scaler = mge_amp.GradScaler() if cfg.amp else None
+    scaler = precision.make_grad_scaler() if cfg.amp else None
     run_config = checkpoint_config(cfg, num_classes, classes)
     run_config["world_size"] = world
 

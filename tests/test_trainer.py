@@ -247,6 +247,20 @@ def test_amp_step_structure_traced_equals_eager_and_skips_overflow():
     np.testing.assert_allclose(w_traced, w_eager, rtol=1e-3, atol=1e-5)
 
 
+def test_amp_scaler_starts_at_2_to_the_16():
+    """As PyTorch and basecls; MegEngine's own default is 16 (underflowing small gradients)."""
+    import megengine.module as M
+    import megengine.optimizer as optim
+    from megengine.autodiff import GradManager
+    from engine.precision import make_grad_scaler, make_train_step
+
+    assert make_grad_scaler().scale_factor == 65536.0
+    net = M.Linear(2, 2)
+    gm = GradManager().attach(net.parameters())
+    step = make_train_step(net, gm, optim.SGD(net.parameters(), lr=0.1), trace=False, amp=True)
+    assert step.scaler.scale_factor == 65536.0
+
+
 # ---------------------------------------------------------------------------- train() runs
 
 @pytest.fixture(scope="module")
