@@ -78,13 +78,8 @@ class Normalize:
         return (images.astype("float32") - self.mean) * self.inv_std
 
 
-def _compile(fn: Callable, trace: bool, dtr_bytes: Optional[int] = None) -> Callable:
-    if not trace:
-        return fn
-    # DTR for a traced graph is a trace option; the imperative switch (enable_dtr) does not
-    # reach inside a compiled graph.
-    dtr = jit.DTRConfig(eviction_threshold=int(dtr_bytes)) if dtr_bytes else None
-    return jit.trace(fn, symbolic=True, dtr_config=dtr)
+def _compile(fn: Callable, trace: bool) -> Callable:
+    return jit.trace(fn, symbolic=True) if trace else fn
 
 
 def parse_bytes(text: str) -> int:
@@ -150,13 +145,17 @@ class TrainStep:
         self.normalize = Normalize()
         self.params = list(gm.attached_tensors())  # what backward writes .grad into
         self.last_step_skipped = False
+        if dtr_bytes:
+            # DTR runs eagerly: MegEngine documents and exercises DTR in imperative mode; the
+            # static-graph DTR of a symbolic trace (jit.DTRConfig) is left untested there.
+            trace = False
+            enable_dtr(dtr_bytes)
+        self.traced = bool(trace)
         if amp:
-            self._backward = _compile(self._amp_backward, trace, dtr_bytes)
+            self._backward = _compile(self._amp_backward, trace)
             self._update = _compile(self._amp_update, trace)
         else:
-            self._step = _compile(self._fp32_step, trace, dtr_bytes)
-        if dtr_bytes and not trace:
-            enable_dtr(dtr_bytes)
+            self._step = _compile(self._fp32_step, trace)
 
     def _loss(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
         logits = self.model(self.normalize(images))
@@ -261,7 +260,8 @@ def make_train_step(
     label_smoothing: float = 0.0,
     dtr_bytes: Optional[int] = None,
 ) -> TrainStep:
-    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR."""
+    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR
+    (which always runs eagerly)."""
     return TrainStep(
         model, gm, opt, trace=trace, amp=amp, scaler=scaler, label_smoothing=label_smoothing,
         dtr_bytes=dtr_bytes,

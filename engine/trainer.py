@@ -87,6 +87,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if c.dtr:
+            c.trace = False  # DTR runs eagerly (see precision.TrainStep); train() says so
         return c
 
     def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
@@ -245,6 +247,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from engine import precision
     from engine.checkpoint import resolve_resume
 
+    if config.dtr and config.trace:
+        print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
+              "so --trace is off for this run", file=sys.stderr)
     cfg = config.finalized().with_cluster(os.environ)
     if cfg.num_nodes > 1:
         distributed.check_one_process_per_node(os.environ)

@@ -125,6 +125,27 @@ def test_config_node_layout_comes_from_flags_then_env():
                     master_port=5000).finalized().with_cluster({})
 
 
+def test_dtr_runs_eagerly():
+    assert TrainConfig(data="d", dtr="2GB", trace=True).finalized().trace is False
+    assert TrainConfig(data="d", trace=True).finalized().trace is True
+
+
+def test_dtr_note_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "train.py")
+    out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "eager" in " ".join(out.split())
+    # the note comes before anything else runs (here: the missing data folder)
+    p = subprocess.run([sys.executable, tool, "-d", str(tmp_path / "none"), "--dtr", "1GB"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "note: --dtr runs the steps eagerly" in p.stderr
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="lr-schedule"):
         TrainConfig(data="d", lr_schedule="linear").finalized()

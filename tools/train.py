@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true",
                    help="mixed precision (float16 autocast + GradScaler); needs a CUDA GPU")
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the train/eval steps with jit.trace(symbolic=True)")
+                   help="compile the train/eval steps with jit.trace(symbolic=True); ignored "
+                        "with --dtr")
     p.add_argument("--dtr", nargs="?", const="auto", default=None, metavar="THRESHOLD",
                    help="enable DTR (recompute to save memory); THRESHOLD like 5GB, "
-                        "default 80%% of device memory")
+                        "default 80%% of device memory. Runs the steps eagerly (no trace): "
+                        "MegEngine only supports DTR in eager mode")
     p.add_argument("--resume", default=None, metavar="PATH",
                    help="checkpoint file, or a save dir to continue from its latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
