@@ -275,7 +275,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     from engine import precision
     from engine.data import Loader
     from engine.evaluate import run_eval
-    from engine.metrics import Meter, MetricsLog, StepTimer, plot_curves, read_jsonl
+    from engine.metrics import LossMeter, MetricsLog, StepTimer, interval_summary, plot_curves, read_jsonl
     from engine.models import get_model, load_weights
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -384,8 +384,9 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
         return result
 
     # ---- the loop ----
-    loss_meter, timer = Meter(), StepTimer()
-    pending: List[Any] = []  # device losses not read yet: reading forces a sync, so batch it
+    loss_meter, timer = LossMeter(), StepTimer()
+    # (device loss, update skipped) not read yet: reading a loss forces a sync, so batch it
+    pending: List[Any] = []
     last_loss, last_eval, throughput = None, None, []
     checkpoint_path = None
     stopped = cfg.max_steps is not None and step >= cfg.max_steps
@@ -414,24 +415,31 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
                        warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
-            pending.append(train_step(mge.tensor(images), mge.tensor(labels)))
+            loss = train_step(mge.tensor(images), mge.tensor(labels))
+            pending.append((loss, train_step.last_step_skipped))
             step += 1
             position += 1
             bar.update(1)
             stopped = cfg.max_steps is not None and step >= cfg.max_steps
 
             if step % cfg.print_freq == 0 or position == steps_per_epoch or stopped:
-                for loss in pending:  # the sync point: the interval's timing is now exact
-                    loss_meter.update(float(loss.item()))
+                for loss, skipped in pending:  # the sync point: the interval's timing is exact
+                    loss_meter.update(float(loss.item()), skipped)
                 pending.clear()
                 speed = timer.read()
-                last_loss = loss_meter.avg
+                # Mean over all ranks' finite steps. A collective: every rank logs at the same
+                # steps (they all run the same step count), so the calls pair up.
+                interval = interval_summary(distributed.all_reduce_sum(loss_meter.local()),
+                                            world)
+                last_loss = interval["loss"]
                 throughput.append(speed["img_s"])
                 # img_s counts all ranks' images; data_wait is this rank's share of the interval
                 # spent blocked on the loader.
                 log.write({"kind": "train", "epoch": epoch, "step": step, "loss": last_loss,
-                           "lr": lr, "img_s": speed["img_s"], "data_wait": speed["data_wait"]})
-                bar.set_postfix(loss="%.4f" % last_loss, lr="%.5f" % lr,
+                           "skipped": interval["skipped"], "lr": lr, "img_s": speed["img_s"],
+                           "data_wait": speed["data_wait"]})
+                bar.set_postfix(loss="-" if last_loss is None else "%.4f" % last_loss,
+                                lr="%.5f" % lr,
                                 img_s="%.1f" % speed["img_s"], wait="%.0f%%" % (100 * speed["data_wait"]))
                 loss_meter.reset()
                 timer.start_interval()

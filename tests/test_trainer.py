@@ -73,6 +73,28 @@ def test_only_rank0_writes():
     assert not any(writes_files(r) for r in range(1, 8))
 
 
+def test_logged_loss_is_the_mean_over_ranks_and_finite_steps():
+    from engine.metrics import LossMeter, interval_summary
+
+    # two ranks, three steps each; step 2 overflowed (loss inf on rank 0, nan on rank 1) and
+    # was skipped on both ranks, as the overflow check runs on the all-reduced gradients
+    r0, r1 = LossMeter(), LossMeter()
+    for loss0, loss1, skipped in [(2.0, 4.0, False), (float("inf"), float("nan"), True),
+                                  (1.0, 3.0, False)]:
+        r0.update(loss0, skipped)
+        r1.update(loss1, skipped)
+    totals = np.add(r0.local(), r1.local())  # what all_reduce_sum returns on every rank
+    out = interval_summary(totals, world_size=2)
+    assert out == {"loss": pytest.approx(2.5), "skipped": 1}
+    assert interval_summary(r0.local(), 1) == {"loss": pytest.approx(1.5), "skipped": 1}
+    # an interval with only overflowed steps has no loss (null in JSON), not nan
+    m = LossMeter()
+    m.update(float("nan"), True)
+    assert interval_summary(m.local(), 1) == {"loss": None, "skipped": 1}
+    m.reset()
+    assert m.local() == [0.0, 0.0, 0.0]
+
+
 def test_metrics_log_disabled_writes_nothing(tmp_path):
     MetricsLog(str(tmp_path / "sub" / "m.jsonl"), enabled=False).write({"step": 1})
     assert not (tmp_path / "sub").exists()
@@ -310,7 +332,8 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2]
     for r in train_recs:
-        assert set(r) >= {"step", "epoch", "loss", "lr", "img_s", "data_wait"}
+        assert set(r) >= {"step", "epoch", "loss", "skipped", "lr", "img_s", "data_wait"}
+        assert r["skipped"] == 0
         assert 0 <= r["data_wait"] <= 1 and r["img_s"] > 0
     ev = [r for r in records if r["kind"] == "eval"]
     assert len(ev) == 1 and {"top1", "top5"} <= set(ev[0])
@@ -386,6 +409,7 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
     # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before
+    assert events.count("all_reduce_sum/3") == 1  # the one logged interval's loss, all ranks
     evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
     assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
     assert summary["steps"] == 1 and summary["checkpoint"] is None
