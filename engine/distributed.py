@@ -13,11 +13,19 @@ Two halves:
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
+import json
+import os
 import re
+import shutil
+import socket
+import tempfile
+import time
+import xmlrpc.client
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -265,6 +273,243 @@ def check_one_process_per_node(env: Mapping[str, str]) -> None:
 
 
 # ============================================================================================
+# Node rendezvous: every node checks in before any rank starts, with a deadline
+# ============================================================================================
+#
+# MegEngine's own rendezvous never gives up: its client retries the master forever (a node
+# given --master-ip localhost waits for a server on itself), and nodes that disagree on the
+# GPU count compute different world sizes and wait forever in the first barrier. So before the
+# launcher forks any rank, the parent process of every node reports to the rendezvous server
+# on node 0 (MegEngine's own XML-RPC server, through its user_set/user_get store): its GPU
+# count, node count, any error found in its own checks (a missing --resume file, say), and a
+# fingerprint of the checkpoint it would resume. Node 0 compares the reports and publishes one
+# verdict; every node then starts its ranks or stops with the same one-line error. Each wait has
+# a deadline, after which the message says which node did not arrive.
+
+RENDEZVOUS_TIMEOUT = 600.0  # seconds; nodes of one Slurm job start within seconds of each other
+
+
+def file_fingerprint(path: str) -> str:
+    """Size and content hash of a file: equal on two nodes only for the same checkpoint."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return "%d bytes, sha1 %s" % (os.path.getsize(path), h.hexdigest()[:16])
+
+
+def node_report(*, num_nodes: int, ngpus: Optional[int], error: Optional[str] = None,
+                resume: Optional[str] = None) -> Dict[str, Any]:
+    """What one node tells the others at the rendezvous."""
+    return {"num_nodes": int(num_nodes), "ngpus": ngpus, "error": error,
+            "resume": file_fingerprint(resume) if resume and error is None else None}
+
+
+def check_node_reports(reports: Mapping[int, Mapping[str, Any]]) -> Optional[str]:
+    """The first problem among all nodes' reports, as one line; None when they agree."""
+    for k in sorted(reports):
+        if reports[k].get("error"):
+            return "node %d: %s" % (k, reports[k]["error"])
+    base = reports[0]
+    for k in sorted(reports):
+        r = reports[k]
+        if r["num_nodes"] != base["num_nodes"]:
+            return ("node %d was started for %d nodes but node 0 for %d: give every node the "
+                    "same --num-nodes" % (k, r["num_nodes"], base["num_nodes"]))
+        if r["ngpus"] != base["ngpus"]:
+            return ("node %d runs %s GPU processes but node 0 runs %s: every node must use the "
+                    "same number (pass the same --ngpus everywhere)" % (k, r["ngpus"], base["ngpus"]))
+        if r.get("resume") != base.get("resume"):
+            return ("the --resume checkpoint differs between nodes: node %d has %s, node 0 has "
+                    "%s; copy node 0's checkpoint to every node (or keep the save dir on shared "
+                    "storage)" % (k, r.get("resume"), base.get("resume")))
+    return None
+
+
+class _TimeoutTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout: float):
+        super().__init__()
+        self._timeout = max(0.1, timeout)
+
+    def make_connection(self, host):
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+def _call(addr: str, port: int, deadline: float, method: str, *args: Any) -> Any:
+    """One XML-RPC call to the rendezvous server, retried while it is not up yet, never past
+    the deadline (socket.timeout / ConnectionError when the time is up)."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline passed")
+        proxy = xmlrpc.client.ServerProxy("http://%s:%d" % (addr, port), allow_none=True,
+                                          transport=_TimeoutTransport(left))
+        try:
+            return getattr(proxy, method)(*args)
+        except socket.timeout:
+            raise
+        except (ConnectionError, OSError) as exc:
+            if isinstance(exc, socket.gaierror):
+                raise UserError("cannot resolve the master address %r: %s" % (addr, exc)) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def node_handshake(addr: str, port: int, node_rank: int, num_nodes: int,
+                   report: Mapping[str, Any], timeout: float = RENDEZVOUS_TIMEOUT) -> None:
+    """Meet the other nodes at `addr:port` before launching; raise UserError on any problem.
+
+    Node 0 collects every node's report and publishes the verdict; the others publish theirs
+    and wait for it. Every wait ends after `timeout` seconds with a message naming what was
+    missing, so a wrong address, a node that never started or a node with another GPU count
+    is an error on every node instead of a hang.
+    """
+    deadline = time.monotonic() + timeout
+    where = "%s:%d" % (addr, port)
+    key = "engine/rendezvous/node/%d"
+    try:
+        _call(addr, port, deadline, "user_set", key % node_rank, json.dumps(dict(report)))
+    except socket.timeout:
+        raise UserError(
+            "node %d could not reach the rendezvous server at %s within %.0f s: is node 0 "
+            "running, is --master-ip node 0's address as this node sees it, and is port %d "
+            "open between the nodes?" % (node_rank, where, timeout, port)) from None
+    if node_rank == 0:
+        reports: Dict[int, Mapping[str, Any]] = {0: dict(report)}
+        verdict = None
+        for k in range(1, num_nodes):
+            try:
+                reports[k] = json.loads(_call(addr, port, deadline, "user_get", key % k))
+            except socket.timeout:
+                verdict = ("node %d did not reach the rendezvous at %s within %.0f s: check that "
+                           "it was started with --num-nodes %d, --node-rank %d and the same "
+                           "--master-ip/--master-port, and that it can reach this machine"
+                           % (k, where, timeout, num_nodes, k))
+                break
+        verdict = verdict or check_node_reports(reports)
+        # Published even when some node is missing, so that the nodes that did arrive stop too.
+        _call(addr, port, time.monotonic() + 30, "user_set", "engine/rendezvous/verdict",
+              verdict or "")
+        if verdict:
+            # This process exits next, and the server with it: first let the nodes that
+            # arrived read the verdict (bounded: a node may have died meanwhile).
+            ack_deadline = time.monotonic() + 30
+            for k in sorted(reports):
+                if k:
+                    try:
+                        _call(addr, port, ack_deadline, "user_get", "engine/rendezvous/ack/%d" % k)
+                    except socket.timeout:
+                        break
+    else:
+        try:
+            verdict = _call(addr, port, deadline, "user_get", "engine/rendezvous/verdict")
+        except socket.timeout:
+            raise UserError("node 0 did not complete the rendezvous at %s within %.0f s (another "
+                            "node may be missing or still starting)" % (where, timeout)) from None
+        if verdict:
+            try:
+                _call(addr, port, time.monotonic() + 10, "user_set",
+                      "engine/rendezvous/ack/%d" % node_rank, True)
+            except (socket.timeout, UserError):
+                pass
+    if verdict:
+        raise UserError(verdict)
+
+
+# ============================================================================================
+# Errors inside rank processes reach the parent as one line
+# ============================================================================================
+#
+# MegEngine's launcher only reports "subprocess N exit with code 1". So each rank runs inside
+# RankEntry: a UserError is written to a small file in a per-launch folder and the rank exits
+# with status 2 (no traceback: it is not a bug); anything else is also written and then
+# re-raised, so its traceback still prints. When the launcher fails, the parent reads the
+# earliest message and raises it.
+
+_EXIT_USER_ERROR = 2
+_EXIT_INTERRUPTED = 130
+
+
+def write_rank_error(folder: str, rank: int, kind: str, message: str) -> str:
+    """Record a rank's failure atomically (a reader never sees half a file)."""
+    path = os.path.join(folder, "rank-%05d.json" % rank)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"rank": rank, "kind": kind, "message": message, "time": time.time_ns()}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_rank_error(folder: str) -> Optional[Tuple[int, str, str]]:
+    """(rank, kind, message) of the earliest recorded failure, or None."""
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    for name in names:
+        if not (name.startswith("rank-") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                e = json.load(f)
+            found.append((int(e["time"]), int(e["rank"]), str(e["kind"]), str(e["message"])))
+        except (OSError, ValueError, KeyError):
+            continue
+    if not found:
+        return None
+    _, rank, kind, message = min(found)
+    return rank, kind, message
+
+
+class RankEntry:
+    """What each launched rank runs: `fn(*args)`, with its failure recorded for the parent."""
+
+    def __init__(self, fn: Callable[..., Any], error_dir: str):
+        self.fn = fn
+        self.error_dir = error_dir
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.fn(*args, **kwargs)
+        except UserError as exc:
+            write_rank_error(self.error_dir, get_rank(), "user", " ".join(str(exc).split()))
+            raise SystemExit(_EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            raise SystemExit(_EXIT_INTERRUPTED) from None  # the parent reports Ctrl-C once
+        except Exception as exc:
+            write_rank_error(self.error_dir, get_rank(), "bug",
+                             "%s: %s" % (type(exc).__name__, " ".join(str(exc).split())))
+            raise
+
+
+def run_ranks(start: Callable[[Callable[..., Any]], Any], fn: Callable[..., Any]) -> Any:
+    """`start(RankEntry(fn, folder))` (a launcher), turning a rank's failure into its message.
+
+    A UserError in any rank becomes a UserError "rank N: <message>" here; another exception
+    becomes a RuntimeError naming the rank (its traceback was printed by the rank).
+    """
+    folder = tempfile.mkdtemp(prefix="engine-ranks-")
+    try:
+        try:
+            return start(RankEntry(fn, folder))
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            first = read_rank_error(folder)
+            if first is None:
+                raise
+            rank, kind, message = first
+            if kind == "user":
+                raise UserError("rank %d: %s" % (rank, message)) from None
+            raise RuntimeError("rank %d failed with %s (its traceback is above)"
+                               % (rank, message)) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ============================================================================================
 # Process-group wrappers (MegEngine imported lazily)
 # ============================================================================================
 
@@ -311,28 +556,49 @@ def launch(
     node_rank: int = 0,
     master_ip: str = "localhost",
     master_port: int = 0,
+    report: Optional[Mapping[str, Any]] = None,
+    rendezvous_timeout: float = RENDEZVOUS_TIMEOUT,
 ) -> Any:
     """Run `fn(*args)` on `ngpus` processes per node and return global rank 0's result.
 
     With one process in total it is a plain call in this process (no fork, no process group),
-    which is how every CPU run and every test goes. Otherwise it is exactly MegEngine's
+    which is how every CPU run and every test goes. Otherwise it is MegEngine's
     `dist.launcher`: one process per GPU, ranks `node_rank*ngpus ...`, rank 0's node hosts the
     rendezvous server on `master_port` (0 picks a free port, allowed only on a single node).
+    Multi-node runs first meet at `node_handshake` with this node's `report` (see
+    `node_report`). A rank's UserError comes back here as a UserError naming the rank.
     On nodes other than rank 0's the return value is None.
     """
+    report = dict(report) if report is not None else node_report(num_nodes=num_nodes,
+                                                                 ngpus=ngpus)
+    if num_nodes == 1 and report.get("error"):
+        raise UserError(report["error"])
     world = ngpus * num_nodes
-    if world <= 1:
+    if world <= 1 and num_nodes == 1:
         return fn(*args)
     if num_nodes > 1 and master_port == 0:
         raise UserError("multi-node runs need an explicit --master-port that every node uses")
-    results = _dist().launcher(
-        fn,
-        n_gpus=ngpus,
-        world_size=world,
-        rank_start=node_rank * ngpus,
-        master_ip=master_ip,
-        port=master_port,
-    )(*args)
+    dist = _dist()
+
+    def start(entry: Callable[..., Any]) -> List[Any]:
+        if num_nodes > 1 and node_rank != 0:
+            node_handshake(master_ip, master_port, node_rank, num_nodes, report,
+                           rendezvous_timeout)
+        if num_nodes > 1 and node_rank == 0 and report.get("error"):
+            # No ranks will start here, but the other nodes must still hear why.
+            from megengine.distributed.server import Server
+
+            server = Server(master_port)  # noqa: F841  (serves until this process exits)
+            node_handshake("localhost", master_port, 0, num_nodes, report, rendezvous_timeout)
+        # On node 0 this starts MegEngine's rendezvous server (rank_start == 0).
+        runner = dist.launcher(entry, n_gpus=ngpus, world_size=world,
+                               rank_start=node_rank * ngpus, master_ip=master_ip,
+                               port=master_port)
+        if num_nodes > 1 and node_rank == 0:
+            node_handshake("localhost", runner.port, 0, num_nodes, report, rendezvous_timeout)
+        return runner(*args)
+
+    results = run_ranks(start, fn)
     return results[0] if node_rank == 0 else None
 
 
@@ -395,6 +661,11 @@ __all__ = [
     "is_main",
     "gpu_count",
     "launch",
+    "node_report",
+    "check_node_reports",
+    "node_handshake",
+    "run_ranks",
+    "RankEntry",
     "allreduce_callback",
     "broadcast_module",
     "broadcast_buffers",

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from engine import distributed
-from engine.errors import UserError
+from engine.errors import UserError, disk_error_message
 
 SCHEDULES = ("step", "cosine")
 
@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps: Optional[int] = None          # stop after this many global steps (smoke runs)
     evaluate: bool = True                    # eval on val after every epoch
     progress: bool = True                    # tqdm bar on rank 0
+    rendezvous_timeout: float = 600.0        # seconds multi-node nodes wait for each other
 
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
@@ -80,6 +81,7 @@ class TrainConfig:
             (c.num_nodes is None or c.num_nodes >= 1, "--num-nodes must be >= 1"),
             (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
             (c.print_freq >= 1, "--print-freq must be >= 1"),
+            (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
@@ -186,8 +188,31 @@ def resolve_data(data: str) -> Tuple[str, str]:
     return train_dir, val_dir
 
 
+def check_arch(arch: str) -> None:
+    """An unknown --arch fails here, before any data is opened or process started."""
+    from engine.models import ARCHS
+
+    if arch.strip().lower().replace("-", "_") not in ARCHS:
+        raise UserError("--arch %s: unknown architecture; valid names: %s"
+                        % (arch, ", ".join(ARCHS)))
+
+
+def check_split(split_dir: str) -> None:
+    """A packed split's meta.json is read and validated up front (missing: an interrupted
+    pack; unknown version; not JSON), so such data fails in seconds, before any model or loader
+    is built. Raw folders are left to the loader, whose scan is the expensive part."""
+    from engine.data import shards
+
+    if os.path.exists(os.path.join(split_dir, shards.META_FILE)) or any(
+            f.startswith("shard-") for f in os.listdir(split_dir)):
+        shards.read_meta(split_dir)  # raises ShardError, a UserError, with the fix
+
+
 def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) -> Dict[str, Any]:
-    """Arguments for engine.data.Loader: each rank reads its own share of every epoch."""
+    """Arguments for engine.data.Loader: each rank reads its own share of every epoch.
+
+    The one place that says how the trainer drives the loader (the per-node process count the
+    loader may use to size its workers belongs here too)."""
     return dict(
         batch_size=config.batch_size,
         train=train,
@@ -251,17 +276,31 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
     cfg = config.finalized().with_cluster(os.environ)
-    if cfg.num_nodes > 1:
-        distributed.check_one_process_per_node(os.environ)
-    precision.require_amp_device(cfg.amp)
-    resolve_data(cfg.data)
-    if cfg.resume:
-        resolve_resume(cfg.resume)
-    ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
+    # Each node runs these checks itself (paths may exist on one node and not another); in a
+    # multi-node run a failure is reported at the rendezvous instead of raised here, so that
+    # every node stops with the same message rather than waiting for this one.
+    problem, ngpus, resume = None, None, None
+    try:
+        if cfg.num_nodes > 1:
+            distributed.check_one_process_per_node(os.environ)
+        precision.require_amp_device(cfg.amp)
+        check_arch(cfg.arch)
+        train_dir, val_dir = resolve_data(cfg.data)
+        for split in (train_dir, val_dir) if cfg.evaluate else (train_dir,):
+            check_split(split)
+        resume = resolve_resume(cfg.resume) if cfg.resume else None
+        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
+    except UserError as exc:
+        if cfg.num_nodes == 1:
+            raise
+        problem = " ".join(str(exc).split())
+    report = distributed.node_report(num_nodes=cfg.num_nodes, ngpus=ngpus, error=problem,
+                                     resume=resume)
     return distributed.launch(
         _train_worker, cfg,
-        ngpus=ngpus, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
+        ngpus=ngpus or 1, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
         master_ip=cfg.master_ip, master_port=cfg.master_port,
+        report=report, rendezvous_timeout=cfg.rendezvous_timeout,
     )
 
 
@@ -359,6 +398,14 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     def save(epoch: int, loader_sd: Dict[str, int]) -> Optional[str]:
         if not main:
             return None
+        path = os.path.join(cfg.save_dir, ckpt.LATEST)
+        try:
+            return _save(epoch, loader_sd, path)
+        except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
+            raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if "
+                            "any, is unchanged)") from None
+
+    def _save(epoch: int, loader_sd: Dict[str, int], path: str) -> str:
         return ckpt.save_checkpoint({
             "format": ckpt.FORMAT, "version": ckpt.VERSION,
             "epoch": epoch, "step": step,
@@ -368,7 +415,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
             "loader": dict(loader_sd),
             "config": run_config,
             "metrics": {"best_top1": best_top1},
-        }, os.path.join(cfg.save_dir, ckpt.LATEST))
+        }, path)
 
     def evaluate(epoch: int) -> Optional[Dict[str, float]]:
         if val_loader is None:

@@ -206,3 +206,190 @@ def test_a_rank_without_images_still_joins_the_reduce(monkeypatch, val_split):
     result, calls = _eval_as_rank(monkeypatch, val_split, 0, 12, others=[1.0, 1, 1, 9])
     assert len(calls) == 1 and calls[0][3] == 0
     assert result["images"] == 9
+
+
+# ------------------------------------------------ node rendezvous (issue 11.4 and 11.5)
+# MegEngine's rendezvous server is plain XML-RPC and runs on CPU, so these use the real one;
+# "nodes" are threads of this process talking to it over 127.0.0.1.
+
+import threading  # noqa: E402
+
+from engine.distributed import (check_node_reports, file_fingerprint, node_handshake,  # noqa: E402
+                                node_report, read_rank_error, run_ranks, RankEntry,
+                                write_rank_error)
+
+
+@pytest.fixture
+def server_port():
+    from megengine.distributed.server import Server
+
+    server = Server(0)
+    yield server.py_server_port
+    server.proc.terminate()
+
+
+def handshake_all(port, reports, num_nodes, timeout=60.0):
+    """Run node_handshake for each node in `reports` on its own thread; {node: error or None}."""
+    out = {}
+
+    def node(k):
+        try:
+            node_handshake("127.0.0.1", port, k, num_nodes, reports[k], timeout)
+            out[k] = None
+        except UserError as exc:
+            out[k] = str(exc)
+
+    threads = [threading.Thread(target=node, args=(k,)) for k in reports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 60)
+    return out
+
+
+def test_nodes_that_agree_start(server_port):
+    reports = {k: node_report(num_nodes=3, ngpus=8) for k in range(3)}
+    assert handshake_all(server_port, reports, 3) == {0: None, 1: None, 2: None}
+
+
+def test_a_node_with_another_gpu_count_stops_every_node(server_port):
+    reports = {0: node_report(num_nodes=2, ngpus=8), 1: node_report(num_nodes=2, ngpus=4)}
+    out = handshake_all(server_port, reports, 2)
+    assert out[0] == out[1]
+    assert "node 1 runs 4 GPU processes but node 0 runs 8" in out[0]
+
+
+def test_a_node_missing_the_checkpoint_names_it_on_every_node(server_port, tmp_path):
+    ck = tmp_path / "checkpoint.pkl"
+    ck.write_bytes(b"weights" * 100)
+    missing = "--resume: no such file or folder: /scratch/run/checkpoint.pkl"
+    reports = {0: node_report(num_nodes=2, ngpus=8, resume=str(ck)),
+               1: node_report(num_nodes=2, ngpus=8, error=missing)}
+    out = handshake_all(server_port, reports, 2)
+    assert out[0] == out[1] == "node 1: " + missing
+
+
+def test_a_node_that_never_arrives_is_an_error_not_a_hang(server_port):
+    # 3 nodes expected, node 2 never starts: node 0 gives up at the deadline and tells node 1
+    reports = {k: node_report(num_nodes=3, ngpus=2) for k in range(2)}
+    out = handshake_all(server_port, reports, 3, timeout=3)
+    assert "node 2 did not reach the rendezvous" in out[0]
+    assert out[1] == out[0]
+
+
+def test_unreachable_master_is_an_error_not_a_hang():
+    with socket_free_port() as port:
+        with pytest.raises(UserError, match="could not reach the rendezvous server at "
+                                            "127.0.0.1:%d within 2 s" % port):
+            node_handshake("127.0.0.1", port, 1, 2, node_report(num_nodes=2, ngpus=1), 2)
+
+
+class socket_free_port:
+    """A local port with nothing listening on it."""
+
+    def __enter__(self):
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        return self.port
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_check_node_reports(tmp_path):
+    a, b = tmp_path / "a.pkl", tmp_path / "b.pkl"
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"y" * 1000)
+    assert file_fingerprint(str(a)) != file_fingerprint(str(b))
+    ok = node_report(num_nodes=2, ngpus=8, resume=str(a))
+    assert check_node_reports({0: ok, 1: dict(ok)}) is None
+    assert "checkpoint differs between nodes" in check_node_reports(
+        {0: ok, 1: node_report(num_nodes=2, ngpus=8, resume=str(b))})
+    assert "same --num-nodes" in check_node_reports(
+        {0: ok, 1: dict(ok, num_nodes=3)})
+    # errors come first, lowest node first
+    assert check_node_reports({0: ok, 1: dict(ok, error="e1"), 2: dict(ok, error="e2")}) == \
+        "node 1: e1"
+
+
+# ------------------------------------------------------ rank errors reach the parent (11.6)
+
+def _fake_launcher(n, die_rank=None, bug=False):
+    """A CPU stand-in for MegEngine's launcher (which needs GPUs): fork n processes running the
+    entry, poll them, terminate the rest when one fails and raise its AssertionError."""
+    import multiprocessing as mp
+
+    def child(entry, rank):
+        import engine.distributed as d
+
+        d.get_rank = lambda: rank  # what init_process_group provides in a real rank
+        entry(rank)
+
+    def start(entry):
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=child, args=(entry, r)) for r in range(n)]
+        for p in procs:
+            p.start()
+        while True:
+            for r, p in enumerate(procs):
+                p.join(0.05)
+                if p.exitcode not in (0, None):
+                    for q in procs:
+                        q.terminate()
+                    raise AssertionError("subprocess %d exit with code %d" % (r, p.exitcode))
+            if all(p.exitcode == 0 for p in procs):
+                return ["result of rank %d" % r for r in range(n)]
+
+    return start
+
+
+def _work(rank):
+    import time as _t
+
+    if rank == 2:
+        raise UserError("--data /x/train: shard-00003.lmdb is damaged;\n  repack it")
+    _t.sleep(0.2)  # the other ranks are busy (in a real run: waiting in a collective)
+
+
+def _buggy(rank):
+    if rank == 1:
+        raise ZeroDivisionError("division by zero in the step")
+
+
+def test_rank_user_error_reaches_the_parent_as_one_line(capfd):
+    with pytest.raises(UserError) as info:
+        run_ranks(_fake_launcher(3), _work)
+    assert str(info.value) == "rank 2: --data /x/train: shard-00003.lmdb is damaged; repack it"
+    assert "Traceback" not in capfd.readouterr().err  # a user error is not a crash
+
+
+def test_rank_bug_keeps_its_traceback_and_names_the_rank(capfd):
+    with pytest.raises(RuntimeError, match="rank 1 failed with ZeroDivisionError: division by "
+                                           "zero in the step"):
+        run_ranks(_fake_launcher(2), _buggy)
+    assert "Traceback" in capfd.readouterr().err
+
+
+def test_run_ranks_passes_results_through():
+    assert run_ranks(_fake_launcher(2), lambda rank: None) == ["result of rank 0",
+                                                               "result of rank 1"]
+
+
+def test_rank_entry_and_error_files(tmp_path):
+    entry = RankEntry(lambda: (_ for _ in ()).throw(UserError("bad\nflag")), str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        entry()
+    assert info.value.code == 2
+    assert read_rank_error(str(tmp_path)) == (0, "user", "bad flag")
+    # the earliest failure wins, whatever the rank numbers
+    write_rank_error(str(tmp_path), 5, "user", "later")
+    assert read_rank_error(str(tmp_path))[2] == "bad flag"
+    assert read_rank_error(str(tmp_path / "none")) is None
+    interrupted = RankEntry(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        interrupted()
+    assert info.value.code == 130

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=None,
                    help="rendezvous port on node 0 (default: MASTER_PORT, derived from "
                         "SLURM_JOB_ID, else any free port on one node)")
+    p.add_argument("--rendezvous-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="multi-node: how long nodes wait for each other at startup before "
+                        "stopping with an error that names the missing node")
     p.add_argument("-p", "--print-freq", type=int, default=20,
                    help="steps per metrics record and progress update")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS",
@@ -87,8 +90,13 @@ def main(argv=None) -> int:
 
         summary = train(config_from_args(args))
     except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
+        print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # One line, no traceback; the last checkpoint (epoch end or --save-every) is intact.
+        print("interrupted; continue later with --resume %s"
+              % (args.save_dir or os.path.join("output", args.arch)), file=sys.stderr)
+        return 130
     if summary is not None:  # None on nodes other than node 0
         top = ("  top1 %.3f  top5 %.3f" % (summary["top1"], summary["top5"])
                if summary.get("top1") is not None else "")
