@@ -149,7 +149,12 @@ def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int
 
 def run_eval(eval_step, loader, label_map: Optional[np.ndarray] = None,
              progress: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 (percent) and mean loss over this rank's shard, summed over all ranks."""
+    """Top-1 / top-5 (percent) and mean loss over this rank's shard, summed over all ranks.
+
+    Val shares are exact (the Sampler does not pad them), so ranks may run different numbers
+    of batches, or none: every rank still makes exactly one all-reduce, at the end, and the
+    totals count each image once.
+    """
     stats = []
     n = 0
     it = loader

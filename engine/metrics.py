@@ -31,6 +31,48 @@ class Meter:
         return self.sum / self.count if self.count else float("nan")
 
 
+class LossMeter:
+    """Training loss over one log interval, in the form that sums across ranks.
+
+    Keeps the sum and count of the finite losses only: one overflowing AMP step (loss inf or
+    nan) must not turn the interval's mean into nan. Steps whose update was skipped for a
+    gradient overflow are counted separately. `local()` is this rank's
+    [loss_sum, finite_steps, skipped_steps]; the trainer all-reduces it and reads the result
+    with `interval_summary`.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum = 0.0
+        self.finite = 0
+        self.skipped = 0
+
+    def update(self, loss: float, skipped: bool = False) -> None:
+        loss = float(loss)
+        if math.isfinite(loss):
+            self.sum += loss
+            self.finite += 1
+        if skipped:
+            self.skipped += 1
+
+    def local(self) -> List[float]:
+        return [self.sum, float(self.finite), float(self.skipped)]
+
+
+def interval_summary(totals: Iterable[float], world_size: int) -> Dict[str, Any]:
+    """{"loss", "skipped"} from LossMeter.local() vectors summed over `world_size` ranks.
+
+    loss: mean over every rank's finite steps (None when there were none). skipped: steps
+    whose update was dropped. Every rank drops the same steps (the overflow check runs on the
+    all-reduced gradients), so the rank sum is divided by the world size.
+    """
+    loss_sum, finite, skipped = (float(v) for v in totals)
+    return {"loss": loss_sum / finite if finite else None,
+            "skipped": int(round(skipped / max(1, world_size)))}
+
+
 class StepTimer:
     """Splits wall time into waiting for the loader vs everything else, per log interval.
 

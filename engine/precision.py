@@ -52,6 +52,17 @@ def require_amp_device(amp: bool) -> None:
         raise UserError(AMP_CPU_MESSAGE)
 
 
+# PyTorch's and basecls' starting scale. MegEngine's GradScaler defaults to 2**4, which
+# under-uses float16's range: small gradients underflow to 0 for the thousands of steps the
+# scale needs to grow (x2 per growth_interval=2000 clean steps) to 2**16.
+INIT_SCALE = 2.0 ** 16
+
+
+def make_grad_scaler() -> mge_amp.GradScaler:
+    """The loss scaler for AMP steps, starting at 2**16."""
+    return mge_amp.GradScaler(init_scale=INIT_SCALE)
+
+
 class Normalize:
     """uint8 BGR [N,3,H,W] -> float32 (x - mean) / std, computed on the device.
 
@@ -67,13 +78,8 @@ class Normalize:
         return (images.astype("float32") - self.mean) * self.inv_std
 
 
-def _compile(fn: Callable, trace: bool, dtr_bytes: Optional[int] = None) -> Callable:
-    if not trace:
-        return fn
-    # DTR for a traced graph is a trace option; the imperative switch (enable_dtr) does not
-    # reach inside a compiled graph.
-    dtr = jit.DTRConfig(eviction_threshold=int(dtr_bytes)) if dtr_bytes else None
-    return jit.trace(fn, symbolic=True, dtr_config=dtr)
+def _compile(fn: Callable, trace: bool) -> Callable:
+    return jit.trace(fn, symbolic=True) if trace else fn
 
 
 def parse_bytes(text: str) -> int:
@@ -134,18 +140,22 @@ class TrainStep:
     ):
         self.model, self.gm, self.opt = model, gm, opt
         self.amp = amp
-        self.scaler = scaler if scaler is not None else (mge_amp.GradScaler() if amp else None)
+        self.scaler = scaler if scaler is not None else (make_grad_scaler() if amp else None)
         self.label_smoothing = float(label_smoothing)
         self.normalize = Normalize()
         self.params = list(gm.attached_tensors())  # what backward writes .grad into
         self.last_step_skipped = False
+        if dtr_bytes:
+            # DTR runs eagerly: MegEngine documents and exercises DTR in imperative mode; the
+            # static-graph DTR of a symbolic trace (jit.DTRConfig) is left untested there.
+            trace = False
+            enable_dtr(dtr_bytes)
+        self.traced = bool(trace)
         if amp:
-            self._backward = _compile(self._amp_backward, trace, dtr_bytes)
+            self._backward = _compile(self._amp_backward, trace)
             self._update = _compile(self._amp_update, trace)
         else:
-            self._step = _compile(self._fp32_step, trace, dtr_bytes)
-        if dtr_bytes and not trace:
-            enable_dtr(dtr_bytes)
+            self._step = _compile(self._fp32_step, trace)
 
     def _loss(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
         logits = self.model(self.normalize(images))
@@ -250,7 +260,8 @@ def make_train_step(
     label_smoothing: float = 0.0,
     dtr_bytes: Optional[int] = None,
 ) -> TrainStep:
-    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR."""
+    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR
+    (which always runs eagerly)."""
     return TrainStep(
         model, gm, opt, trace=trace, amp=amp, scaler=scaler, label_smoothing=label_smoothing,
         dtr_bytes=dtr_bytes,

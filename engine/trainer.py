@@ -18,12 +18,12 @@ import sys
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from engine import distributed
-from engine.errors import UserError
+from engine.errors import UserError, disk_error_message
 
 SCHEDULES = ("step", "cosine")
 
@@ -49,15 +49,17 @@ class TrainConfig:
     dtr: Optional[str] = None                # None = off; "auto" or a size such as "5GB"
     resume: Optional[str] = None             # checkpoint file, or a save dir (its latest)
     seed: int = 0
-    num_nodes: int = 1
-    node_rank: int = 0
-    master_ip: str = "localhost"
-    master_port: int = 0
+    # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
+    num_nodes: Optional[int] = None
+    node_rank: Optional[int] = None
+    master_ip: Optional[str] = None
+    master_port: Optional[int] = None
     print_freq: int = 20                     # steps per metrics record / progress update
     save_every: int = 0                      # also checkpoint every N steps (0 = epoch ends only)
     max_steps: Optional[int] = None          # stop after this many global steps (smoke runs)
     evaluate: bool = True                    # eval on val after every epoch
     progress: bool = True                    # tqdm bar on rank 0
+    rendezvous_timeout: float = 600.0        # seconds multi-node nodes wait for each other
 
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
@@ -76,9 +78,10 @@ class TrainConfig:
             (0 <= c.warmup_epochs <= c.epochs, "--warmup-epochs must be in [0, --epochs]"),
             (c.lr_schedule in SCHEDULES, "--lr-schedule must be one of %s" % "|".join(SCHEDULES)),
             (0 <= c.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (c.num_nodes >= 1 and 0 <= c.node_rank < c.num_nodes,
-             "--node-rank must be in [0, --num-nodes)"),
+            (c.num_nodes is None or c.num_nodes >= 1, "--num-nodes must be >= 1"),
+            (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
             (c.print_freq >= 1, "--print-freq must be >= 1"),
+            (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
@@ -86,7 +89,18 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if c.dtr:
+            c.trace = False  # DTR runs eagerly (see precision.TrainStep); train() says so
         return c
+
+    def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
+        """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""
+        cl = distributed.resolve_cluster(
+            env, num_nodes=self.num_nodes, node_rank=self.node_rank, master_ip=self.master_ip,
+            master_port=self.master_port, ngpus=self.ngpus)
+        return dataclasses.replace(self, num_nodes=cl.num_nodes, node_rank=cl.node_rank,
+                                   master_ip=cl.master_addr, master_port=cl.master_port,
+                                   ngpus=cl.gpus_per_node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +188,31 @@ def resolve_data(data: str) -> Tuple[str, str]:
     return train_dir, val_dir
 
 
+def check_arch(arch: str) -> None:
+    """An unknown --arch fails here, before any data is opened or process started."""
+    from engine.models import ARCHS
+
+    if arch.strip().lower().replace("-", "_") not in ARCHS:
+        raise UserError("--arch %s: unknown architecture; valid names: %s"
+                        % (arch, ", ".join(ARCHS)))
+
+
+def check_split(split_dir: str) -> None:
+    """A packed split's meta.json is read and validated up front (missing: an interrupted
+    pack; unknown version; not JSON), so such data fails in seconds, before any model or loader
+    is built. Raw folders are left to the loader, whose scan is the expensive part."""
+    from engine.data import shards
+
+    if os.path.exists(os.path.join(split_dir, shards.META_FILE)) or any(
+            f.startswith("shard-") for f in os.listdir(split_dir)):
+        shards.read_meta(split_dir)  # raises ShardError, a UserError, with the fix
+
+
 def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) -> Dict[str, Any]:
-    """Arguments for engine.data.Loader: each rank reads its own share of every epoch."""
+    """Arguments for engine.data.Loader: each rank reads its own share of every epoch.
+
+    The one place that says how the trainer drives the loader (the per-node process count the
+    loader may use to size its workers belongs here too)."""
     return dict(
         batch_size=config.batch_size,
         train=train,
@@ -235,23 +272,41 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     from engine import precision
     from engine.checkpoint import resolve_resume
 
-    cfg = config.finalized()
-    precision.require_amp_device(cfg.amp)
-    resolve_data(cfg.data)
-    if cfg.resume:
-        resolve_resume(cfg.resume)
-    ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
+    if config.dtr and config.trace:
+        print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
+              "so --trace is off for this run", file=sys.stderr)
+    cfg = config.finalized().with_cluster(os.environ)
+    # Each node runs these checks itself (paths may exist on one node and not another); in a
+    # multi-node run a failure is reported at the rendezvous instead of raised here, so that
+    # every node stops with the same message rather than waiting for this one.
+    problem, ngpus, resume = None, None, None
+    try:
+        if cfg.num_nodes > 1:
+            distributed.check_one_process_per_node(os.environ)
+        precision.require_amp_device(cfg.amp)
+        check_arch(cfg.arch)
+        train_dir, val_dir = resolve_data(cfg.data)
+        for split in (train_dir, val_dir) if cfg.evaluate else (train_dir,):
+            check_split(split)
+        resume = resolve_resume(cfg.resume) if cfg.resume else None
+        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
+    except UserError as exc:
+        if cfg.num_nodes == 1:
+            raise
+        problem = " ".join(str(exc).split())
+    report = distributed.node_report(num_nodes=cfg.num_nodes, ngpus=ngpus, error=problem,
+                                     resume=resume)
     return distributed.launch(
         _train_worker, cfg,
-        ngpus=ngpus, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
+        ngpus=ngpus or 1, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
         master_ip=cfg.master_ip, master_port=cfg.master_port,
+        report=report, rendezvous_timeout=cfg.rendezvous_timeout,
     )
 
 
 def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     import megengine as mge
     import megengine.optimizer as optim
-    from megengine import amp as mge_amp
     from megengine.autodiff import GradManager
     from tqdm import tqdm
 
@@ -259,7 +314,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     from engine import precision
     from engine.data import Loader
     from engine.evaluate import run_eval
-    from engine.metrics import Meter, MetricsLog, StepTimer, plot_curves, read_jsonl
+    from engine.metrics import LossMeter, MetricsLog, StepTimer, interval_summary, plot_curves, read_jsonl
     from engine.models import get_model, load_weights
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -289,7 +344,7 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     base_lr = scaled_lr(cfg.learning_rate, world)
     opt = optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay)
-    scaler = mge_amp.GradScaler() if cfg.amp else None
+    scaler = precision.make_grad_scaler() if cfg.amp else None
     run_config = checkpoint_config(cfg, num_classes, classes)
     run_config["world_size"] = world
 
@@ -343,6 +398,14 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     def save(epoch: int, loader_sd: Dict[str, int]) -> Optional[str]:
         if not main:
             return None
+        path = os.path.join(cfg.save_dir, ckpt.LATEST)
+        try:
+            return _save(epoch, loader_sd, path)
+        except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
+            raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if "
+                            "any, is unchanged)") from None
+
+    def _save(epoch: int, loader_sd: Dict[str, int], path: str) -> str:
         return ckpt.save_checkpoint({
             "format": ckpt.FORMAT, "version": ckpt.VERSION,
             "epoch": epoch, "step": step,
@@ -352,11 +415,12 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
             "loader": dict(loader_sd),
             "config": run_config,
             "metrics": {"best_top1": best_top1},
-        }, os.path.join(cfg.save_dir, ckpt.LATEST))
+        }, path)
 
     def evaluate(epoch: int) -> Optional[Dict[str, float]]:
         if val_loader is None:
             return None
+        distributed.broadcast_buffers(model)  # every rank scores rank 0's BN statistics
         model.eval()
         result = run_eval(eval_step, val_loader)
         model.train()
@@ -367,8 +431,9 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
         return result
 
     # ---- the loop ----
-    loss_meter, timer = Meter(), StepTimer()
-    pending: List[Any] = []  # device losses not read yet: reading forces a sync, so batch it
+    loss_meter, timer = LossMeter(), StepTimer()
+    # (device loss, update skipped) not read yet: reading a loss forces a sync, so batch it
+    pending: List[Any] = []
     last_loss, last_eval, throughput = None, None, []
     checkpoint_path = None
     stopped = cfg.max_steps is not None and step >= cfg.max_steps
@@ -397,24 +462,31 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
                        warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
-            pending.append(train_step(mge.tensor(images), mge.tensor(labels)))
+            loss = train_step(mge.tensor(images), mge.tensor(labels))
+            pending.append((loss, train_step.last_step_skipped))
             step += 1
             position += 1
             bar.update(1)
             stopped = cfg.max_steps is not None and step >= cfg.max_steps
 
             if step % cfg.print_freq == 0 or position == steps_per_epoch or stopped:
-                for loss in pending:  # the sync point: the interval's timing is now exact
-                    loss_meter.update(float(loss.item()))
+                for loss, skipped in pending:  # the sync point: the interval's timing is exact
+                    loss_meter.update(float(loss.item()), skipped)
                 pending.clear()
                 speed = timer.read()
-                last_loss = loss_meter.avg
+                # Mean over all ranks' finite steps. A collective: every rank logs at the same
+                # steps (they all run the same step count), so the calls pair up.
+                interval = interval_summary(distributed.all_reduce_sum(loss_meter.local()),
+                                            world)
+                last_loss = interval["loss"]
                 throughput.append(speed["img_s"])
                 # img_s counts all ranks' images; data_wait is this rank's share of the interval
                 # spent blocked on the loader.
                 log.write({"kind": "train", "epoch": epoch, "step": step, "loss": last_loss,
-                           "lr": lr, "img_s": speed["img_s"], "data_wait": speed["data_wait"]})
-                bar.set_postfix(loss="%.4f" % last_loss, lr="%.5f" % lr,
+                           "skipped": interval["skipped"], "lr": lr, "img_s": speed["img_s"],
+                           "data_wait": speed["data_wait"]})
+                bar.set_postfix(loss="-" if last_loss is None else "%.4f" % last_loss,
+                                lr="%.5f" % lr,
                                 img_s="%.1f" % speed["img_s"], wait="%.0f%%" % (100 * speed["data_wait"]))
                 loss_meter.reset()
                 timer.start_interval()

@@ -73,6 +73,28 @@ def test_only_rank0_writes():
     assert not any(writes_files(r) for r in range(1, 8))
 
 
+def test_logged_loss_is_the_mean_over_ranks_and_finite_steps():
+    from engine.metrics import LossMeter, interval_summary
+
+    # two ranks, three steps each; step 2 overflowed (loss inf on rank 0, nan on rank 1) and
+    # was skipped on both ranks, as the overflow check runs on the all-reduced gradients
+    r0, r1 = LossMeter(), LossMeter()
+    for loss0, loss1, skipped in [(2.0, 4.0, False), (float("inf"), float("nan"), True),
+                                  (1.0, 3.0, False)]:
+        r0.update(loss0, skipped)
+        r1.update(loss1, skipped)
+    totals = np.add(r0.local(), r1.local())  # what all_reduce_sum returns on every rank
+    out = interval_summary(totals, world_size=2)
+    assert out == {"loss": pytest.approx(2.5), "skipped": 1}
+    assert interval_summary(r0.local(), 1) == {"loss": pytest.approx(1.5), "skipped": 1}
+    # an interval with only overflowed steps has no loss (null in JSON), not nan
+    m = LossMeter()
+    m.update(float("nan"), True)
+    assert interval_summary(m.local(), 1) == {"loss": None, "skipped": 1}
+    m.reset()
+    assert m.local() == [0.0, 0.0, 0.0]
+
+
 def test_metrics_log_disabled_writes_nothing(tmp_path):
     MetricsLog(str(tmp_path / "sub" / "m.jsonl"), enabled=False).write({"step": 1})
     assert not (tmp_path / "sub").exists()
@@ -108,6 +130,42 @@ def test_resolve_data(tmp_path):
     os.makedirs(tmp_path / "only_train" / "train")
     with pytest.raises(UserError, match="val"):
         resolve_data(str(tmp_path / "only_train"))
+
+
+def test_config_node_layout_comes_from_flags_then_env():
+    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]",
+             "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "42"}
+    c = TrainConfig(data="d").finalized().with_cluster(slurm)
+    assert (c.num_nodes, c.node_rank, c.master_ip, c.ngpus) == (2, 1, "gpu01", 8)
+    assert c.master_port == 20042
+    c = TrainConfig(data="d", ngpus=4, master_port=3000).finalized().with_cluster(slurm)
+    assert (c.ngpus, c.master_port) == (4, 3000)
+    c = TrainConfig(data="d").finalized().with_cluster({})
+    assert (c.num_nodes, c.node_rank, c.master_ip, c.master_port) == (1, 0, "localhost", 0)
+    with pytest.raises(UserError, match="loopback"):
+        TrainConfig(data="d", num_nodes=2, node_rank=1, master_ip="localhost",
+                    master_port=5000).finalized().with_cluster({})
+
+
+def test_dtr_runs_eagerly():
+    assert TrainConfig(data="d", dtr="2GB", trace=True).finalized().trace is False
+    assert TrainConfig(data="d", trace=True).finalized().trace is True
+
+
+def test_dtr_note_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "train.py")
+    out = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "eager" in " ".join(out.split())
+    # the note comes before anything else runs (here: the missing data folder)
+    p = subprocess.run([sys.executable, tool, "-d", str(tmp_path / "none"), "--dtr", "1GB"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "note: --dtr runs the steps eagerly" in p.stderr
 
 
 def test_config_validation():
@@ -232,6 +290,20 @@ def test_amp_step_structure_traced_equals_eager_and_skips_overflow():
     np.testing.assert_allclose(w_traced, w_eager, rtol=1e-3, atol=1e-5)
 
 
+def test_amp_scaler_starts_at_2_to_the_16():
+    """As PyTorch and basecls; MegEngine's own default is 16 (underflowing small gradients)."""
+    import megengine.module as M
+    import megengine.optimizer as optim
+    from megengine.autodiff import GradManager
+    from engine.precision import make_grad_scaler, make_train_step
+
+    assert make_grad_scaler().scale_factor == 65536.0
+    net = M.Linear(2, 2)
+    gm = GradManager().attach(net.parameters())
+    step = make_train_step(net, gm, optim.SGD(net.parameters(), lr=0.1), trace=False, amp=True)
+    assert step.scaler.scale_factor == 65536.0
+
+
 # ---------------------------------------------------------------------------- train() runs
 
 @pytest.fixture(scope="module")
@@ -260,7 +332,8 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
     train_recs = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2]
     for r in train_recs:
-        assert set(r) >= {"step", "epoch", "loss", "lr", "img_s", "data_wait"}
+        assert set(r) >= {"step", "epoch", "loss", "skipped", "lr", "img_s", "data_wait"}
+        assert r["skipped"] == 0
         assert 0 <= r["data_wait"] <= 1 and r["img_s"] > 0
     ev = [r for r in records if r["kind"] == "eval"]
     assert len(ev) == 1 and {"top1", "top5"} <= set(ev[0])
@@ -322,9 +395,23 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(distributed, "allreduce_callback", lambda: None)
     monkeypatch.setattr(distributed, "broadcast_module", lambda module: None)
-    monkeypatch.setattr(distributed, "all_reduce_sum", lambda v: np.asarray(v, np.float64))
+    events = []
+
+    def buffers(module):  # stands in for the broadcast of rank 0's BN statistics
+        events.append("broadcast_buffers")
+
+    def reduce(values):
+        events.append("all_reduce_sum/%d" % len(values))
+        return np.asarray(values, np.float64)
+
+    monkeypatch.setattr(distributed, "broadcast_buffers", buffers)
+    monkeypatch.setattr(distributed, "all_reduce_sum", reduce)
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
+    # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before
+    assert events.count("all_reduce_sum/3") == 1  # the one logged interval's loss, all ranks
+    evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
+    assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
     assert summary["steps"] == 1 and summary["checkpoint"] is None
     assert summary["world_size"] == 2 and summary["lr"] == pytest.approx(0.02)
     assert summary["top1"] is not None  # rank 1 evaluates its shard too (sums are all-reduced)

@@ -1,14 +1,21 @@
 """Which records each rank reads, in which order, per epoch. State is two integers.
 
 The order of epoch e is a pure function of (seed, e): a permutation for training, the record
-order for evaluation. With world_size ranks the order is padded (by wrapping around) to a
-multiple of world_size and dealt round-robin, so every rank gets a disjoint share of the same
-length and therefore the same number of batches: a rank with fewer batches would hang the
-others in an allreduce.
+order for evaluation. Two ways to split it across world_size ranks:
+
+- padded (training, and anything that shuffles or drops the last batch): the order is padded
+  by wrapping around to a multiple of world_size and dealt round-robin, so every rank gets a
+  disjoint share of the same length and therefore the same number of batches: a rank with
+  fewer batches would hang the others in the per-step gradient allreduce.
+- exact (evaluation: no shuffle, no drop_last): rank r takes its own contiguous slice
+  [r*N//W, (r+1)*N//W). Shares differ by at most one record, nothing is counted twice, so the
+  summed accuracy is over exactly N images. Ranks may then have different batch counts (or none
+  when world_size > N); evaluation has no per-batch collective, only one final sum.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -17,7 +24,10 @@ __all__ = ["Sampler"]
 
 class Sampler:
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 pad: Optional[bool] = None):
+        """`pad` None = pad when shuffling or dropping the last batch (training), split exactly
+        otherwise (evaluation)."""
         if num_samples < 1:
             raise ValueError("the dataset is empty")
         if batch_size < 1:
@@ -32,7 +42,14 @@ class Sampler:
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
-        self.per_rank = math.ceil(num_samples / world_size)
+        self.pad = bool(shuffle or drop_last) if pad is None else bool(pad)
+        if self.pad:
+            self.per_rank = math.ceil(num_samples / world_size)
+            self._start = self._stop = None
+        else:
+            self._start = rank * num_samples // world_size
+            self._stop = (rank + 1) * num_samples // world_size
+            self.per_rank = self._stop - self._start
         if drop_last:
             self.num_batches = self.per_rank // batch_size
             if self.num_batches == 0:
@@ -55,10 +72,13 @@ class Sampler:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
-        total = self.per_rank * self.world_size
-        if total > self.num_samples:
-            order = np.concatenate([order, order[: total - self.num_samples]])
-        mine = order[self.rank::self.world_size]
+        if self.pad:
+            total = self.per_rank * self.world_size
+            # np.resize repeats the order as often as needed (world_size may exceed 2x the data)
+            order = np.resize(order, total)
+            mine = order[self.rank::self.world_size]
+        else:
+            mine = order[self._start:self._stop]
         self._cache = (epoch, mine)
         return mine
 
