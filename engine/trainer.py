@@ -18,12 +18,15 @@ import sys
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from engine import distributed
 from engine.errors import UserError, disk_error_message
+
+if TYPE_CHECKING:
+    from engine.data.folder import FolderIndex
 
 SCHEDULES = ("step", "cosine")
 
@@ -197,22 +200,28 @@ def check_arch(arch: str) -> None:
                         % (arch, ", ".join(ARCHS)))
 
 
-def check_split(split_dir: str) -> None:
-    """A packed split's meta.json is read and validated up front (missing: an interrupted
-    pack; unknown version; not JSON), so such data fails in seconds, before any model or loader
-    is built. Raw folders are left to the loader, whose scan is the expensive part."""
+def split_source(split_dir: str) -> Union[str, "FolderIndex"]:
+    """What each rank's Loader reads, checked up front so bad data fails in seconds, before any
+    model or loader is built: a packed split's meta.json is validated (missing: an interrupted
+    pack; unknown version; not JSON) and its path returned; a raw folder is scanned here, once
+    per node, and its file list shared with the forked ranks (N ranks scanning a tree of a
+    million files each would take minutes on a network file system)."""
     from engine.data import shards
+    from engine.data.folder import index_folder
 
     if os.path.exists(os.path.join(split_dir, shards.META_FILE)) or any(
             f.startswith("shard-") for f in os.listdir(split_dir)):
         shards.read_meta(split_dir)  # raises ShardError, a UserError, with the fix
+        return split_dir
+    return index_folder(split_dir)  # raises LayoutError, a UserError
 
 
 def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) -> Dict[str, Any]:
     """Arguments for engine.data.Loader: each rank reads its own share of every epoch.
 
-    The one place that says how the trainer drives the loader (the per-node process count the
-    loader may use to size its workers belongs here too)."""
+    The one place that says how the trainer drives the loader. The loaders of a node's ranks
+    share its cores, so each sizes its workers for world_size / num_nodes loaders per machine;
+    the val loader starts its workers for each eval and releases them after."""
     return dict(
         batch_size=config.batch_size,
         train=train,
@@ -221,6 +230,8 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
         seed=config.seed,
         rank=rank,
         world_size=world_size,
+        local_world_size=max(1, world_size // (config.num_nodes or 1)),
+        persistent_workers=train,
     )
 
 
@@ -279,15 +290,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
-    problem, ngpus, resume = None, None, None
+    problem, ngpus, resume, sources = None, None, None, []
     try:
         if cfg.num_nodes > 1:
             distributed.check_one_process_per_node(os.environ)
         precision.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
         train_dir, val_dir = resolve_data(cfg.data)
-        for split in (train_dir, val_dir) if cfg.evaluate else (train_dir,):
-            check_split(split)
+        sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
+                                             else (train_dir,))]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
         ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
     except UserError as exc:
@@ -297,14 +308,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     report = distributed.node_report(num_nodes=cfg.num_nodes, ngpus=ngpus, error=problem,
                                      resume=resume)
     return distributed.launch(
-        _train_worker, cfg,
+        _train_worker, cfg, sources,
         ngpus=ngpus or 1, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
         master_ip=cfg.master_ip, master_port=cfg.master_port,
         report=report, rendezvous_timeout=cfg.rendezvous_timeout,
     )
 
 
-def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
+def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, Any]:
     import megengine as mge
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
@@ -324,15 +335,21 @@ def _train_worker(cfg: TrainConfig) -> Dict[str, Any]:
     mge.random.seed(cfg.seed)
 
     # ---- data: each rank its own share of every epoch ----
-    train_dir, val_dir = resolve_data(cfg.data)
+    if not sources:  # called directly rather than through train()
+        sources = resolve_data(cfg.data)
     try:
-        train_loader = Loader(train_dir, **loader_kwargs(cfg, True, rank, world))
-        val_loader = Loader(val_dir, **loader_kwargs(cfg, False, rank, world)) if cfg.evaluate else None
+        train_loader = Loader(sources[0], **loader_kwargs(cfg, True, rank, world))
+        val_loader = Loader(sources[1], **loader_kwargs(cfg, False, rank, world)) \
+            if cfg.evaluate else None
     except (ValueError, OSError) as exc:  # no meta.json, empty folders, batch > data, ...
         raise UserError("--data %s: %s" % (cfg.data, exc)) from None
     classes = list(train_loader.classes)
     num_classes = int(train_loader.num_classes)
     steps_per_epoch = len(train_loader)
+    if main:
+        print("data: %d workers per loader (%d ranks per node), %.0f MB shared ring per loader"
+              % (train_loader.workers, train_loader.local_world_size,
+                 train_loader.shared_memory_bytes / 1e6), file=sys.stderr)
     if steps_per_epoch == 0:
         raise UserError("the training set has fewer images than one global batch (%d)"
                         % (cfg.batch_size * world))

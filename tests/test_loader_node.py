@@ -139,3 +139,24 @@ def test_an_eval_loader_holds_no_processes_between_passes(packed):
     second = [y.copy() for _, y in ld]  # and started again for the next pass
     assert not loader_processes()
     assert all(np.array_equal(a, b) for a, b in zip(first, second)) and len(first) == len(second)
+
+
+def test_a_folder_index_scanned_once_gives_the_batches_of_the_folder(tmp_path):
+    """The trainer scans a raw split once per node and hands the list to its ranks."""
+    from engine.data.folder import FolderIndex, index_folder
+    from engine.trainer import split_source
+
+    root = make_imagenet(str(tmp_path / "raw"), classes=2, train=5, val=2)
+    index = split_source(os.path.join(root, "train"))
+    assert isinstance(index, FolderIndex) and len(index.items) == 10
+    assert index == index_folder(os.path.join(root, "train"))
+    kw = dict(batch_size=3, train=True, image_size=32, workers=0, seed=2, rank=1, world_size=2)
+    by_path = [(x.copy(), y.copy()) for x, y in Loader(os.path.join(root, "train"), **kw)]
+    by_index = [(x.copy(), y.copy()) for x, y in Loader(index, **kw)]
+    assert len(by_path) == len(by_index) > 0
+    for (xa, ya), (xb, yb) in zip(by_path, by_index):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
+    out = str(tmp_path / "packed")
+    pack_imagenet(root, out, workers=0, progress=False, log=lambda *a: None)
+    assert split_source(os.path.join(out, "train")) == os.path.join(out, "train")

@@ -309,10 +309,6 @@ def test_train_damaged_meta_is_one_line(packed, tmp_path, damage, needles):
     assert_user_error(rc, out, err, str(data / "train"), *needles)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="engine.data.shards.open_env still lets lmdb.InvalidError through; "
-                          "it is to raise ShardError (a UserError), which train.py then prints as "
-                          "one line. Remove this marker when it does (strict: an XPASS fails).")
 def test_train_garbage_shard_is_one_line(packed, tmp_path):
     data = _copy(packed, tmp_path)
     shards = sorted((data / "train").glob("shard-*.lmdb"))

@@ -105,8 +105,16 @@ def test_each_rank_reads_its_own_share():
     for rank in range(4):
         kw = loader_kwargs(cfg, True, rank, 4)
         assert kw == dict(batch_size=7, train=True, image_size=64, workers=3, seed=5,
-                          rank=rank, world_size=4)
-    assert loader_kwargs(cfg, False, 0, 1)["train"] is False
+                          rank=rank, world_size=4, local_world_size=4, persistent_workers=True)
+    val = loader_kwargs(cfg, False, 0, 1)
+    assert val["train"] is False and val["persistent_workers"] is False  # released between evals
+
+
+def test_loaders_are_sized_for_the_ranks_of_their_node():
+    """16 ranks on 2 nodes: 8 loaders share each machine, so each gets an eighth of it."""
+    cfg = TrainConfig(data="x", num_nodes=2)
+    assert loader_kwargs(cfg, True, 11, 16)["local_world_size"] == 8
+    assert loader_kwargs(TrainConfig(data="x"), True, 0, 8)["local_world_size"] == 8
 
 
 def test_resolve_ngpus():

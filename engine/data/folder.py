@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from engine.errors import UserError
 
-__all__ = ["LayoutError", "list_classes", "scan_split", "classes_for"]
+__all__ = ["LayoutError", "FolderIndex", "index_folder", "list_classes", "scan_split",
+           "classes_for"]
 
 
 class LayoutError(UserError, ValueError):
@@ -65,3 +67,24 @@ def scan_split(split_dir: str, classes: Optional[Sequence[str]] = None) -> List[
                     items.append((rel, label_of[cls]))
     items.sort()
     return items
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """A raw split's file list, scanned once. Pass it to Loader as `source` in place of the
+    folder's path, so that N ranks of a node share one scan of a tree of a million files (the
+    trainer scans in the parent; forked ranks inherit the list)."""
+
+    root: str
+    classes: Tuple[str, ...]
+    items: Tuple[Tuple[str, int], ...]
+
+
+def index_folder(split_dir: str) -> FolderIndex:
+    """Scan a raw <split>/<wnid>/* folder (labels from the sibling train/ when it exists)."""
+    root = os.path.abspath(split_dir)
+    classes = classes_for(root)
+    items = scan_split(root, classes)
+    if not items:
+        raise LayoutError("%s has no files under class folders" % root)
+    return FolderIndex(root, tuple(classes), tuple(items))

@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -46,7 +46,7 @@ from engine.data import shards
 from engine.data.cpus import default_workers
 from engine.data.decode import (DecodeError, decode_bgr, decode_crop, jpeg_size, pick_scale,
                                 roi_available, scaled_dim, sniff)
-from engine.data.folder import classes_for, scan_split
+from engine.data.folder import FolderIndex, index_folder
 from engine.data.sampler import Sampler
 from engine.data.transforms import (center_crop, random_resized_crop, resize_shorter,
                                     sample_rng, val_resize)
@@ -89,12 +89,10 @@ class _ShardSource:
 class _FolderSource:
     """Files of a raw <split>/<wnid>/* folder (same decode and transforms as shards)."""
 
-    def __init__(self, split_dir: str):
-        self.root = os.path.abspath(split_dir)
-        self.classes = classes_for(self.root)
-        self.items = scan_split(self.root, self.classes)
-        if not self.items:
-            raise DataError("%s has no files under class folders" % self.root)
+    def __init__(self, index: FolderIndex):
+        self.root = index.root
+        self.classes = list(index.classes)
+        self.items = index.items
 
     def __len__(self) -> int:
         return len(self.items)
@@ -105,7 +103,9 @@ class _FolderSource:
             return f.read(), label, rel, None
 
 
-def _open_source(source: str):
+def _open_source(source: Union[str, FolderIndex]):
+    if isinstance(source, FolderIndex):
+        return _FolderSource(source)
     if os.path.isfile(source):
         raise ConfigError(
             "%s is a file; pass a packed split folder (with meta.json) or a raw "
@@ -117,7 +117,7 @@ def _open_source(source: str):
     if os.path.exists(os.path.join(source, shards.META_FILE)) or any(
             f.startswith("shard-") for f in os.listdir(source)):
         return _ShardSource(source)  # read_meta explains an incomplete or unknown split
-    return _FolderSource(source)
+    return _FolderSource(index_folder(source))
 
 
 # ------------------------------------------------------------------------- per-sample work
@@ -291,7 +291,8 @@ class Loader:
     """Batches of (uint8 [N,3,H,W] BGR images, int32 [N] labels) from a packed or raw split.
 
     Args:
-        source: a packed split folder (has meta.json) or a raw <split>/<wnid>/*.JPEG folder.
+        source: a packed split folder (has meta.json), a raw <split>/<wnid>/*.JPEG folder, or
+            a FolderIndex of one (engine.data.folder.index_folder: scan once, share the list).
         batch_size: samples per batch on this rank.
         train: RandomResizedCrop + horizontal flip in a shuffled order (True), or resize the
             shorter side to round(image_size / 0.875) + center crop in record order (False).
@@ -320,7 +321,7 @@ class Loader:
     advances by one. `state_dict()` / `load_state_dict()` resume exactly mid-epoch.
     """
 
-    def __init__(self, source: str, *, batch_size: int, train: bool, image_size: int = 224,
+    def __init__(self, source: Union[str, FolderIndex], *, batch_size: int, train: bool, image_size: int = 224,
                  workers: Optional[int] = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None,
                  local_world_size: int = 1, slots: Optional[int] = None,
@@ -342,8 +343,8 @@ class Loader:
                               "process; got %r)" % (workers,))
         if not timeout > 0:
             raise ConfigError("Loader: timeout must be > 0 seconds (got %r)" % (timeout,))
-        self.source_path = os.path.abspath(source)
         self._source = _open_source(source)
+        self.source_path = self._source.root
         self.classes: List[str] = list(self._source.classes)
         self.num_classes = len(self.classes)
         self.train = train
