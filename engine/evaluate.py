@@ -6,6 +6,7 @@ or an engine checkpoint (which also records the architecture and the class list)
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -209,9 +210,17 @@ def test(config: TestConfig) -> Dict[str, float]:
         raise UserError("--model: no such file: %s" % config.model)
     if config.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    from engine.models import prefetch_weights
     from engine.trainer import resolve_ngpus
 
     ngpus = resolve_ngpus(config.ngpus, distributed.gpu_count())
+    if ngpus > 1:
+        # Download (and verify) once here, then every rank reads the same local file: ranks
+        # fetching on their own would race on the cache file.
+        wanted = config.model if config.model and config.model.lower() != "none" else "published"
+        local = prefetch_weights(wanted, config.arch)
+        if wanted != "published":
+            config = dataclasses.replace(config, model=local)
     return distributed.launch(_test_worker, config, source, ngpus=ngpus)
 
 
@@ -225,6 +234,7 @@ def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
             image_size=config.image_size or loaded.image_size,
             workers=config.workers, rank=distributed.get_rank(),
             world_size=distributed.get_world_size(),
+            local_world_size=distributed.get_world_size(),  # test runs on one node
         )
     except (ValueError, OSError) as exc:  # no meta.json, empty folders, ...
         raise UserError("--data %s: %s" % (config.data, exc)) from None
