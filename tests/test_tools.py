@@ -54,22 +54,69 @@ def _load_tool(name):
 
 
 def test_train_flags_map_to_config():
-    tool = _load_tool("train")
-    cfg = tool.config_from_args(tool.build_parser().parse_args(["--data", "D"]))
+    from engine.config import config_from_argv
+
+    cfg = config_from_argv(["--data", "D"])
     assert (cfg.arch, cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.trace, cfg.amp,
             cfg.dtr, cfg.lr_schedule) == ("resnet18", 32, 0.0125, 100, True, False, None, "step")
     # the node layout defaults to None so that torchrun/Slurm variables can fill it in
     assert (cfg.num_nodes, cfg.node_rank, cfg.master_ip, cfg.master_port, cfg.ngpus) == \
         (None, None, None, None, None)
-    cfg = tool.config_from_args(tool.build_parser().parse_args(
+    cfg = config_from_argv(
         ["-d", "D", "--save", "S", "--no-trace", "--dtr", "--lr", "0.1", "--lr-schedule",
          "cosine", "--num-nodes", "2", "--node-rank", "1", "--master-ip", "10.0.0.1",
-         "--master-port", "2345", "--resume", "S"]))
+         "--master-port", "2345", "--resume", "S", "--no-eval", "--no-progress"])
     assert (cfg.save_dir, cfg.trace, cfg.dtr, cfg.learning_rate, cfg.lr_schedule) == \
         ("S", False, "auto", 0.1, "cosine")
     assert (cfg.num_nodes, cfg.node_rank, cfg.master_ip, cfg.master_port, cfg.resume) == \
         (2, 1, "10.0.0.1", 2345, "S")
-    assert tool.build_parser().parse_args(["-d", "D", "--save-dir", "X"]).save_dir == "X"
+    assert (cfg.evaluate, cfg.progress) == (False, False)
+    assert config_from_argv(["-d", "D", "--save-dir", "X"]).save_dir == "X"
+    assert config_from_argv(["-d", "D", "--dtr", "5GB"]).dtr == "5GB"
+
+
+def test_every_config_field_has_a_flag_and_its_default_comes_from_the_dataclass():
+    import dataclasses
+
+    from engine.config import TrainConfig, build_parser
+
+    p = build_parser()
+    dests = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in dests, f.name
+        assert f.metadata.get("help"), f.name
+        if f.default is not dataclasses.MISSING:
+            assert dests[f.name].default == f.default, f.name
+
+
+def test_a_recipe_gives_the_config_of_the_equivalent_flags_and_flags_override_it(tmp_path):
+    import json
+
+    from engine.config import config_from_argv, load_recipe
+    from engine.errors import ConfigError
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"_source": "a note", "data": "D", "arch": "resnet50",
+                                  "batch_size": 64, "lr_schedule": "cosine", "amp": True,
+                                  "warmup_epochs": 5, "label_smoothing": 0.1}))
+    by_recipe = config_from_argv(["--config", str(recipe)])
+    by_flags = config_from_argv(["-d", "D", "-a", "resnet50", "-b", "64", "--lr-schedule",
+                                 "cosine", "--amp", "--warmup-epochs", "5",
+                                 "--label-smoothing", "0.1"])
+    assert by_recipe == by_flags
+    over = config_from_argv(["--config", str(recipe), "-b", "16", "--no-amp"])
+    assert (over.batch_size, over.amp, over.arch) == (16, False, "resnet50")
+    recipe.write_text(json.dumps({"batch_sise": 64}))
+    with pytest.raises(ConfigError, match="unknown option.*batch_sise.*valid:.*batch_size"):
+        load_recipe(str(recipe))
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_recipe("no_such_recipe")
+
+
+def test_train_bad_recipe_is_one_line(tmp_path):
+    (tmp_path / "r.json").write_text("{not json")
+    rc, out, err = run_tool("train.py", "--config", tmp_path / "r.json")
+    assert_user_error(rc, out, err, "not valid JSON")
 
 
 def test_train_amp_on_cpu_gives_its_message(tmp_path):

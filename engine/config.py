@@ -1,0 +1,223 @@
+"""The training configuration: one dataclass is the only place a default or a help text lives.
+
+`build_parser()` derives tools/train.py's flags from the fields' metadata, recipe files
+(`--config recipes/NAME.json`) supply values whose keys are the field names, and flags given on
+the command line win over both: dataclass default < recipe < flag. `TrainConfig.finalized()`
+validates everything that can be checked without touching data or devices.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from engine import distributed
+from engine.errors import ConfigError, UserError
+
+__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
+           "load_recipe", "RECIPES_DIR"]
+
+SCHEDULES = ("step", "cosine", "linear", "poly")
+OPTIMIZERS = ("sgd", "lars")
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+def _opt(default: Any, help: str, *flags: str, **argparse_kw: Any) -> Any:
+    """A field with its command-line spelling and help text beside its default."""
+    return field(default=default, metadata=dict(help=help, flags=flags, kw=argparse_kw))
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata=dict(
+        help="ROOT with train/ and val/: packed shards (meta.json) or raw <wnid>/*.JPEG "
+             "folders", flags=("-d", "--data"), kw=dict(metavar="DIR")))
+    arch: str = _opt("resnet18", "model name (engine.models.ARCHS)", "-a", "--arch")
+    batch_size: int = _opt(32, "images per GPU per step", "-b", "--batch-size")
+    ngpus: Optional[int] = _opt(
+        None, "GPUs (processes) per node; default: SLURM_GPUS_ON_NODE under Slurm, else all "
+              "visible; 1 process on CPU", "-n", "--ngpus")
+    save_dir: Optional[str] = _opt(None, "output folder (default: output/<arch>)",
+                                   "-s", "--save-dir", "--save")
+    learning_rate: float = _opt(0.0125, "learning rate per GPU; the run uses it x world size",
+                                "--lr", "--learning-rate")
+    epochs: int = _opt(100, "training epochs")
+    workers: Optional[int] = _opt(
+        None, "loader processes per GPU (default: usable cores / GPUs per node - 1; 0 = decode "
+              "in the training process)", "-j", "--workers")
+    image_size: int = _opt(224, "train crop size (and val size unless --val-image-size)")
+    weight_decay: float = _opt(1e-4, "weight decay", "--wd", "--weight-decay")
+    momentum: float = _opt(0.9, "SGD momentum")
+    warmup_epochs: float = _opt(0.0, "linear per-step LR warmup length, in epochs")
+    lr_schedule: str = _opt("step", "step: x0.1 at epochs 30/60/80 (scaled to --epochs outside "
+                                    "90-100); cosine; linear (to zero); poly (power 2, to zero)",
+                            choices=SCHEDULES)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy targets")
+    amp: bool = _opt(False, "mixed precision (float16 autocast + GradScaler); needs a CUDA GPU")
+    trace: bool = _opt(True, "compile the train/eval steps with jit.trace(symbolic=True); "
+                             "ignored with --dtr")
+    dtr: Optional[str] = _opt(
+        None, "enable DTR (recompute to save memory); THRESHOLD like 5GB, default 80%% of "
+              "device memory. Runs the steps eagerly (no trace): MegEngine only supports DTR in "
+              "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
+    resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
+                                       "latest checkpoint", metavar="PATH")
+    seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
+    # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
+    num_nodes: Optional[int] = _opt(None, "machines in a multi-node run (default: from NNODES / "
+                                          "WORLD_SIZE, SLURM_NNODES, else 1)")
+    node_rank: Optional[int] = _opt(None, "this machine's index (default: NODE_RANK / RANK, "
+                                          "SLURM_NODEID, else 0)")
+    master_ip: Optional[str] = _opt(
+        None, "address of node 0 as every node sees it (default: MASTER_ADDR, the first host of "
+              "SLURM_JOB_NODELIST, else localhost for one node)")
+    master_port: Optional[int] = _opt(
+        None, "rendezvous port on node 0 (default: MASTER_PORT, derived from SLURM_JOB_ID, else "
+              "any free port on one node)")
+    rendezvous_timeout: float = _opt(
+        600.0, "multi-node: how long nodes wait for each other at startup before stopping with "
+               "an error that names the missing node", metavar="SECONDS")
+    print_freq: int = _opt(20, "steps per metrics record and progress update",
+                           "-p", "--print-freq")
+    save_every: int = _opt(0, "also checkpoint every STEPS steps, for mid-epoch resume (0 = "
+                              "epoch ends only)", metavar="STEPS")
+    max_steps: Optional[int] = _opt(None, "stop after this many global steps")
+    evaluate: bool = _opt(True, "validate after every epoch (--no-eval skips it)", "--eval")
+    progress: bool = _opt(True, "progress bar on rank 0 (--no-progress for log files)")
+
+    def finalized(self) -> "TrainConfig":
+        """A validated copy with defaults resolved; raises UserError for bad values."""
+        c = dataclasses.replace(self)
+        if not c.data:
+            raise UserError("--data is required: ROOT holding train/ and val/")
+        if c.save_dir is None:
+            c.save_dir = os.path.join("output", c.arch)
+        checks = [
+            (c.batch_size >= 1, "--batch-size must be >= 1"),
+            (c.epochs >= 1, "--epochs must be >= 1"),
+            (c.learning_rate > 0, "--learning-rate must be > 0"),
+            (c.image_size >= 32, "--image-size must be >= 32"),
+            (c.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0 <= c.momentum < 1, "--momentum must be in [0, 1)"),
+            (0 <= c.warmup_epochs <= c.epochs, "--warmup-epochs must be in [0, --epochs]"),
+            (c.lr_schedule in SCHEDULES, "--lr-schedule must be one of %s" % "|".join(SCHEDULES)),
+            (0 <= c.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+            (c.workers is None or c.workers >= 0, "--workers must be >= 0"),
+            (c.num_nodes is None or c.num_nodes >= 1, "--num-nodes must be >= 1"),
+            (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
+            (c.print_freq >= 1, "--print-freq must be >= 1"),
+            (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
+            (c.save_every >= 0, "--save-every must be >= 0"),
+            (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
+            (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if c.dtr:
+            c.trace = False  # DTR runs eagerly (see precision.TrainStep); train() says so
+        return c
+
+    def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
+        """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""
+        cl = distributed.resolve_cluster(
+            env, num_nodes=self.num_nodes, node_rank=self.node_rank, master_ip=self.master_ip,
+            master_port=self.master_port, ngpus=self.ngpus)
+        return dataclasses.replace(self, num_nodes=cl.num_nodes, node_rank=cl.node_rank,
+                                   master_ip=cl.master_addr, master_port=cl.master_port,
+                                   ngpus=cl.gpus_per_node)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+# ------------------------------------------------------------------------------ recipe files
+
+def load_recipe(path_or_name: str) -> Dict[str, Any]:
+    """A recipe's values by field name. A bare name (no "/", no ".json") is looked up in the
+    repository's recipes/ folder. Keys starting with "_" document the recipe (its source, the
+    accuracy that source reports) and are not options. Unknown keys are refused by name."""
+    path = path_or_name
+    if os.sep not in path and not path.endswith(".json"):
+        path = os.path.join(RECIPES_DIR, path + ".json")
+    if not os.path.isfile(path):
+        shipped = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".json")) \
+            if os.path.isdir(RECIPES_DIR) else []
+        raise ConfigError("--config %s: no such recipe file (shipped recipes: %s)"
+                          % (path_or_name, ", ".join(shipped) or "none"))
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except ValueError as exc:
+        raise ConfigError("--config %s is not valid JSON (%s)" % (path, exc)) from None
+    if not isinstance(values, dict):
+        raise ConfigError("--config %s must hold a JSON object of option: value" % path)
+    values = {k: v for k, v in values.items() if not k.startswith("_")}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError("--config %s: unknown option(s) %s; valid: %s"
+                          % (path, ", ".join(unknown), ", ".join(sorted(names))))
+    return values
+
+
+# ---------------------------------------------------------------------------- the parser
+
+def _arg_type(hint: Any):
+    """(type for argparse, is_bool) of a field's annotation, Optional[...] unwrapped."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return base, base is bool
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """tools/train.py's parser, derived from TrainConfig (flags, help, defaults), plus
+    --config for a recipe file whose values become the defaults."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="RECIPE", default=None,
+                   help="a recipe: recipes/NAME.json or a path; its keys are these options' "
+                        "names (e.g. batch_size) and flags given here override them")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        flags = meta.get("flags") or ("--" + f.name.replace("_", "-"),)
+        kw: Dict[str, Any] = dict(dest=f.name, help=meta.get("help", ""), **meta.get("kw", {}))
+        base, is_bool = _arg_type(hints[f.name])
+        if f.default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        if is_bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "const" not in kw:
+            kw["type"] = base
+        elif base is not str:
+            kw["type"] = base
+        p.add_argument(*flags, **kw)
+    return p
+
+
+def config_from_argv(argv: Optional[Sequence[str]] = None,
+                     description: str = "") -> TrainConfig:
+    """Parse the command line: defaults < --config recipe < flags. Bad values exit 2 through
+    argparse; a bad recipe raises ConfigError (a UserError)."""
+    p = build_parser(description)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        recipe = load_recipe(known.config)
+        p.set_defaults(**recipe)
+        # A recipe may set --data; the flag is then no longer required.
+        for action in p._actions:
+            if action.dest in recipe:
+                action.required = False
+    args = vars(p.parse_args(argv))
+    args.pop("config")
+    return TrainConfig(**args)
+
