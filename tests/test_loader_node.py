@@ -160,3 +160,18 @@ def test_a_folder_index_scanned_once_gives_the_batches_of_the_folder(tmp_path):
     out = str(tmp_path / "packed")
     pack_imagenet(root, out, workers=0, progress=False, log=lambda *a: None)
     assert split_source(os.path.join(out, "train")) == os.path.join(out, "train")
+
+
+def test_the_step_indexed_stream_is_the_epochs_back_to_back(packed):
+    """stream(step): one integer is the whole position; epochs follow each other seamlessly."""
+    kw = dict(batch_size=4, train=True, image_size=32, seed=4)
+    with Loader(os.path.join(packed, "train"), workers=0, **kw) as ref:
+        epochs = [[y.copy() for _, y in ref] for _ in range(3)]
+    flat = [y for e in epochs for y in e]
+    L = len(epochs[0])
+    with Loader(os.path.join(packed, "train"), workers=2, **kw) as ld:
+        s = ld.stream(L - 2)  # two batches before the end of epoch 0
+        got = [next(s)[1].copy() for _ in range(L + 3)]
+        assert ld.state_dict() == {"epoch": 2, "position": 1}
+    assert all(np.array_equal(a, b) for a, b in zip(got, flat[L - 2:2 * L + 1]))
+    assert ld.sampler.batch_at(L + 1)[0] == 1

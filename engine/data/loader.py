@@ -409,6 +409,14 @@ class Loader:
                               % (position, len(self)))
         self.epoch, self.position = epoch, position
 
+    def stream(self, step: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """Batches from global step `step` on (epoch = step // len(self)), endlessly: the next
+        epoch's batches are already decoding when one ends. The position stays readable through
+        state_dict() (epoch, position) as the stream advances."""
+        self.epoch, self.position = divmod(int(step), len(self))
+        while True:
+            yield from self
+
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         if self.position >= len(self):  # a finished epoch: move on to the next one
             self.epoch, self.position = self.epoch + 1, 0
@@ -526,11 +534,9 @@ class Loader:
 
     def _submit(self, limit: int) -> None:
         """Give free slots to the next batches (up to global batch `limit`), hand out chunks."""
-        L = len(self)
         while self._free and self._next_key < limit:
             key = self._next_key
-            epoch, b = divmod(key, L)
-            indices = self.sampler.batch(epoch, b)
+            epoch, indices = self.sampler.batch_at(key)
             slot = self._free.pop()
             starts = range(0, len(indices), self._chunk)
             self._batches[key] = _Batch(slot, len(indices), len(starts))

@@ -15,7 +15,7 @@ order for evaluation. Two ways to split it across world_size ranks:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -86,3 +86,11 @@ class Sampler:
         if not 0 <= b < self.num_batches:
             raise IndexError("batch %d out of range (%d per epoch)" % (b, self.num_batches))
         return self.indices(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def batch_at(self, step: int) -> Tuple[int, np.ndarray]:
+        """(epoch, record indices) of global batch `step` of this rank's endless stream:
+        epoch = step // batches per epoch. One integer is the whole position."""
+        if step < 0 or self.num_batches == 0:
+            raise IndexError("no batch %d (%d per epoch)" % (step, self.num_batches))
+        epoch, b = divmod(step, self.num_batches)
+        return epoch, self.batch(epoch, b)
