@@ -3,13 +3,16 @@
 Files are plain pickles (`megengine.save` is `pickle.dump`), so they load with or without
 MegEngine. An engine checkpoint is a dict::
 
-    {"format": "engine-checkpoint", "version": 1,
-     "epoch": int,            # epoch to continue in
-     "step": int,             # global optimisation steps done
+    {"format": "engine-checkpoint", "version": 2,
+     "step": int,             # global optimisation steps done: the whole position
+     "steps_per_epoch": int,  # what `step` was counted in (epoch = step // steps_per_epoch)
      "state_dict": {...},     # model weights, the key official test.py/inference.py read too
-     "optimizer": {...}, "scaler": {...} | None, "loader": {"epoch", "position"},
+     "optimizer": {...}, "scaler": {...} | None, "ema": {...} (when the run keeps one),
      "config": {...},         # TrainConfig as a dict; arch, num_classes, classes, image_size
      "metrics": {...}}        # best top-1 so far etc.
+
+Version 1 stored the position as "epoch" plus the loader's {"epoch", "position"}; the trainer
+still resumes those.
 
 The official published weights are bare state dicts; official train.py checkpoints are
 {"epoch", "state_dict"}. `read_weights` accepts all three.
@@ -27,7 +30,7 @@ from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError
 
 FORMAT = "engine-checkpoint"
-VERSION = 1
+VERSION = 2
 LATEST = "checkpoint.pkl"  # the official train.py's name; always the newest state of a run
 
 

@@ -672,3 +672,20 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
 ]
+
+
+def resolve_ngpus(requested: Optional[int], available: int, num_nodes: int = 1) -> int:
+    """Processes per node. CPU-only machines run one process (MegEngine's distributed
+    backend is CUDA-only), so asking for more there is an error, not a silent downgrade."""
+    if available == 0:
+        if requested not in (None, 0, 1) or num_nodes > 1:
+            raise UserError(
+                "no CUDA GPU is visible, so training runs as one CPU process; multi-GPU and "
+                "multi-node need CUDA (got --ngpus %s, --num-nodes %d)" % (requested, num_nodes)
+            )
+        return 1
+    if requested is None or requested == 0:
+        return available
+    if requested > available:
+        raise UserError("--ngpus %d but only %d GPUs are visible" % (requested, available))
+    return requested

@@ -211,7 +211,7 @@ def test(config: TestConfig) -> Dict[str, float]:
     if config.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     from engine.models import prefetch_weights
-    from engine.trainer import resolve_ngpus
+    from engine.distributed import resolve_ngpus
 
     ngpus = resolve_ngpus(config.ngpus, distributed.gpu_count())
     if ngpus > 1:

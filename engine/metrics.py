@@ -205,3 +205,69 @@ def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "
     fig.savefig(tmp)
     os.replace(tmp, png_path)  # a viewer never sees a half-written image
     return png_path
+
+
+class TrainLog:
+    """Everything the training loop reports, per log interval: losses read in one batch (reading
+    a device loss synchronises, so they are read only at log time), images/s and data-wait,
+    a metrics.jsonl record and the progress bar. `reduce` sums a small vector over the ranks
+    (the trainer passes distributed.all_reduce_sum): every rank calls `interval` at the same
+    steps, so the collectives pair up."""
+
+    def __init__(self, path: str, *, enabled: bool, start: int, total: int,
+                 world_size: int, reduce, progress: bool, description: str = ""):
+        from tqdm import tqdm
+
+        self.log = MetricsLog(path, enabled=enabled)
+        self.log.drop_after(start)  # records past the checkpoint are about to be redone
+        self.world_size = world_size
+        self.reduce = reduce
+        self.meter, self.timer = LossMeter(), StepTimer()
+        self.pending: List[Any] = []  # (device loss, update skipped) not read yet
+        self.last_loss: Optional[float] = None
+        self.throughput: List[float] = []
+        self.bar = tqdm(total=total, initial=min(start, total), unit="step", dynamic_ncols=True,
+                        disable=not (enabled and progress), desc=description)
+
+    def before_data(self) -> None:
+        self.timer.before_data()
+
+    def after_data(self, n_images: int) -> None:
+        self.timer.after_data(n_images * self.world_size)  # img/s counts every rank's images
+
+    def add(self, loss: Any, skipped: bool) -> None:
+        self.pending.append((loss, skipped))
+        self.bar.update(1)
+
+    def interval(self, step: int, epoch: int, lr: float) -> None:
+        for loss, skipped in self.pending:  # the sync point: the interval's timing is exact
+            self.meter.update(float(loss.item()), skipped)
+        self.pending.clear()
+        speed = self.timer.read()
+        # Mean over all ranks' finite steps; data_wait is this rank's share of the interval
+        # spent blocked on the loader.
+        summary = interval_summary(self.reduce(self.meter.local()), self.world_size)
+        self.last_loss = summary["loss"]
+        self.throughput.append(speed["img_s"])
+        self.log.write({"kind": "train", "epoch": epoch, "step": step, "loss": self.last_loss,
+                        "skipped": summary["skipped"], "lr": lr, "img_s": speed["img_s"],
+                        "data_wait": speed["data_wait"]})
+        self.bar.set_postfix(loss="-" if self.last_loss is None else "%.4f" % self.last_loss,
+                             lr="%.5f" % lr, img_s="%.1f" % speed["img_s"],
+                             wait="%.0f%%" % (100 * speed["data_wait"]))
+        self.meter.reset()
+        self.timer.start_interval()
+
+    def eval(self, step: int, epoch: int, result: Dict[str, float], name: str = "") -> None:
+        self.log.write({"kind": "eval" + ("_" + name if name else ""), "epoch": epoch,
+                        "step": step, **result})
+        if self.log.enabled:
+            self.bar.write("epoch %d  %sval top1 %.3f  top5 %.3f  loss %.4f  (%d images)"
+                           % (epoch, name + " " if name else "", result["top1"], result["top5"],
+                              result["loss"], result["images"]))
+
+    def mean_img_s(self) -> Optional[float]:
+        return sum(self.throughput) / len(self.throughput) if self.throughput else None
+
+    def close(self) -> None:
+        self.bar.close()

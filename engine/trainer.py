@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
 from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exported)
+from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,23 +84,6 @@ def lr_at(
     if step < warmup:
         lr *= (step + 1) / warmup
     return lr
-
-
-def resolve_ngpus(requested: Optional[int], available: int, num_nodes: int = 1) -> int:
-    """Processes per node. CPU-only machines run one process (MegEngine's distributed
-    backend is CUDA-only), so asking for more there is an error, not a silent downgrade."""
-    if available == 0:
-        if requested not in (None, 0, 1) or num_nodes > 1:
-            raise UserError(
-                "no CUDA GPU is visible, so training runs as one CPU process; multi-GPU and "
-                "multi-node need CUDA (got --ngpus %s, --num-nodes %d)" % (requested, num_nodes)
-            )
-        return 1
-    if requested is None or requested == 0:
-        return available
-    if requested > available:
-        raise UserError("--ngpus %d but only %d GPUs are visible" % (requested, available))
-    return requested
 
 
 def resolve_data(data: str) -> Tuple[str, str]:
@@ -160,11 +144,6 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
     )
 
 
-def writes_files(rank: int) -> bool:
-    """Only global rank 0 logs, plots and saves: N ranks writing one file would corrupt it."""
-    return rank == 0
-
-
 def checkpoint_config(config: TrainConfig, num_classes: int, classes: List[str]) -> Dict[str, Any]:
     """What a checkpoint records about its run (inference/test need arch, classes, size)."""
     out = dataclasses.asdict(config)
@@ -172,25 +151,34 @@ def checkpoint_config(config: TrainConfig, num_classes: int, classes: List[str])
     return out
 
 
-def check_resume_compatible(saved: Dict[str, Any], config: TrainConfig, classes: List[str],
-                            world_size: int, mid_epoch: bool) -> None:
-    """A resume must continue the same run: same model and classes; mid-epoch, same batches."""
+def resume_step(state: Mapping[str, Any], config: TrainConfig, classes: List[str],
+                world_size: int, steps_per_epoch: int) -> int:
+    """The global step a checkpoint continues at, counted in this run's steps per epoch.
+
+    A resume must continue the same run: same model and classes. Checkpoint version 2 stores
+    the step and the steps per epoch it was counted in; version 1 stored the loader's (epoch,
+    position). At an epoch boundary the global batch may change (the epoch is re-counted in
+    this run's steps); mid-epoch it may not: the rest of the epoch's batches would differ.
+    """
+    saved = state["config"]
     if saved.get("arch") != config.arch:
         raise UserError("--resume: the checkpoint is a %s run but --arch is %s"
                         % (saved.get("arch"), config.arch))
     if list(saved.get("classes", [])) != list(classes):
         raise UserError(
             "--resume: the checkpoint was trained on %d classes, --data has %d (or in another "
-            "order); resume with the same data" % (len(saved.get("classes", [])), len(classes))
-        )
-    if mid_epoch:
-        saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
-        if saved_batch != config.batch_size * world_size:
-            raise UserError(
-                "--resume: the checkpoint stopped mid-epoch with a global batch of %d, this run "
-                "has %d; the remaining batches would differ. Use the same --batch-size/--ngpus."
-                % (saved_batch, config.batch_size * world_size)
-            )
+            "order); resume with the same data" % (len(saved.get("classes", [])), len(classes)))
+    if int(state.get("version", 1)) >= 2:
+        epoch, position = divmod(int(state["step"]), int(state["steps_per_epoch"]))
+    else:
+        epoch, position = int(state["loader"]["epoch"]), int(state["loader"]["position"])
+    saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
+    if position and saved_batch != config.batch_size * world_size:
+        raise UserError(
+            "--resume: the checkpoint stopped mid-epoch with a global batch of %d, this run has "
+            "%d; the remaining batches would differ. Use the same --batch-size/--ngpus."
+            % (saved_batch, config.batch_size * world_size))
+    return epoch * steps_per_epoch + position
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,235 +229,189 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
 
 def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, Any]:
+    """One rank's run. The position is one number, the global step; everything else (epoch,
+    LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
-    import megengine.optimizer as optim
-    from megengine.autodiff import GradManager
-    from tqdm import tqdm
 
-    from engine import checkpoint as ckpt
     from engine import precision
-    from engine.data import Loader
-    from engine.evaluate import run_eval
-    from engine.metrics import LossMeter, MetricsLog, StepTimer, interval_summary, plot_curves, read_jsonl
-    from engine.models import get_model, load_weights
+    from engine.metrics import TrainLog, plot_curves, read_jsonl
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    main = writes_files(rank)
-    # Same seed on every rank (init_process_group reseeds with time+rank), so every rank builds
-    # the same initial weights even before the broadcast.
+    main = rank == 0  # only global rank 0 writes files: N ranks writing one would corrupt it
+    # The same seed on every rank (init_process_group reseeds with time+rank), so every rank
+    # builds the same initial weights even before the broadcast.
     mge.random.seed(cfg.seed)
-
-    # ---- data: each rank its own share of every epoch ----
-    if not sources:  # called directly rather than through train()
-        sources = resolve_data(cfg.data)
-    try:
-        train_loader = Loader(sources[0], **loader_kwargs(cfg, True, rank, world))
-        val_loader = Loader(sources[1], **loader_kwargs(cfg, False, rank, world)) \
-            if cfg.evaluate else None
-    except (ValueError, OSError) as exc:  # no meta.json, empty folders, batch > data, ...
-        raise UserError("--data %s: %s" % (cfg.data, exc)) from None
-    classes = list(train_loader.classes)
-    num_classes = int(train_loader.num_classes)
-    steps_per_epoch = len(train_loader)
+    train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
+    spe, classes = len(train_loader), list(train_loader.classes)
+    model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
+    run_config = dict(checkpoint_config(cfg, len(classes), classes), world_size=world)
+    start, best_top1 = _resume(cfg, model, opt, scaler, classes, world, spe) if cfg.resume \
+        else (0, None)
     if main:
-        print("data: %d workers per loader (%d ranks per node), %.0f MB shared ring per loader"
-              % (train_loader.workers, train_loader.local_world_size,
-                 train_loader.shared_memory_bytes / 1e6), file=sys.stderr)
-    if steps_per_epoch == 0:
-        raise UserError("the training set has fewer images than one global batch (%d)"
-                        % (cfg.batch_size * world))
-
-    # ---- model, gradients, optimizer ----
-    model = get_model(cfg.arch, num_classes=num_classes)
-    distributed.broadcast_module(model)
-    gm = GradManager().attach(model.parameters(), callbacks=distributed.allreduce_callback())
+        _prepare_save_dir(cfg, run_config, train_loader)
+    total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
-    opt = optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay)
-    scaler = precision.make_grad_scaler() if cfg.amp else None
-    run_config = checkpoint_config(cfg, num_classes, classes)
-    run_config["world_size"] = world
-
-    # ---- resume: weights, optimizer, scaler, and the exact loader position ----
-    start_epoch, loader_state, best_top1 = 0, None, None
-    if main:
-        ckpt.clean_temp_files(cfg.save_dir)
-        if not cfg.resume and ckpt.find_latest(cfg.save_dir):
-            print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
-                  "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
-                  file=sys.stderr)
-    if cfg.resume:
-        path = ckpt.resolve_resume(cfg.resume)
-        state = ckpt.load_checkpoint(path)
-        if not ckpt.is_engine_checkpoint(state):
-            raise UserError("--resume %s: not a checkpoint written by tools/train.py (an official "
-                            "weight file has no optimizer or loader state to resume)" % path)
-        loader_state = dict(state["loader"])
-        check_resume_compatible(state["config"], cfg, classes, world,
-                                mid_epoch=loader_state.get("position", 0) > 0)
-        try:
-            load_weights(model, state["state_dict"], strict=True, source=path)
-        except ValueError as exc:
-            raise UserError(" ".join(str(exc).split())) from None
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        best_top1 = state.get("metrics", {}).get("best_top1")
-    # Derived, not stored: the LR schedule only depends on where we are in the run.
-    step = start_epoch * steps_per_epoch + (loader_state or {}).get("position", 0)
-
     train_step = precision.make_train_step(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing,
-        dtr_bytes=precision.dtr_threshold(cfg.dtr) if cfg.dtr else None,
-    )
-    eval_step = precision.make_eval_step(model, num_classes=num_classes, trace=cfg.trace,
+        dtr_bytes=precision.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+    eval_step = precision.make_eval_step(model, num_classes=len(classes), trace=cfg.trace,
                                          amp=cfg.amp)
-
-    # ---- outputs (rank 0 only) ----
-    log = MetricsLog(os.path.join(cfg.save_dir, "metrics.jsonl"), enabled=main)
-    log.drop_after(step)  # records past the checkpoint are about to be redone
+    log = TrainLog(os.path.join(cfg.save_dir, "metrics.jsonl"), enabled=main, start=start,
+                   total=total, world_size=world, reduce=distributed.all_reduce_sum,
+                   progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe))
     png = os.path.join(cfg.save_dir, "curves.png")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress))
 
-    def save(epoch: int, loader_sd: Dict[str, int]) -> Optional[str]:
-        if not main:
-            return None
-        path = os.path.join(cfg.save_dir, ckpt.LATEST)
-        try:
-            return _save(epoch, loader_sd, path)
-        except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
-            raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if "
-                            "any, is unchanged)") from None
+    def save(step: int) -> Optional[str]:
+        state = {"step": step, "steps_per_epoch": spe, "state_dict": model.state_dict(),
+                 "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "config": run_config, "metrics": {"best_top1": best_top1}}
+        return _save_checkpoint(cfg, state) if main else None
 
-    def _save(epoch: int, loader_sd: Dict[str, int], path: str) -> str:
-        return ckpt.save_checkpoint({
-            "format": ckpt.FORMAT, "version": ckpt.VERSION,
-            "epoch": epoch, "step": step,
-            "state_dict": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "loader": dict(loader_sd),
-            "config": run_config,
-            "metrics": {"best_top1": best_top1},
-        }, path)
-
-    def evaluate(epoch: int) -> Optional[Dict[str, float]]:
+    def evaluate(step: int) -> Optional[Dict[str, float]]:
         if val_loader is None:
             return None
+        from engine.evaluate import run_eval
+
         distributed.broadcast_buffers(model)  # every rank scores rank 0's BN statistics
         model.eval()
         result = run_eval(eval_step, val_loader)
         model.train()
-        log.write({"kind": "eval", "epoch": epoch, "step": step, **result})
-        if main:
-            bar.write("epoch %d  val top1 %.3f  top5 %.3f  loss %.4f  (%d images)"
-                      % (epoch, result["top1"], result["top5"], result["loss"], result["images"]))
+        log.eval(step, (step - 1) // spe, result)
         return result
 
-    # ---- the loop ----
-    loss_meter, timer = LossMeter(), StepTimer()
-    # (device loss, update skipped) not read yet: reading a loss forces a sync, so batch it
-    pending: List[Any] = []
-    last_loss, last_eval, throughput = None, None, []
-    checkpoint_path = None
-    stopped = cfg.max_steps is not None and step >= cfg.max_steps
-    epoch, position = start_epoch, step - start_epoch * steps_per_epoch
+    last_eval, checkpoint_path = None, None
     t_start = time.perf_counter()
+    batches = train_loader.stream(start)
     model.train()
-    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
-        if loader_state is not None:
-            train_loader.load_state_dict(loader_state)  # continues at the saved position
-            loader_state = None
-        else:
-            train_loader.set_epoch(epoch)
-        bar.set_description("epoch %d/%d" % (epoch, cfg.epochs))
-        timer.start_interval()
-        batches = iter(train_loader)
-        position = step - epoch * steps_per_epoch
-        while True:
-            timer.before_data()
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                break
-            timer.after_data(len(labels) * world)
-
-            lr = lr_at(step, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                       warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
-            loss = train_step(mge.tensor(images), mge.tensor(labels))
-            pending.append((loss, train_step.last_step_skipped))
-            step += 1
-            position += 1
-            bar.update(1)
-            stopped = cfg.max_steps is not None and step >= cfg.max_steps
-
-            if step % cfg.print_freq == 0 or position == steps_per_epoch or stopped:
-                for loss, skipped in pending:  # the sync point: the interval's timing is exact
-                    loss_meter.update(float(loss.item()), skipped)
-                pending.clear()
-                speed = timer.read()
-                # Mean over all ranks' finite steps. A collective: every rank logs at the same
-                # steps (they all run the same step count), so the calls pair up.
-                interval = interval_summary(distributed.all_reduce_sum(loss_meter.local()),
-                                            world)
-                last_loss = interval["loss"]
-                throughput.append(speed["img_s"])
-                # img_s counts all ranks' images; data_wait is this rank's share of the interval
-                # spent blocked on the loader.
-                log.write({"kind": "train", "epoch": epoch, "step": step, "loss": last_loss,
-                           "skipped": interval["skipped"], "lr": lr, "img_s": speed["img_s"],
-                           "data_wait": speed["data_wait"]})
-                bar.set_postfix(loss="-" if last_loss is None else "%.4f" % last_loss,
-                                lr="%.5f" % lr,
-                                img_s="%.1f" % speed["img_s"], wait="%.0f%%" % (100 * speed["data_wait"]))
-                loss_meter.reset()
-                timer.start_interval()
-
-            if stopped or (cfg.save_every and step % cfg.save_every == 0):
-                if position < steps_per_epoch:  # mid-epoch: the loader knows where it is
-                    checkpoint_path = save(epoch, train_loader.state_dict()) or checkpoint_path
-            if stopped:
-                break
-
-        if position == steps_per_epoch:  # a complete epoch: eval, then checkpoint "epoch+1"
-            last_eval = evaluate(epoch) or last_eval
+    for step in range(start, total):
+        log.before_data()
+        images, labels = next(batches)
+        log.after_data(len(labels))
+        lr = lr_at(step, base_lr=base_lr, steps_per_epoch=spe, epochs=cfg.epochs,
+                   warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
+        log.add(train_step(mge.tensor(images), mge.tensor(labels)), train_step.last_step_skipped)
+        done = step + 1
+        epoch_end, stop = done % spe == 0, done == total
+        if done % cfg.print_freq == 0 or epoch_end or stop:
+            log.interval(done, step // spe, lr)
+        if epoch_end or stop:  # a run stopped mid-epoch (max_steps) still reports accuracy
+            last_eval = evaluate(done) or last_eval
             if last_eval is not None and (best_top1 is None or last_eval["top1"] > best_top1):
                 best_top1 = last_eval["top1"]
-            checkpoint_path = save(epoch + 1, {"epoch": epoch + 1, "position": 0}) or checkpoint_path
-            if main:
-                plot_curves(read_jsonl(log.path), png, title="%s on %s" % (cfg.arch, cfg.data))
-        if stopped:
-            break
-
-    finished_epoch = position == steps_per_epoch
-    if stopped and not finished_epoch and val_loader is not None:
-        last_eval = evaluate(epoch)  # a run stopped mid-epoch (max_steps) still reports accuracy
-    if main and os.path.exists(log.path):
-        plot_curves(read_jsonl(log.path), png, title="%s on %s" % (cfg.arch, cfg.data))
-    bar.close()
+        if epoch_end or stop or (cfg.save_every and done % cfg.save_every == 0):
+            checkpoint_path = save(done) or checkpoint_path
+        if main and (epoch_end or stop):
+            plot_curves(read_jsonl(log.log.path), png, title="%s on %s" % (cfg.arch, cfg.data))
+    log.close()
     train_loader.close()
     if val_loader is not None:
         val_loader.close()
+    done = max(start, total)
     return {
-        "save_dir": cfg.save_dir,
-        "checkpoint": checkpoint_path,
-        "epoch": epoch + 1 if finished_epoch else epoch,  # the epoch a resume would continue in
-        "steps": step,
-        "loss": last_loss,
+        "save_dir": cfg.save_dir, "checkpoint": checkpoint_path,
+        "epoch": done // spe,  # the epoch a resume would continue in
+        "steps": done, "loss": log.last_loss,
         "top1": last_eval["top1"] if last_eval else None,
         "top5": last_eval["top5"] if last_eval else None,
-        "best_top1": best_top1,
-        "img_s": float(np.mean(throughput)) if throughput else None,
-        "seconds": time.perf_counter() - t_start,
-        "world_size": world,
-        "num_classes": num_classes,
-        "lr": base_lr,
+        "best_top1": best_top1, "img_s": log.mean_img_s(),
+        "seconds": time.perf_counter() - t_start, "world_size": world,
+        "num_classes": len(classes), "lr": base_lr,
     }
+
+
+def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
+    """(train loader, val loader or None): this rank's share of every epoch."""
+    from engine.data import Loader
+
+    try:
+        train_loader = Loader(sources[0], **loader_kwargs(cfg, True, rank, world))
+        val_loader = Loader(sources[1], **loader_kwargs(cfg, False, rank, world)) \
+            if cfg.evaluate else None
+    except (ValueError, OSError) as exc:  # batch larger than the data, unreadable folders
+        raise UserError("--data %s: %s" % (cfg.data, " ".join(str(exc).split()))) from None
+    if len(train_loader) == 0:
+        raise UserError("the training set has fewer images than one global batch (%d)"
+                        % (cfg.batch_size * world))
+    return train_loader, val_loader
+
+
+def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
+    """(model, grad manager, optimizer, AMP scaler or None), identical on every rank."""
+    import megengine.optimizer as optim
+    from megengine.autodiff import GradManager
+
+    from engine import precision
+    from engine.models import get_model
+
+    model = get_model(cfg.arch, num_classes=num_classes)
+    distributed.broadcast_module(model)
+    gm = GradManager().attach(model.parameters(), callbacks=distributed.allreduce_callback())
+    opt = optim.SGD(model.parameters(), lr=scaled_lr(cfg.learning_rate, world),
+                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = precision.make_grad_scaler() if cfg.amp else None
+    return model, gm, opt, scaler
+
+
+def _resume(cfg: TrainConfig, model, opt, scaler, classes: List[str], world: int,
+            spe: int) -> Tuple[int, Optional[float]]:
+    """Load weights, optimizer and scaler state; returns (global step, best top-1 so far)."""
+    from engine import checkpoint as ckpt
+    from engine.models import load_weights
+
+    path = ckpt.resolve_resume(cfg.resume)
+    state = ckpt.load_checkpoint(path)
+    if not ckpt.is_engine_checkpoint(state):
+        raise UserError("--resume %s: not a checkpoint written by tools/train.py (an official "
+                        "weight file has no optimizer or loader state to resume)" % path)
+    if int(state.get("version", 1)) > ckpt.VERSION:
+        raise UserError("--resume %s: checkpoint version %s was written by a newer engine (this "
+                        "one reads up to %d); update the engine" % (path, state.get("version"),
+                                                                    ckpt.VERSION))
+    step = resume_step(state, cfg, classes, world, spe)
+    try:
+        load_weights(model, state["state_dict"], strict=True, source=path)
+    except ValueError as exc:
+        raise UserError(" ".join(str(exc).split())) from None
+    opt.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return step, state.get("metrics", {}).get("best_top1")
+
+
+def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> None:
+    """Rank 0: clear dead temp files, say what is about to happen, write config.json."""
+    import json
+
+    from engine import checkpoint as ckpt
+    from engine.atomic import atomic_write
+
+    ckpt.clean_temp_files(cfg.save_dir)
+    if not cfg.resume and ckpt.find_latest(cfg.save_dir):
+        print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
+              "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
+              file=sys.stderr)
+    print("data: %d workers per loader (%d ranks per node), %.0f MB shared ring per loader"
+          % (loader.workers, loader.local_world_size, loader.shared_memory_bytes / 1e6),
+          file=sys.stderr)
+    path = os.path.join(cfg.save_dir, "config.json")
+    text = json.dumps(run_config, indent=1, sort_keys=True) + "\n"
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as exc:
+        raise UserError(disk_error_message(exc, path)) from None
+
+
+def _save_checkpoint(cfg: TrainConfig, state: Dict[str, Any]) -> str:
+    from engine import checkpoint as ckpt
+
+    path = os.path.join(cfg.save_dir, ckpt.LATEST)
+    try:
+        return ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": ckpt.VERSION, **state},
+                                    path)
+    except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
+        raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if any, is "
+                        "unchanged)") from None

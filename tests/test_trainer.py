@@ -11,7 +11,7 @@ from engine import trainer
 from engine.errors import UserError
 from engine.metrics import MetricsLog, read_jsonl
 from engine.trainer import (TrainConfig, loader_kwargs, lr_at, resolve_data, resolve_ngpus,
-                            scaled_lr, step_milestones, train, writes_files)
+                            resume_step, scaled_lr, step_milestones, train)
 
 from conftest import make_imagenet
 
@@ -68,9 +68,27 @@ def test_lr_scales_with_world_size():
     assert scaled_lr(0.0125, 16) == pytest.approx(0.2)   # 2 nodes x 8 GPUs
 
 
-def test_only_rank0_writes():
-    assert writes_files(0)
-    assert not any(writes_files(r) for r in range(1, 8))
+def test_resume_step_from_both_checkpoint_versions():
+    cfg = TrainConfig(data="x", batch_size=4)
+    classes = ["a", "b"]
+    saved = {"arch": "resnet18", "classes": classes, "batch_size": 4, "world_size": 2}
+    v2 = {"version": 2, "step": 23, "steps_per_epoch": 10, "config": saved}
+    assert resume_step(v2, cfg, classes, world_size=2, steps_per_epoch=10) == 23
+    v1 = {"version": 1, "epoch": 2, "step": 23, "loader": {"epoch": 2, "position": 3},
+          "config": saved}
+    assert resume_step(v1, cfg, classes, world_size=2, steps_per_epoch=10) == 23
+    # an epoch boundary is re-counted in this run's steps when the global batch changed ...
+    at_end = dict(v2, step=30)
+    assert resume_step(at_end, cfg, classes, world_size=4, steps_per_epoch=5) == 15
+    v1_end = dict(v1, loader={"epoch": 3, "position": 0})
+    assert resume_step(v1_end, cfg, classes, world_size=4, steps_per_epoch=5) == 15
+    # ... mid-epoch it may not change, and other runs are refused
+    with pytest.raises(UserError, match="mid-epoch with a global batch of 8, this run has 16"):
+        resume_step(v2, cfg, classes, world_size=4, steps_per_epoch=5)
+    with pytest.raises(UserError, match="resnet18 run but --arch is resnet50"):
+        resume_step(v2, TrainConfig(data="x", arch="resnet50"), classes, 2, 10)
+    with pytest.raises(UserError, match="trained on 2 classes, --data has 3"):
+        resume_step(v2, cfg, classes + ["c"], 2, 10)
 
 
 def test_logged_loss_is_the_mean_over_ranks_and_finite_steps():
@@ -178,7 +196,7 @@ def test_dtr_note_and_help(tmp_path):
 
 def test_config_validation():
     with pytest.raises(UserError, match="lr-schedule"):
-        TrainConfig(data="d", lr_schedule="linear").finalized()
+        TrainConfig(data="d", lr_schedule="nosuch").finalized()
     with pytest.raises(UserError, match="batch-size"):
         TrainConfig(data="d", batch_size=0).finalized()
     assert TrainConfig(data="d", arch="resnet50").finalized().save_dir == os.path.join(
@@ -334,7 +352,7 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
     assert 0 <= summary["top1"] <= 100 and summary["top1"] <= summary["top5"]
     assert summary["num_classes"] == 3 and summary["world_size"] == 1
     assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoint.pkl")
-    for name in ("checkpoint.pkl", "metrics.jsonl", "curves.png"):
+    for name in ("checkpoint.pkl", "metrics.jsonl", "curves.png", "config.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     train_recs = [r for r in records if r["kind"] == "train"]
@@ -349,7 +367,7 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
     from engine.checkpoint import load_checkpoint
 
     ck = load_checkpoint(summary["checkpoint"])
-    assert ck["epoch"] == 0 and ck["loader"] == {"epoch": 0, "position": 2}
+    assert ck["version"] == 2 and (ck["step"], ck["steps_per_epoch"]) == (2, 4)
     assert ck["config"]["arch"] == "resnet18" and ck["config"]["num_classes"] == 3
     assert ck["config"]["image_size"] == 32 and len(ck["config"]["classes"]) == 3
     assert {"state_dict", "optimizer", "scaler"} <= set(ck)
@@ -369,10 +387,10 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_straight_run(data_root, tmp_pa
     # ... vs stop at step 3 (mid-epoch 0), resume to 4 (epoch end), resume to 6.
     d = str(tmp_path / "b")
     train(_cfg(data_root, d, max_steps=3, evaluate=False, trace=False))
-    assert load_checkpoint(os.path.join(d, "checkpoint.pkl"))["loader"]["position"] == 3
+    assert load_checkpoint(os.path.join(d, "checkpoint.pkl"))["step"] == 3
     train(_cfg(data_root, d, max_steps=4, evaluate=False, trace=False, resume=d))
     ck = load_checkpoint(os.path.join(d, "checkpoint.pkl"))
-    assert ck["epoch"] == 1 and ck["loader"] == {"epoch": 1, "position": 0}
+    assert ck["step"] == 4 and ck["steps_per_epoch"] == 4
     resumed = train(_cfg(data_root, d, max_steps=6, evaluate=False, trace=False,
                          resume=os.path.join(d, "checkpoint.pkl")))
 
@@ -433,14 +451,48 @@ def test_save_every_n_steps_and_at_stop(data_root, tmp_path, monkeypatch):
     real = ckpt.save_checkpoint
 
     def recording(obj, path):
-        saved.append((obj["step"], obj["epoch"], dict(obj["loader"])))
+        saved.append(obj["step"])
         return real(obj, path)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", recording)
     train(_cfg(data_root, tmp_path / "s", max_steps=5, save_every=2, evaluate=False,
                trace=False))
-    # step 2: --save-every; step 4: epoch end (saved as "continue at epoch 1");
-    # step 4 is also a multiple of 2 but is not saved twice; step 5: the stop.
-    assert saved == [(2, 0, {"epoch": 0, "position": 2}),
-                     (4, 1, {"epoch": 1, "position": 0}),
-                     (5, 1, {"epoch": 1, "position": 1})]
+    # step 2: --save-every; step 4: epoch end, also a multiple of 2 but not saved twice;
+    # step 5: the stop.
+    assert saved == [2, 4, 5]
+
+
+def test_traced_resume_mid_epoch_equals_the_straight_run(data_root, tmp_path):
+    """With trace=True (the default), in the default tier: 3 steps straight vs 2 + resume."""
+    from engine.checkpoint import load_checkpoint
+
+    straight = train(_cfg(data_root, tmp_path / "a", max_steps=3, evaluate=False))
+    d = str(tmp_path / "b")
+    train(_cfg(data_root, d, max_steps=2, evaluate=False))
+    resumed = train(_cfg(data_root, d, max_steps=3, evaluate=False, resume=d))
+    a, b = _train_losses(straight["save_dir"]), _train_losses(d)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+    pa = load_checkpoint(straight["checkpoint"])["state_dict"]
+    pb = load_checkpoint(resumed["checkpoint"])["state_dict"]
+    for k in pa:
+        np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_version_1_checkpoint_still_resumes(data_root, tmp_path):
+    """Checkpoints of the first format stored the loader's (epoch, position), not the step."""
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+
+    d = tmp_path / "v1"
+    train(_cfg(data_root, d, max_steps=2, evaluate=False, trace=False))
+    ck = load_checkpoint(str(d / "checkpoint.pkl"))
+    old = {k: v for k, v in ck.items() if k not in ("step", "steps_per_epoch")}
+    old.update(version=1, epoch=0, step=2, loader={"epoch": 0, "position": 2})
+    save_checkpoint(old, str(d / "checkpoint.pkl"))
+    out = train(_cfg(data_root, d, max_steps=3, evaluate=False, trace=False, resume=str(d)))
+    assert out["steps"] == 3 and [r["step"] for r in read_jsonl(str(d / "metrics.jsonl"))
+                                  if r["kind"] == "train"] == [1, 2, 3]
+    newer = dict(load_checkpoint(str(d / "checkpoint.pkl")), version=99)
+    save_checkpoint(newer, str(d / "checkpoint.pkl"))
+    with pytest.raises(UserError, match="version 99 was written by a newer engine"):
+        train(_cfg(data_root, d, max_steps=4, evaluate=False, trace=False, resume=str(d)))
