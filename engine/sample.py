@@ -6,6 +6,11 @@
     out/val/<wnid>/<wnid>_val_<k>.JPEG      k = 1 .. val_per_class
     out/sample_imagenet.json                what was made (written first, rewritten when done)
 
+It lives in the library, not in tools/, because users call it too: it is how a new machine,
+container or CI job gets real JPEGs to check the loader, the packer and a training run end to
+end without ImageNet (`python -c "from engine.sample import make_sample_imagenet; ..."`), and
+the benchmarks and tests share it. It needs only numpy, OpenCV and, at call time, scikit-image.
+
 Val is sorted into class folders (as the official MegEngine reference expects), not the flat
 ``ILSVRC2012_val_*.JPEG`` folder of the real download. Labels are the sorted WNIDs, as for
 ImageNet.
