@@ -631,12 +631,6 @@ def broadcast_buffers(module: Any) -> None:
         _dist().bcast_list_(list(module.buffers()))
 
 
-def barrier() -> None:
-    """Wait for every rank (e.g. before others read a checkpoint rank 0 just wrote)."""
-    if get_world_size() > 1:
-        _dist().group_barrier()
-
-
 def all_reduce_sum(values: Sequence[float]) -> np.ndarray:
     """Sum a small vector of host numbers across ranks (eval counts); identity in one process."""
     arr = np.asarray(values, dtype=np.float64)
@@ -653,6 +647,7 @@ def all_reduce_sum(values: Sequence[float]) -> np.ndarray:
 __all__ = [
     "Cluster",
     "resolve_cluster",
+    "resolve_ngpus",
     "expand_nodelist",
     "is_loopback",
     "check_one_process_per_node",
@@ -669,7 +664,6 @@ __all__ = [
     "allreduce_callback",
     "broadcast_module",
     "broadcast_buffers",
-    "barrier",
     "all_reduce_sum",
 ]
 
