@@ -80,8 +80,7 @@ def test_shared_memory_is_slots_times_batch_bytes_whatever_the_worker_count(pack
             batch_bytes = 6 * 3 * 40 * 40 + 6 * 4  # images + int32 labels
             assert ld.shared_memory_bytes == DEFAULT_SLOTS * batch_bytes
             next(iter(ld))
-            ring = ld._images.base  # the one anonymous mapping behind every slot
-            assert len(ring) == ld.shared_memory_bytes
+            assert len(ld._ring) == ld.shared_memory_bytes  # the one mapping behind every slot
     inline = Loader(os.path.join(packed, "train"), batch_size=6, train=True, workers=0)
     assert inline.shared_memory_bytes == 0
 
@@ -175,3 +174,42 @@ def test_the_step_indexed_stream_is_the_epochs_back_to_back(packed):
         assert ld.state_dict() == {"epoch": 2, "position": 1}
     assert all(np.array_equal(a, b) for a, b in zip(got, flat[L - 2:2 * L + 1]))
     assert ld.sampler.batch_at(L + 1)[0] == 1
+
+
+def test_a_resolution_schedule_changes_size_at_epoch_boundaries_in_the_same_ring(packed):
+    """Progressive resizing: each epoch's batches at its size, identical to a loader built at
+    that size, with the workers and the ring (sized for the largest size) kept throughout."""
+    def schedule(epoch):  # the stream decodes ahead into epoch 3 too
+        return (32, 48, 40)[min(epoch, 2)]
+
+    kw = dict(batch_size=5, train=True, seed=3)
+    with Loader(os.path.join(packed, "train"), workers=2, image_size=schedule,
+                max_image_size=48, **kw) as ld:
+        pids = None
+        got = []
+        for epoch in range(3):
+            got.append([(x.copy(), y.copy()) for x, y in ld])
+            pids = pids or [p.pid for p in ld._procs]
+            assert [p.pid for p in ld._procs] == pids  # no restart at a size change
+        assert ld.shared_memory_bytes == ld.slots * 5 * (3 * 48 * 48 + 4)
+    for epoch, size in enumerate((32, 48, 40)):
+        with Loader(os.path.join(packed, "train"), workers=0, image_size=size, **kw) as ref:
+            ref.set_epoch(epoch)
+            want = [(x.copy(), y.copy()) for x, y in ref]
+        assert len(want) == len(got[epoch])
+        for (xa, ya), (xb, yb) in zip(want, got[epoch]):
+            assert xb.shape[-1] == size
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa, xb)
+    with pytest.raises(Exception, match="needs max_image_size"):
+        Loader(os.path.join(packed, "train"), image_size=schedule, **kw)
+
+
+def test_val_crop_ratio_sets_the_resize_before_the_center_crop(packed):
+    """--val-resize-ratio: 1.0 resizes the shorter side to the crop size itself (no border
+    cut off), 0.875 is the standard 224/256."""
+    split = os.path.join(packed, "val")
+    a = next(iter(Loader(split, batch_size=4, train=False, workers=0, image_size=64)))[0]
+    b = next(iter(Loader(split, batch_size=4, train=False, workers=0, image_size=64,
+                         crop_ratio=1.0)))[0]
+    assert a.shape == b.shape == (4, 3, 64, 64) and not np.array_equal(a, b)

@@ -37,7 +37,7 @@ import time
 import traceback
 import warnings
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -123,33 +123,33 @@ def _open_source(source: Union[str, FolderIndex]):
 # ------------------------------------------------------------------------- per-sample work
 
 class _Decoder:
-    """Turns record bytes into one uint8 CHW sample; identical in workers and inline."""
+    """Turns record bytes into one uint8 CHW sample; identical in workers and inline. The
+    output size is the `out` array's, so one decoder serves every resolution of a schedule."""
 
-    def __init__(self, train: bool, image_size: int, seed: int, use_roi: bool):
+    def __init__(self, train: bool, seed: int, use_roi: bool, crop_ratio: float = 0.875):
         self.train = train
-        self.size = image_size
         self.seed = seed
         self.use_roi = use_roi
-        self.resize_to = val_resize(image_size)
+        self.crop_ratio = crop_ratio
 
     def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
                  size: Optional[Tuple[int, int]] = None) -> None:
         """Decode into out (uint8 [3, S, S]); size is the JPEG's (width, height) when known."""
+        S = out.shape[-1]
         if self.train:
-            img, flip = self._train(data, index, epoch, size)
+            img, flip = self._train(data, index, epoch, size, S)
         else:
-            img, flip = self._val(data, size), False
-        if img.shape[0] != self.size or img.shape[1] != self.size:
-            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            img, flip = self._val(data, size, S), False
+        if img.shape[0] != S or img.shape[1] != S:
+            img = cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
         if flip:
             img = cv2.flip(img, 1)
         # HWC -> CHW straight into the slot's three planes (3x cheaper than a numpy transpose).
         cv2.split(img, [out[0], out[1], out[2]])
 
-    def _train(self, data: bytes, index: int, epoch: int,
-               size: Optional[Tuple[int, int]]) -> Tuple[np.ndarray, bool]:
+    def _train(self, data: bytes, index: int, epoch: int, size: Optional[Tuple[int, int]],
+               S: int) -> Tuple[np.ndarray, bool]:
         rng = sample_rng(self.seed, epoch, index)
-        S = self.size
         if size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
             x, y, w, h = random_resized_crop(height, width, rng)
@@ -168,22 +168,21 @@ class _Decoder:
             crop = full[y:y + h, x:x + w]
         return crop, rng.random() < 0.5
 
-    def _val(self, data: bytes, size: Optional[Tuple[int, int]]) -> np.ndarray:
+    def _val(self, data: bytes, size: Optional[Tuple[int, int]], S: int) -> np.ndarray:
         if size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
             img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
         else:
             img = decode_bgr(data)
         h, w = img.shape[:2]
-        th, tw = resize_shorter(h, w, self.resize_to)
+        th, tw = resize_shorter(h, w, val_resize(S, self.crop_ratio))
         if (th, tw) != (h, w):
             img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
-        if th < self.size or tw < self.size:  # only for image_size > resize_to; keep it defined
-            img = cv2.resize(img, (max(tw, self.size), max(th, self.size)),
-                             interpolation=cv2.INTER_LINEAR)
+        if th < S or tw < S:  # only for a crop ratio above 1; keep it defined
+            img = cv2.resize(img, (max(tw, S), max(th, S)), interpolation=cv2.INTER_LINEAR)
             th, tw = img.shape[:2]
-        x, y = center_crop(th, tw, self.size)
-        return img[y:y + self.size, x:x + self.size]
+        x, y = center_crop(th, tw, S)
+        return img[y:y + S, x:x + S]
 
 
 def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np.ndarray,
@@ -217,7 +216,6 @@ def _worker_main(wid: int, conn, source, decoder: _Decoder, buf: mmap.mmap,
     # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
-    images, labels = _views(buf, layout)
     while True:
         try:
             if not conn.poll(1.0):
@@ -229,11 +227,12 @@ def _worker_main(wid: int, conn, source, decoder: _Decoder, buf: mmap.mmap,
             return
         if task is None:
             return
-        key, epoch, slot, start, indices = task
+        key, epoch, slot, start, indices, S = task
         stop = start + len(indices)
+        images, labels = _slot_arrays(buf, layout, slot, S)
         try:
-            failures = _fill(source, decoder, indices, epoch, images[slot, start:stop],
-                             labels[slot, start:stop])
+            failures = _fill(source, decoder, indices, epoch, images[start:stop],
+                             labels[start:stop])
             reply = (key, failures, None)
         except UserError as exc:  # the user's to fix: re-raised as is in the main process
             reply = (key, [], exc)
@@ -245,10 +244,14 @@ def _worker_main(wid: int, conn, source, decoder: _Decoder, buf: mmap.mmap,
             return
 
 
-def _views(buf, layout: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
-    slots, bs, S = layout["slots"], layout["batch_size"], layout["image_size"]
-    images = np.ndarray((slots, bs, 3, S, S), np.uint8, buf, 0)
-    labels = np.ndarray((slots, bs), np.int32, buf, images.nbytes)
+def _slot_arrays(buf, layout: Dict[str, int], slot: int, S: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [B, 3, S, S], labels int32 [B]) of one slot, for an output size S up to
+    the ring's max_size: a slot is sized for the largest resolution, and a smaller batch uses
+    its first bytes, so a resolution change needs no new memory and no new workers."""
+    bs, M = layout["batch_size"], layout["max_size"]
+    base = slot * _slot_bytes(bs, M)
+    images = np.ndarray((bs, 3, S, S), np.uint8, buf, base)
+    labels = np.ndarray((bs,), np.int32, buf, base + bs * 3 * M * M)
     return images, labels
 
 
@@ -279,10 +282,11 @@ def _exit_reason(code: int) -> str:
 class _Batch:
     """A batch in flight: its slot, its size and the chunks not yet back."""
 
-    __slots__ = ("slot", "size", "remaining", "failures")
+    __slots__ = ("slot", "size", "pixels", "remaining", "failures")
 
-    def __init__(self, slot: int, size: int, chunks: int):
-        self.slot, self.size, self.remaining, self.failures = slot, size, chunks, []
+    def __init__(self, slot: int, size: int, pixels: int, chunks: int):
+        self.slot, self.size, self.pixels, self.remaining, self.failures = \
+            slot, size, pixels, chunks, []
 
 
 # ------------------------------------------------------------------------------- the loader
@@ -295,8 +299,12 @@ class Loader:
             a FolderIndex of one (engine.data.folder.index_folder: scan once, share the list).
         batch_size: samples per batch on this rank.
         train: RandomResizedCrop + horizontal flip in a shuffled order (True), or resize the
-            shorter side to round(image_size / 0.875) + center crop in record order (False).
-        image_size: output height and width.
+            shorter side to round(image_size / crop_ratio) + center crop in record order (False).
+        image_size: output height and width; or a function epoch -> size (progressive
+            resizing), with `max_image_size` its largest value: the ring is sized for that, so
+            a resolution change costs neither memory nor a worker restart.
+        crop_ratio: val only: the center crop's share of the resized shorter side (0.875 is
+            the standard 224/256).
         workers: decoding processes; None = max(1, usable cores // local_world_size - 1)
             (see engine.data.cpus), 0 = decode in this process.
         seed, rank, world_size: the sample order and this rank's share (see Sampler).
@@ -321,15 +329,26 @@ class Loader:
     advances by one. `state_dict()` / `load_state_dict()` resume exactly mid-epoch.
     """
 
-    def __init__(self, source: Union[str, FolderIndex], *, batch_size: int, train: bool, image_size: int = 224,
+    def __init__(self, source: Union[str, FolderIndex], *, batch_size: int, train: bool,
+                 image_size: Union[int, Callable[[int], int]] = 224,
                  workers: Optional[int] = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: Optional[bool] = None,
                  local_world_size: int = 1, slots: Optional[int] = None,
                  persistent_workers: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
-                 use_roi: bool = True, prefetch: Optional[int] = None):
+                 use_roi: bool = True, prefetch: Optional[int] = None,
+                 max_image_size: Optional[int] = None, crop_ratio: float = 0.875):
         # Every cheap check first, before any file is opened or process started.
         if slots is None:
             slots = DEFAULT_SLOTS if prefetch is None else prefetch
+        if callable(image_size):
+            if max_image_size is None:
+                raise ConfigError("Loader: an image_size schedule needs max_image_size (the "
+                                  "largest size it returns: the ring is sized for it)")
+            size_at, image_size = image_size, max_image_size
+        else:
+            size_at = None
+        if not 0 < crop_ratio <= 1:
+            raise ConfigError("Loader: crop_ratio must be in (0, 1] (got %r)" % (crop_ratio,))
         for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
                                  ("local_world_size", local_world_size, 1),
                                  ("slots", slots, 2)):
@@ -349,7 +368,8 @@ class Loader:
         self.num_classes = len(self.classes)
         self.train = train
         self.batch_size = int(batch_size)
-        self.image_size = int(image_size)
+        self.image_size = int(image_size)  # the largest (and, without a schedule, the only) size
+        self._size_at = size_at
         self.local_world_size = int(local_world_size)
         self.workers = default_workers(self.local_world_size) if workers is None else int(workers)
         self.slots = int(slots)
@@ -359,7 +379,7 @@ class Loader:
                                rank=rank, world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
         self.roi = bool(use_roi and roi_available())
-        self._decoder = _Decoder(train, self.image_size, seed, self.roi)
+        self._decoder = _Decoder(train, seed, self.roi, crop_ratio)
         # Chunk so that one batch gives every worker a share: the ring needs only a few slots.
         self._chunk = max(1, math.ceil(self.batch_size / max(1, self.workers)))
         self.epoch = 0
@@ -369,8 +389,7 @@ class Loader:
         self._procs: List[Any] = []
         self._conns: List[Any] = []
         self._held_by: List[Deque[int]] = []
-        self._images: Optional[np.ndarray] = None
-        self._labels: Optional[np.ndarray] = None
+        self._ring: Optional[mmap.mmap] = None
         self._stream = -1  # the global batch the pipeline yields next (-1: no pipeline)
 
     # -- public API -------------------------------------------------------------------------
@@ -387,6 +406,16 @@ class Loader:
     def prefetch(self) -> int:
         """The former name of `slots`."""
         return self.slots
+
+    def size_at(self, epoch: int) -> int:
+        """The output size of `epoch`'s batches."""
+        if self._size_at is None:
+            return self.image_size
+        size = int(self._size_at(epoch))
+        if not 8 <= size <= self.image_size:
+            raise ConfigError("Loader: the image_size schedule gave %d for epoch %d; it must be "
+                              "in [8, max_image_size=%d]" % (size, epoch, self.image_size))
+        return size
 
     @property
     def shared_memory_bytes(self) -> int:
@@ -450,7 +479,7 @@ class Loader:
                 p.join(5)
         for conn in conns:
             conn.close()
-        self._images = self._labels = None
+        self._ring = None
         self._held_by = []
         self._stream = -1
 
@@ -469,10 +498,10 @@ class Loader:
     # -- iteration in this process -------------------------------------------------------------
 
     def _iter_inline(self):
-        S, bs = self.image_size, self.batch_size
+        bs, epoch = self.batch_size, self.epoch
+        S = self.size_at(epoch)
         images = np.empty((bs, 3, S, S), np.uint8)
         labels = np.empty((bs,), np.int32)
-        epoch = self.epoch
         while self.position < len(self):
             indices = self.sampler.batch(epoch, self.position)
             self._note(_fill(self._source, self._decoder, indices, epoch, images, labels))
@@ -484,12 +513,12 @@ class Loader:
 
     def _start(self) -> None:
         layout = {"slots": self.slots, "batch_size": self.batch_size,
-                  "image_size": self.image_size}
+                  "max_size": self.image_size}
         # MAP_SHARED | MAP_ANONYMOUS: shared with the forked workers, invisible to the file
         # system. It is never closed explicitly: numpy views keep the mmap object alive, and
         # closing it under a view the caller kept would turn a later read into a segfault.
         buf = mmap.mmap(-1, self.slots * _slot_bytes(self.batch_size, self.image_size))
-        self._images, self._labels = _views(buf, layout)
+        self._ring, self._layout = buf, layout
         log.info("loader %s: %d workers, ring of %d slots = %.1f MB shared memory",
                  self.source_path, self.workers, self.slots, self.shared_memory_bytes / 1e6)
         # fork: workers inherit the mapping, and an unguarded user script is not re-imported
@@ -527,7 +556,7 @@ class Loader:
         while any(self._held_by):
             self._receive(wait=True, strict=False)
         self._batches: Dict[int, _Batch] = {}
-        self._pending: Deque[Tuple[int, int, int, int, np.ndarray]] = collections.deque()
+        self._pending: Deque[Tuple[int, int, int, int, np.ndarray, int]] = collections.deque()
         self._free = list(range(self.slots))
         self._held: Optional[int] = None  # slot of the batch the caller holds
         self._next_key = self._stream = key
@@ -537,12 +566,13 @@ class Loader:
         while self._free and self._next_key < limit:
             key = self._next_key
             epoch, indices = self.sampler.batch_at(key)
+            S = self.size_at(epoch)
             slot = self._free.pop()
             starts = range(0, len(indices), self._chunk)
-            self._batches[key] = _Batch(slot, len(indices), len(starts))
+            self._batches[key] = _Batch(slot, len(indices), S, len(starts))
             for start in starts:
                 self._pending.append((key, epoch, slot, start,
-                                      indices[start:start + self._chunk]))
+                                      indices[start:start + self._chunk], S))
             self._next_key += 1
         while self._pending:
             wid = min(range(len(self._procs)), key=lambda w: len(self._held_by[w]))
@@ -647,8 +677,9 @@ class Loader:
                 self._stream += 1
                 self._submit(limit)  # refill the freed slot while the caller has the batch
                 self.position += 1
-                n = batch.size
-                yield self._images[batch.slot, :n], self._labels[batch.slot, :n]
+                images, labels = _slot_arrays(self._ring, self._layout, batch.slot,
+                                              batch.pixels)
+                yield images[:batch.size], labels[:batch.size]
         except GeneratorExit:
             raise
         except BaseException:

@@ -97,6 +97,6 @@ def center_crop(height: int, width: int, size: int) -> Tuple[int, int]:
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
-def val_resize(image_size: int) -> int:
-    """Shorter side before the center crop: 256 for 224, the standard 0.875 crop ratio."""
-    return int(round(image_size / 0.875))
+def val_resize(image_size: int, crop_ratio: float = 0.875) -> int:
+    """Shorter side before the center crop: 256 for 224 at the standard 0.875 crop ratio."""
+    return int(round(image_size / crop_ratio))
