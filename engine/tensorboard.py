@@ -10,15 +10,19 @@ command. `read_scalars` reads event files back (for tests and tools) without Ten
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import struct
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from engine.errors import ConfigError
 
 INSTALL_HINT = ("TensorBoard logging needs tensorboardX: pip install tensorboardX "
                 "(or pip install -e .[tensorboard])")
 _NOT_SCALARS = ("kind", "step")
+# Event file names hold the creation second and the host only: two sinks opened in the same
+# second (a quick resume, two sinks in one process) would write the same file and clobber it.
+_SINKS = itertools.count()
 
 
 def _tensorboardx():
@@ -33,17 +37,22 @@ class TensorBoardSink:
     """Scalars from metrics records into `log_dir` (one events file per sink).
 
     Build it with `enabled=is_main` like MetricsLog: disabled sinks import nothing and write
-    nothing. Non-numeric fields (strings, lists, None) are skipped; booleans too.
+    nothing. Non-numeric fields (strings, lists, None) are skipped; booleans too. A resumed run
+    passes `purge_step` = the step it resumes at, the counterpart of `MetricsLog.drop_after`:
+    TensorBoard then hides the earlier run's points from that step on instead of showing both.
     """
 
-    def __init__(self, log_dir: str, enabled: bool = True, flush_secs: int = 30):
+    def __init__(self, log_dir: str, enabled: bool = True, flush_secs: int = 30,
+                 purge_step: Optional[int] = None):
         self.log_dir = log_dir
         self.enabled = enabled
         self._writer = None
         if enabled:
             tbx = _tensorboardx()
             os.makedirs(log_dir, exist_ok=True)
-            self._writer = tbx.SummaryWriter(logdir=log_dir, flush_secs=flush_secs)
+            suffix = ".%d.%d" % (os.getpid(), next(_SINKS))
+            self._writer = tbx.SummaryWriter(logdir=log_dir, flush_secs=flush_secs,
+                                             purge_step=purge_step, filename_suffix=suffix)
 
     def write(self, record: Mapping[str, Any]) -> int:
         """Write one record's numeric fields; returns how many scalars were written."""
@@ -79,24 +88,28 @@ class TensorBoardSink:
 
 
 def read_scalars(log_dir: str) -> Dict[str, List[Tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from every events file in `log_dir`, in file order.
+    """{tag: [(step, value), ...]} from every events file in `log_dir`.
 
     Parses the TFRecord framing (u64 length, u32 crc, payload, u32 crc) and decodes each payload
     with tensorboardX's Event protobuf; CRCs are not verified (a reader for our own files).
+    A session START at step s (written for `purge_step`) drops the points read so far at steps
+    >= s, as TensorBoard does.
     """
     event_pb2 = _tensorboardx().proto.event_pb2
-    out: Dict[str, List[Tuple[int, float]]] = {}
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+    files = []
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
         with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            payload = data[pos + 12:pos + 12 + length]
-            if len(payload) < length:
-                break  # a record still being written
-            pos += 12 + length + 4
-            event = event_pb2.Event.FromString(payload)
+            events = list(_records(f.read()))
+        if events:
+            files.append([event_pb2.Event.FromString(e) for e in events])
+    # In the order the files were started (their first event's wall time), as TensorBoard reads.
+    files.sort(key=lambda events: events[0].wall_time)
+    out: Dict[str, List[Tuple[int, float]]] = {}
+    for events in files:
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                for tag, points in out.items():
+                    out[tag] = [(s, v) for s, v in points if s < event.step]
             for value in event.summary.value:
                 v = value.simple_value
                 if value.HasField("tensor") and value.tensor.float_val:
@@ -104,3 +117,14 @@ def read_scalars(log_dir: str) -> Dict[str, List[Tuple[int, float]]]:
                 out.setdefault(value.tag, []).append((int(event.step), float(v)))
     return out
 
+
+def _records(data: bytes):
+    """Payloads of a TFRecord byte string; a truncated last record (still being written) ends it."""
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        payload = data[pos + 12:pos + 12 + length]
+        if len(payload) < length:
+            return
+        pos += 12 + length + 4
+        yield payload

@@ -60,3 +60,17 @@ def test_missing_tensorboardx_is_a_config_error_with_the_install_command(tmp_pat
     assert str(err.value) == INSTALL_HINT
     assert "pip install tensorboardX" in INSTALL_HINT and ".[tensorboard]" in INSTALL_HINT
     assert not os.path.exists(tmp_path / "tb")
+
+
+def test_resumed_run_purges_the_steps_it_redoes(tmp_path):
+    pytest.importorskip("tensorboardX")
+    log_dir = str(tmp_path / "tb")
+    with TensorBoardSink(log_dir) as sink:               # the first run got to step 60
+        for step in (20, 40, 60):
+            sink.write({"kind": "train", "step": step, "loss": 10.0 - step / 10})
+    with TensorBoardSink(log_dir, purge_step=40) as sink:  # resumed from a checkpoint at 40
+        for step in (40, 60, 80):
+            sink.write({"kind": "train", "step": step, "loss": 1.0 - step / 100})
+    got = read_scalars(log_dir)["train/loss"]
+    assert [s for s, _ in got] == [20, 40, 60, 80]
+    assert [v for _, v in got] == pytest.approx([8.0, 0.6, 0.4, 0.2])
