@@ -68,5 +68,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "scikit-image", "matplotlib", "pillow"],
+        "tensorboard": ["tensorboardX"],
+        # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
+        "dali": ["nvidia-dali-cuda120"],
     },
 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,11 +18,10 @@ from engine import distributed
 from engine.errors import ConfigError, UserError
 
 __all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
-           "load_recipe", "RECIPES_DIR"]
+           "load_recipe"]
 
 SCHEDULES = ("step", "cosine", "linear", "poly")
 OPTIMIZERS = ("sgd", "lars")
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
 def _opt(default: Any, help: str, *flags: str, **argparse_kw: Any) -> Any:
@@ -57,6 +55,27 @@ class TrainConfig:
                                     "90-100); cosine; linear (to zero); poly (power 2, to zero)",
                             choices=SCHEDULES)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy targets")
+    optimizer: str = _opt("sgd", "sgd, or lars (layer-wise trust ratio; norms and biases "
+                                 "excluded, as in MLPerf)", choices=OPTIMIZERS)
+    no_wd_norm_bias: bool = _opt(False, "no weight decay on BatchNorm parameters and biases")
+    ema_decay: Optional[float] = _opt(
+        None, "keep an exponential moving average of the weights with this decay per step "
+              "(warmed up), evaluated beside the live model and saved in the checkpoint",
+        metavar="DECAY")
+    mixup_alpha: float = _opt(0.0, "Mixup's Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = _opt(0.0, "CutMix's Beta(alpha, alpha); 0 = off (with both on, "
+                                    "each batch picks one, half the time each)")
+    min_res: Optional[int] = _opt(None, "progressive resizing: train size up to --start-ramp "
+                                        "(all four of --min-res/--max-res/--start-ramp/"
+                                        "--end-ramp, or none)")
+    max_res: Optional[int] = _opt(None, "progressive resizing: train size from --end-ramp on")
+    start_ramp: Optional[int] = _opt(None, "progressive resizing: last epoch at --min-res")
+    end_ramp: Optional[int] = _opt(None, "progressive resizing: first epoch at --max-res "
+                                         "(sizes between are interpolated, multiples of 32)")
+    val_image_size: Optional[int] = _opt(None, "val crop size (default: --image-size, or "
+                                               "--max-res with progressive resizing)")
+    val_resize_ratio: float = _opt(0.875, "val: resize the shorter side to size / ratio, then "
+                                          "center-crop (0.875: 256 -> 224)")
     amp: bool = _opt(False, "mixed precision (float16 autocast + GradScaler); needs a CUDA GPU")
     trace: bool = _opt(True, "compile the train/eval steps with jit.trace(symbolic=True); "
                              "ignored with --dtr")
@@ -88,6 +107,8 @@ class TrainConfig:
     max_steps: Optional[int] = _opt(None, "stop after this many global steps")
     evaluate: bool = _opt(True, "validate after every epoch (--no-eval skips it)", "--eval")
     progress: bool = _opt(True, "progress bar on rank 0 (--no-progress for log files)")
+    tensorboard: bool = _opt(False, "also write the metrics as TensorBoard events to the save "
+                                    "dir (needs tensorboardX: pip install -e .[tensorboard])")
 
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
@@ -114,10 +135,24 @@ class TrainConfig:
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
+            (c.optimizer in OPTIMIZERS, "--optimizer must be one of %s" % "|".join(OPTIMIZERS)),
+            (c.ema_decay is None or 0 < c.ema_decay < 1, "--ema-decay must be in (0, 1)"),
+            (c.mixup_alpha >= 0 and c.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha "
+                                                         "must be >= 0"),
+            (c.val_image_size is None or c.val_image_size >= 32, "--val-image-size must be >= 32"),
+            (0 < c.val_resize_ratio <= 1, "--val-resize-ratio must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        ramp = (c.min_res, c.max_res, c.start_ramp, c.end_ramp)
+        if any(v is not None for v in ramp):
+            if any(v is None for v in ramp):
+                raise UserError("progressive resizing needs all of --min-res, --max-res, "
+                                "--start-ramp and --end-ramp (got %s)" % (ramp,))
+            if not (32 <= c.min_res <= c.max_res and 0 <= c.start_ramp <= c.end_ramp):
+                raise UserError("progressive resizing needs 32 <= --min-res <= --max-res and "
+                                "0 <= --start-ramp <= --end-ramp (got %s)" % (ramp,))
         if c.dtr:
             c.trace = False  # DTR runs eagerly (see precision.TrainStep); train() says so
         return c
@@ -131,38 +166,37 @@ class TrainConfig:
                                    master_ip=cl.master_addr, master_port=cl.master_port,
                                    ngpus=cl.gpus_per_node)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+    @property
+    def progressive(self) -> bool:
+        return self.min_res is not None
+
+    def train_size_at(self, epoch: int) -> int:
+        """The training crop size of `epoch` (FFCV's schedule, or --image-size)."""
+        from engine.schedules import resolution_at
+
+        if not self.progressive:
+            return self.image_size
+        return resolution_at(epoch, self.min_res, self.max_res, self.start_ramp, self.end_ramp)
+
+    @property
+    def max_train_size(self) -> int:
+        return max(self.max_res, self.min_res) if self.progressive else self.image_size
+
+    @property
+    def eval_size(self) -> int:
+        return self.val_image_size or self.max_train_size
 
 
 # ------------------------------------------------------------------------------ recipe files
 
 def load_recipe(path_or_name: str) -> Dict[str, Any]:
-    """A recipe's values by field name. A bare name (no "/", no ".json") is looked up in the
-    repository's recipes/ folder. Keys starting with "_" document the recipe (its source, the
-    accuracy that source reports) and are not options. Unknown keys are refused by name."""
-    path = path_or_name
-    if os.sep not in path and not path.endswith(".json"):
-        path = os.path.join(RECIPES_DIR, path + ".json")
-    if not os.path.isfile(path):
-        shipped = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".json")) \
-            if os.path.isdir(RECIPES_DIR) else []
-        raise ConfigError("--config %s: no such recipe file (shipped recipes: %s)"
-                          % (path_or_name, ", ".join(shipped) or "none"))
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except ValueError as exc:
-        raise ConfigError("--config %s is not valid JSON (%s)" % (path, exc)) from None
-    if not isinstance(values, dict):
-        raise ConfigError("--config %s must hold a JSON object of option: value" % path)
-    values = {k: v for k, v in values.items() if not k.startswith("_")}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError("--config %s: unknown option(s) %s; valid: %s"
-                          % (path, ", ".join(unknown), ", ".join(sorted(names))))
-    return values
+    """A recipe file's values by option name (recipes/NAME.json for a bare name), checked
+    against TrainConfig's fields and choices. Keys starting with "_" are its documentation."""
+    from engine import recipes
+
+    choices = {f.name: f.metadata["kw"]["choices"] for f in dataclasses.fields(TrainConfig)
+               if "choices" in f.metadata.get("kw", {})}
+    return recipes.load_recipe(path_or_name, typing.get_type_hints(TrainConfig), choices)
 
 
 # ---------------------------------------------------------------------------- the parser
