@@ -215,11 +215,18 @@ class TrainLog:
     steps, so the collectives pair up."""
 
     def __init__(self, path: str, *, enabled: bool, start: int, total: int,
-                 world_size: int, reduce, progress: bool, description: str = ""):
+                 world_size: int, reduce, progress: bool, description: str = "",
+                 tensorboard: bool = False):
         from tqdm import tqdm
 
         self.log = MetricsLog(path, enabled=enabled)
         self.log.drop_after(start)  # records past the checkpoint are about to be redone
+        self.tb = None
+        if tensorboard:  # the same records as TensorBoard events beside metrics.jsonl
+            from engine.tensorboard import TensorBoardSink
+
+            self.tb = TensorBoardSink(os.path.join(os.path.dirname(os.path.abspath(path)), "tb"),
+                                      enabled=enabled, purge_step=start)
         self.world_size = world_size
         self.reduce = reduce
         self.meter, self.timer = LossMeter(), StepTimer()
@@ -249,9 +256,9 @@ class TrainLog:
         summary = interval_summary(self.reduce(self.meter.local()), self.world_size)
         self.last_loss = summary["loss"]
         self.throughput.append(speed["img_s"])
-        self.log.write({"kind": "train", "epoch": epoch, "step": step, "loss": self.last_loss,
-                        "skipped": summary["skipped"], "lr": lr, "img_s": speed["img_s"],
-                        "data_wait": speed["data_wait"]})
+        self._write({"kind": "train", "epoch": epoch, "step": step, "loss": self.last_loss,
+                     "skipped": summary["skipped"], "lr": lr, "img_s": speed["img_s"],
+                     "data_wait": speed["data_wait"]})
         self.bar.set_postfix(loss="-" if self.last_loss is None else "%.4f" % self.last_loss,
                              lr="%.5f" % lr, img_s="%.1f" % speed["img_s"],
                              wait="%.0f%%" % (100 * speed["data_wait"]))
@@ -259,15 +266,22 @@ class TrainLog:
         self.timer.start_interval()
 
     def eval(self, step: int, epoch: int, result: Dict[str, float], name: str = "") -> None:
-        self.log.write({"kind": "eval" + ("_" + name if name else ""), "epoch": epoch,
-                        "step": step, **result})
+        self._write({"kind": "eval" + ("_" + name if name else ""), "epoch": epoch,
+                     "step": step, **result})
         if self.log.enabled:
             self.bar.write("epoch %d  %sval top1 %.3f  top5 %.3f  loss %.4f  (%d images)"
                            % (epoch, name + " " if name else "", result["top1"], result["top5"],
                               result["loss"], result["images"]))
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        self.log.write(record)
+        if self.tb is not None:
+            self.tb.write(_finite(record))
 
     def mean_img_s(self) -> Optional[float]:
         return sum(self.throughput) / len(self.throughput) if self.throughput else None
 
     def close(self) -> None:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

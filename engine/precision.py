@@ -17,7 +17,7 @@ Two MegEngine 1.13 facts shape the code:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,11 +119,20 @@ def enable_dtr(threshold_bytes: int) -> None:
 
 
 class TrainStep:
-    """One optimisation step: `loss = step(images_uint8, labels_int32)`.
+    """One optimisation step: `loss = step(images_uint8, labels_int32[, mix])`.
 
     `loss` is a device tensor; reading it (`.item()`) synchronises, so the trainer only does that
     when it logs. With AMP, `last_step_skipped` tells whether the update was dropped because the
     scaled gradients overflowed.
+
+    With `mix=True` (Mixup/CutMix), each call also takes the batch's plan from engine.mix as
+    `mix=(perm, rows, cols, lam)` tensors: the mixing runs in the compiled graph on the
+    normalised batch, and the loss is the soft-target cross-entropy (label smoothing applied to
+    the one-hots before mixing). A batch left unmixed passes the identity plan, so every step
+    runs the same graph.
+
+    A compiled graph is built per input shape: progressive resizing changes the image size at
+    epoch boundaries, and each size keeps its own trace (a handful over a run).
     """
 
     def __init__(
@@ -137,11 +146,17 @@ class TrainStep:
         scaler: Optional[mge_amp.GradScaler] = None,
         label_smoothing: float = 0.0,
         dtr_bytes: Optional[int] = None,
+        mix: bool = False,
+        num_classes: Optional[int] = None,
     ):
         self.model, self.gm, self.opt = model, gm, opt
         self.amp = amp
         self.scaler = scaler if scaler is not None else (make_grad_scaler() if amp else None)
         self.label_smoothing = float(label_smoothing)
+        self.mix = bool(mix)
+        if self.mix and not num_classes:
+            raise ValueError("TrainStep(mix=True) needs num_classes for the soft targets")
+        self.num_classes = num_classes
         self.normalize = Normalize()
         self.params = list(gm.attached_tensors())  # what backward writes .grad into
         self.last_step_skipped = False
@@ -151,33 +166,43 @@ class TrainStep:
             trace = False
             enable_dtr(dtr_bytes)
         self.traced = bool(trace)
-        if amp:
-            self._backward = _compile(self._amp_backward, trace)
-            self._update = _compile(self._amp_update, trace)
-        else:
-            self._step = _compile(self._fp32_step, trace)
+        self._graphs: Dict[Tuple[str, Tuple[int, ...]], Callable] = {}
 
-    def _loss(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
-        logits = self.model(self.normalize(images))
-        return F.nn.cross_entropy(
-            logits.astype("float32"), labels, label_smooth=self.label_smoothing
-        )
+    def _graph(self, name: str, shape: Tuple[int, ...]) -> Callable:
+        key = (name, tuple(shape))
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._graphs[key] = _compile(getattr(self, name), self.traced)
+        return fn
+
+    def _loss(self, images: mge.Tensor, labels: mge.Tensor, mix: Tuple[mge.Tensor, ...]) -> mge.Tensor:
+        x = self.normalize(images)
+        if not mix:
+            logits = self.model(x)
+            return F.nn.cross_entropy(logits.astype("float32"), labels,
+                                      label_smooth=self.label_smoothing)
+        from engine.mix import mix_images, mix_targets, soft_cross_entropy
+
+        perm, rows, cols, lam = mix
+        logits = self.model(mix_images(x, perm, rows, cols))
+        targets = mix_targets(labels, self.num_classes, lam, perm, self.label_smoothing)
+        return soft_cross_entropy(logits, targets)
 
     # ---- float32: the whole step is one graph ----
-    def _fp32_step(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+    def _fp32_step(self, images: mge.Tensor, labels: mge.Tensor, *mix: mge.Tensor) -> mge.Tensor:
         with self.gm:
-            loss = self._loss(images, labels)
+            loss = self._loss(images, labels, mix)
             self.gm.backward(loss)
         self.opt.step().clear_grad()
         return loss
 
     # ---- AMP: graph 1 = forward, scaled backward, unscale, overflow flag ----
     def _amp_backward(
-        self, images: mge.Tensor, labels: mge.Tensor, scale: mge.Tensor
+        self, images: mge.Tensor, labels: mge.Tensor, scale: mge.Tensor, *mix: mge.Tensor
     ) -> Tuple[mge.Tensor, mge.Tensor]:
         with self.gm:
             with mge_amp.autocast(enabled=True):
-                loss = self._loss(images, labels)
+                loss = self._loss(images, labels, mix)
             self.gm.backward(loss, dy=scale)
         inv = 1.0 / scale
         for p in self.params:
@@ -190,16 +215,21 @@ class TrainStep:
     def _amp_update(self) -> None:
         self.opt.step().clear_grad()
 
-    def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
+    def __call__(self, images: mge.Tensor, labels: mge.Tensor,
+                 mix: Optional[Sequence[mge.Tensor]] = None) -> mge.Tensor:
+        if self.mix != (mix is not None):
+            raise ValueError("this step was built with mix=%s; pass mix=(perm, rows, cols, lam) "
+                             "exactly when it is True" % self.mix)
+        extra = tuple(mix or ())
         if not self.amp:
-            return self._step(images, labels)
+            return self._graph("_fp32_step", images.shape)(images, labels, *extra)
         scale = mge.tensor(np.float32(self.scaler.scale_factor))
-        loss, overflow = self._backward(images, labels, scale)
+        loss, overflow = self._graph("_amp_backward", images.shape)(images, labels, scale, *extra)
         skipped = bool(overflow.numpy())
         if skipped:
             self.opt.clear_grad()
         else:
-            self._update()
+            self._graph("_amp_update", ())()
         # Drive GradScaler's own bookkeeping so its state_dict stays the checkpoint format.
         self.scaler._found_non_finite = skipped
         self.scaler.update()
@@ -219,7 +249,8 @@ class EvalStep:
         self.amp = amp
         self.k = min(5, int(num_classes))
         self.normalize = Normalize()
-        self._step = _compile(self._eval, trace)
+        self.traced = bool(trace)
+        self._graphs: Dict[Tuple[int, ...], Callable] = {}
 
     def _eval(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
         with mge_amp.autocast(enabled=self.amp):
@@ -231,7 +262,10 @@ class EvalStep:
         return F.concat([v.reshape(1) for v in (loss, acc1 * n, acck * n)])
 
     def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
-        return self._step(images, labels)
+        fn = self._graphs.get(tuple(images.shape))
+        if fn is None:  # one graph per batch shape (the last val batch is usually smaller)
+            fn = self._graphs[tuple(images.shape)] = _compile(self._eval, self.traced)
+        return fn(images, labels)
 
 
 class PredictStep:
@@ -259,12 +293,14 @@ def make_train_step(
     scaler: Optional[mge_amp.GradScaler] = None,
     label_smoothing: float = 0.0,
     dtr_bytes: Optional[int] = None,
+    mix: bool = False,
+    num_classes: Optional[int] = None,
 ) -> TrainStep:
     """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR
-    (which always runs eagerly)."""
+    (which always runs eagerly) and Mixup/CutMix."""
     return TrainStep(
         model, gm, opt, trace=trace, amp=amp, scaler=scaler, label_smoothing=label_smoothing,
-        dtr_bytes=dtr_bytes,
+        dtr_bytes=dtr_bytes, mix=mix, num_classes=num_classes,
     )
 
 

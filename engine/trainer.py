@@ -1,23 +1,23 @@
 """ImageNet training: `train(TrainConfig(...)) -> summary dict`.
 
 Read `_train_worker` top to bottom: it is the whole algorithm (data, model, optimizer, resume,
-the epoch loop with per-step LR, logging, eval, checkpoints). The pure pieces it uses (LR
-schedule, LR scaling, GPU count, data paths, loader arguments, which rank writes) are small
-functions above it so that tests can check them without a GPU.
+then `for step in range(start, total)` with the per-step LR, logging, eval and checkpoints at
+the boundaries). One global step is the only position; the epoch, the LR, the image size and
+the mixing plan are functions of it. The pure pieces it uses (resume position, LR scaling,
+data paths, loader arguments) are small functions tested without a GPU.
 
-Recipe defaults follow the MegEngine 0.x train.py that produced the published weights: 32 images
-and lr 0.0125 per GPU (lr x world size), SGD momentum 0.9, wd 1e-4 on all parameters, x0.1 at
-epochs 30/60/80, no warmup, no label smoothing.
+The defaults (engine/config.py) follow the MegEngine 0.x train.py that produced the published
+weights: 32 images and lr 0.0125 per GPU (lr x world size), SGD momentum 0.9, wd 1e-4 on all
+parameters, x0.1 at epochs 30/60/80, no warmup, no label smoothing. The modern options (EMA,
+Mixup/CutMix, LARS, no decay on norms, progressive resizing, test resolution) are off unless a
+flag or a recipe (recipes/*.json) turns them on.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
-from bisect import bisect_right
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exported)
 from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
+from engine.schedules import lr_at, step_milestones  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,50 +41,6 @@ from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
 def scaled_lr(per_gpu_lr: float, world_size: int) -> float:
     """Linear scaling rule: the global batch grows with the world size, so does the LR."""
     return per_gpu_lr * world_size
-
-
-def step_milestones(epochs: int) -> List[float]:
-    """Epochs at which the step schedule multiplies the LR by 0.1.
-
-    The reference recipe decays at 30/60/80 for its 90-100 epoch runs; other lengths scale
-    those proportionally (from 90 below, from 100 above, so the function is continuous), so a
-    5-epoch run still decays at 1.67/3.33/4.44.
-    """
-    base = [30.0, 60.0, 80.0]
-    if 90 <= epochs <= 100:
-        return base
-    ref = 90.0 if epochs < 90 else 100.0
-    return [m * epochs / ref for m in base]
-
-
-def lr_at(
-    step: int,
-    *,
-    base_lr: float,
-    steps_per_epoch: int,
-    epochs: int,
-    warmup_epochs: float = 0.0,
-    schedule: str = "step",
-) -> float:
-    """Learning rate for global step `step` (0-based), updated every step.
-
-    Warmup is linear from base_lr/warmup_steps (not 0, which would waste the first step) up to
-    the schedule's value. Step: x0.1 at each milestone (in steps). Cosine: from base_lr at the
-    end of warmup to 0 at the last step.
-    """
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
-    if schedule == "step":
-        bounds = [int(round(m * steps_per_epoch)) for m in step_milestones(epochs)]
-        lr = base_lr * 0.1 ** bisect_right(bounds, step)
-    elif schedule == "cosine":
-        t = min(max(step - warmup, 0) / max(1, total - warmup), 1.0)
-        lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
-    else:
-        raise ValueError("unknown schedule %r; choose from %s" % (schedule, SCHEDULES))
-    if step < warmup:
-        lr *= (step + 1) / warmup
-    return lr
 
 
 def resolve_data(data: str) -> Tuple[str, str]:
@@ -131,10 +88,15 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
     The one place that says how the trainer drives the loader. The loaders of a node's ranks
     share its cores, so each sizes its workers for world_size / num_nodes loaders per machine;
     the val loader starts its workers for each eval and releases them after."""
+    sizes: Dict[str, Any] = (
+        dict(image_size=config.train_size_at, max_image_size=config.max_train_size)
+        if train and config.progressive else
+        dict(image_size=config.image_size) if train else
+        dict(image_size=config.eval_size, crop_ratio=config.val_resize_ratio))
     return dict(
         batch_size=config.batch_size,
         train=train,
-        image_size=config.image_size,
+        **sizes,
         workers=config.workers,
         seed=config.seed,
         rank=rank,
@@ -244,28 +206,35 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
     spe, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
+    ema = _make_ema(cfg, model)
     run_config = dict(checkpoint_config(cfg, len(classes), classes), world_size=world)
-    start, best_top1 = _resume(cfg, model, opt, scaler, classes, world, spe) if cfg.resume \
-        else (0, None)
+    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, spe) \
+        if cfg.resume else (0, None)
     if main:
         _prepare_save_dir(cfg, run_config, train_loader)
     total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
     train_step = precision.make_train_step(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
-        label_smoothing=cfg.label_smoothing,
+        label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
         dtr_bytes=precision.dtr_threshold(cfg.dtr) if cfg.dtr else None)
-    eval_step = precision.make_eval_step(model, num_classes=len(classes), trace=cfg.trace,
-                                         amp=cfg.amp)
+    evals = {"": (model, precision.make_eval_step(model, num_classes=len(classes),
+                                                  trace=cfg.trace, amp=cfg.amp))}
+    if ema is not None:  # the averaged weights are scored beside the live ones
+        evals["ema"] = (ema.module, precision.make_eval_step(
+            ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
     log = TrainLog(os.path.join(cfg.save_dir, "metrics.jsonl"), enabled=main, start=start,
                    total=total, world_size=world, reduce=distributed.all_reduce_sum,
-                   progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe))
+                   progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe),
+                   tensorboard=cfg.tensorboard)
     png = os.path.join(cfg.save_dir, "curves.png")
 
     def save(step: int) -> Optional[str]:
         state = {"step": step, "steps_per_epoch": spe, "state_dict": model.state_dict(),
                  "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
+                 "ema": ema.state_dict() if ema is not None else None,
                  "config": run_config, "metrics": {"best_top1": best_top1}}
         return _save_checkpoint(cfg, state) if main else None
 
@@ -274,12 +243,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
             return None
         from engine.evaluate import run_eval
 
-        distributed.broadcast_buffers(model)  # every rank scores rank 0's BN statistics
-        model.eval()
-        result = run_eval(eval_step, val_loader)
+        results = {}
+        for name, (net, eval_step) in evals.items():
+            distributed.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
+            net.eval()
+            results[name] = run_eval(eval_step, val_loader)
+            log.eval(step, (step - 1) // spe, results[name], name)
         model.train()
-        log.eval(step, (step - 1) // spe, result)
-        return result
+        return results[""]
 
     last_eval, checkpoint_path = None, None
     t_start = time.perf_counter()
@@ -293,7 +264,11 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
                    warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
-        log.add(train_step(mge.tensor(images), mge.tensor(labels)), train_step.last_step_skipped)
+        mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
+        log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
+                train_step.last_step_skipped)
+        if ema is not None and not train_step.last_step_skipped:
+            ema.update(model)
         done = step + 1
         epoch_end, stop = done % spe == 0, done == total
         if done % cfg.print_freq == 0 or epoch_end or stop:
@@ -347,18 +322,47 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
     from engine import precision
     from engine.models import get_model
 
+    from engine.optim import LARS, param_groups
+
     model = get_model(cfg.arch, num_classes=num_classes)
     distributed.broadcast_module(model)
     gm = GradManager().attach(model.parameters(), callbacks=distributed.allreduce_callback())
-    opt = optim.SGD(model.parameters(), lr=scaled_lr(cfg.learning_rate, world),
-                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.no_wd_norm_bias)
+    lr = scaled_lr(cfg.learning_rate, world)
+    if cfg.optimizer == "lars":
+        opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = precision.make_grad_scaler() if cfg.amp else None
     return model, gm, opt, scaler
 
 
-def _resume(cfg: TrainConfig, model, opt, scaler, classes: List[str], world: int,
+def _make_ema(cfg: TrainConfig, model):
+    """The weights' moving average (--ema-decay), or None."""
+    if cfg.ema_decay is None:
+        return None
+    from engine.ema import ModelEMA
+
+    return ModelEMA(model, cfg.ema_decay, warmup=True, trace=cfg.trace)
+
+
+def _mix_inputs(cfg: TrainConfig, step: int, rank: int, shape: Tuple[int, ...]):
+    """This rank's Mixup/CutMix plan for `step` as step inputs: drawn from (seed, step, rank),
+    so a resumed run mixes exactly as an uninterrupted one."""
+    import megengine as mge
+
+    from engine.mix import mix_plan
+
+    n, _, h, w = shape
+    plan = mix_plan(n, h, w, step=step, seed=cfg.seed, mixup_alpha=cfg.mixup_alpha,
+                    cutmix_alpha=cfg.cutmix_alpha, rank=rank)
+    return (mge.tensor(plan.perm), mge.tensor(plan.rows), mge.tensor(plan.cols),
+            mge.tensor(np.float32(plan.lam)))
+
+
+def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world: int,
             spe: int) -> Tuple[int, Optional[float]]:
-    """Load weights, optimizer and scaler state; returns (global step, best top-1 so far)."""
+    """Load weights, optimizer, scaler and EMA state; returns (global step, best top-1)."""
     from engine import checkpoint as ckpt
     from engine.models import load_weights
 
@@ -376,9 +380,16 @@ def _resume(cfg: TrainConfig, model, opt, scaler, classes: List[str], world: int
         load_weights(model, state["state_dict"], strict=True, source=path)
     except ValueError as exc:
         raise UserError(" ".join(str(exc).split())) from None
-    opt.load_state_dict(state["optimizer"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except Exception as exc:  # noqa: BLE001 - MegEngine raises bare errors for a group mismatch
+        raise UserError("--resume %s: the optimizer state does not fit this run (%s); resume "
+                        "with the same --optimizer and --no-wd-norm-bias"
+                        % (path, " ".join(str(exc).split()))) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if ema is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
     return step, state.get("metrics", {}).get("best_top1")
 
 
