@@ -264,10 +264,10 @@ def test_official_bare_and_train_formats_load_into_the_model(tmp_path, trained):
             np.testing.assert_array_equal(v, sd[k])
 
 
-@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_engine_checkpoint_resumes_optimizer_and_scaler(tmp_path, trained, protocol):
     """Version 1 as save_checkpoint writes it (highest protocol), and as older Pythons or other
-    writers would (protocols 2-4): weights, optimizer and scaler state restore."""
+    writers would (protocols 0-4): weights, optimizer and scaler state restore."""
     model, opt, scaler = trained
     path = str(tmp_path / "engine.pkl")
     if protocol == pickle.HIGHEST_PROTOCOL:

@@ -462,7 +462,7 @@ def unpickle(path: str, *, trusted: Optional[bool] = None) -> Any:
         return _SafeUnpickler(f, path).load()
 
 
-def read_file(path: str, *, trusted: Optional[bool] = None, what: str = "weights file") -> Dict[str, Any]:
+def read_file(path: str, *, trusted: Optional[bool] = None, what: str = "checkpoint") -> Dict[str, Any]:
     """A local weight file or checkpoint as a dict; every problem is a one-line WeightsError
     (``what`` names the file's role in the messages: "checkpoint", "weights file", ...)."""
     if not os.path.exists(path):
