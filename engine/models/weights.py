@@ -435,8 +435,8 @@ class _SafeUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 "refusing to load %s: it names %s.%s, which no weight file or checkpoint holds "
                 "(allowed: containers, numbers, strings, numpy arrays, MegEngine tensors), and "
-                "unpickling it could run arbitrary code; if you trust this file, load it with "
-                "trusted=True (tools: --trust-pickle) or set %s=1"
+                "unpickling it could run arbitrary code; if you trust this file, set %s=1 "
+                "(or pass trusted=True)"
                 % (self._source, module, name, TRUST_PICKLE_ENV)
             )
         return super().find_class(module, name)
