@@ -16,6 +16,11 @@ still resumes those.
 
 The official published weights are bare state dicts; official train.py checkpoints are
 {"epoch", "state_dict"}. `read_weights` accepts all three.
+
+Loading is safe by default: a checkpoint is a pickle, so it is read with the allow-list of
+engine.models.weights.unpickle (containers, numbers, strings, numpy arrays, MegEngine tensors);
+anything else is refused with a one-line UnsafePickleError naming the global. `trusted=True` or
+ENGINE_TRUST_PICKLE=1 reads a trusted file as a plain pickle.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from megengine import Tensor
 
 from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError
+from engine.models import weights
 
 FORMAT = "engine-checkpoint"
 VERSION = 2
@@ -55,23 +61,12 @@ def _to_host(obj: Any) -> Any:
     return obj
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Unpickle a checkpoint or weight file; a missing or unreadable file is a UserError."""
-    if not os.path.exists(path):
-        raise UserError("checkpoint not found: %s" % path)
-    if os.path.isdir(path):
-        raise UserError("%s is a folder; pass a checkpoint file (or use resume=<save dir>)" % path)
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise UserError(
-            "cannot read checkpoint %s (%s: %s): it is truncated or not a MegEngine/pickle file"
-            % (path, type(exc).__name__, exc)
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise UserError("%s holds a %s, not a state dict or checkpoint" % (path, type(obj).__name__))
-    return dict(obj)
+def load_checkpoint(path: str, *, trusted: Optional[bool] = None) -> Dict[str, Any]:
+    """Unpickle a checkpoint or weight file (safely unless `trusted`; None = $ENGINE_TRUST_PICKLE).
+
+    A missing, unreadable or unsafe file is a one-line UserError.
+    """
+    return weights.read_file(path, trusted=trusted, what="checkpoint")
 
 
 def find_latest(save_dir: str) -> Optional[str]:
@@ -109,20 +104,14 @@ def is_engine_checkpoint(obj: Mapping[str, Any]) -> bool:
 
 
 def is_url(s: str) -> bool:
-    from engine.models.weights import is_url as _is_url
-
-    return _is_url(s)
+    return weights.is_url(s)
 
 
-def read_weights(source: str) -> Dict[str, Any]:
+def read_weights(source: str, *, trusted: Optional[bool] = None) -> Dict[str, Any]:
     """Load a weights source: a local file, or a URL fetched into megengine.hub's cache.
 
     URLs go through engine.models.weights.fetch: one download per node under a lock, temp file
     + rename, and the sha256 prefix a published name carries checked, so a rank never unpickles
-    a half-written or damaged download.
+    a half-written or damaged download. Read safely unless `trusted` (see load_checkpoint).
     """
-    if is_url(source):
-        from engine.models.weights import fetch
-
-        return load_checkpoint(fetch(source))
-    return load_checkpoint(source)
+    return weights.read(source, trusted=trusted)

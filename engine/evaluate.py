@@ -17,7 +17,6 @@ import numpy as np
 import megengine as mge
 
 from engine import distributed
-from engine.checkpoint import is_engine_checkpoint, read_weights
 from engine.data.transforms import center_crop, resize_shorter, val_resize
 from engine.errors import UserError
 from engine.imagenet_classes import imagenet_names, imagenet_wnids
@@ -49,69 +48,31 @@ def _one_line(text: str) -> str:
     return out
 
 
-def _fc_classes(state: Dict[str, Any]) -> Optional[int]:
-    fc = state.get("fc.weight")
-    return int(np.shape(fc)[0]) if fc is not None else None
-
-
-def load_model(arch: str, source: Optional[str]) -> LoadedModel:
+def load_model(arch: str, source: Optional[str], trusted: Optional[bool] = None) -> LoadedModel:
     """Build `arch` and load weights from `source` (None, "none" or "published" = published
     weights; a URL is fetched once per node into the cache by engine.models.weights.fetch).
 
-    A checkpoint of another architecture or class count is a UserError that names both sides.
+    Files are unpickled with engine.models.weights' allow-list unless `trusted` (None =
+    $ENGINE_TRUST_PICKLE). A checkpoint of another architecture or class count is a UserError
+    that names both sides.
     """
-    from engine.models import PUBLISHED, get_model, load_weights
+    from engine.models import weights
 
-    if source is not None and source.strip().lower() in ("none", PUBLISHED):
-        source = None
-    image_size = 224
     try:
-        if source is None:
-            try:
-                model = get_model(arch, pretrained=True)
-            except RuntimeError as exc:  # download failure: the message names the cache path
-                raise UserError(_one_line(exc)) from None
-            model.eval()
-            return LoadedModel(model, arch, 1000, imagenet_wnids(), "published %s weights" % arch)
-
-        obj = read_weights(source)
-        classes: Optional[List[str]] = None
-        if is_engine_checkpoint(obj):
-            cfg = obj.get("config", {})
-            if cfg.get("arch") and cfg["arch"] != arch:
-                raise UserError(
-                    "%s is a %s checkpoint but --arch is %s: pass --arch %s"
-                    % (source, cfg["arch"], arch, cfg["arch"])
-                )
-            classes = list(cfg["classes"]) if cfg.get("classes") else None
-            image_size = int(cfg.get("image_size") or 224)
-        state = obj
-        for key in ("state_dict", "model"):  # official train.py / other wrappers
-            if isinstance(obj.get(key), dict):
-                state = obj[key]
-                break
-        num_classes = _fc_classes(state)
-        if num_classes is None:
-            raise UserError(
-                "%s has no fc.weight: not a ResNet state dict or checkpoint (keys start with %s)"
-                % (source, ", ".join(list(state)[:3]))
-            )
-        if classes is not None and len(classes) != num_classes:
-            raise UserError(
-                "%s is inconsistent: it lists %d classes but fc has %d outputs"
-                % (source, len(classes), num_classes)
-            )
-        if classes is None and num_classes == 1000:
-            classes = imagenet_wnids()  # official weights: labels are the sorted ImageNet WNIDs
-        model = get_model(arch, num_classes=num_classes)
-        try:
-            load_weights(model, state, strict=True, source=source)
-        except (ValueError, KeyError) as exc:
-            raise UserError(_one_line(exc)) from None
-    except ValueError as exc:  # unknown arch and similar from engine.models
+        loaded = weights.load_model(arch, source, trusted=trusted)
+    except (UserError, ValueError) as exc:  # ValueError: an unknown arch from engine.models
         raise UserError(_one_line(exc)) from None
-    model.eval()
-    return LoadedModel(model, arch, num_classes, classes, source, image_size)
+    classes: Optional[List[str]] = None
+    if loaded.config.get("classes"):
+        classes = list(loaded.config["classes"])
+        if len(classes) != loaded.num_classes:
+            raise UserError("%s is inconsistent: it lists %d classes but fc has %d outputs"
+                            % (source, len(classes), loaded.num_classes))
+    elif loaded.num_classes == 1000:
+        classes = imagenet_wnids()  # official weights: labels are the sorted ImageNet WNIDs
+    loaded.model.eval()
+    return LoadedModel(loaded.model, arch, loaded.num_classes, classes, loaded.source,
+                       int(loaded.config.get("image_size") or 224))
 
 
 def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,

@@ -1,15 +1,15 @@
-"""Image classification models whose parameters match MegEngine's official weight files."""
+"""Image classification models whose parameters match MegEngine's official weight files.
+
+``resnet`` holds the networks and their constructors; ``weights`` everything about weights:
+fetching published files and URLs, safe unpickling, unwrapping the supported file formats,
+and loading with named mismatches.
+"""
 from .resnet import (
     ARCHS,
-    PRETRAINED_FILES,
     BasicBlock,
     Bottleneck,
-    LoadResult,
     ResNet,
     get_model,
-    load_weights,
-    pretrained_cache_path,
-    pretrained_url,
     resnet18,
     resnet34,
     resnet50,
@@ -20,23 +20,47 @@ from .resnet import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
-from .weights import PUBLISHED, WeightsError, fetch, prefetch_weights
+from .weights import (
+    PRETRAINED_FILES,
+    PUBLISHED,
+    SAFE_GLOBALS,
+    TRUST_PICKLE_ENV,
+    Loaded,
+    LoadResult,
+    UnsafePickleError,
+    WeightsError,
+    WeightsMismatchError,
+    fetch,
+    load_model,
+    load_weights,
+    prefetch_weights,
+    pretrained_cache_path,
+    pretrained_url,
+    unwrap,
+)
 
 __all__ = [
     "ARCHS",
     "PRETRAINED_FILES",
     "PUBLISHED",
+    "SAFE_GLOBALS",
+    "TRUST_PICKLE_ENV",
     "WeightsError",
+    "WeightsMismatchError",
+    "UnsafePickleError",
     "fetch",
     "prefetch_weights",
     "BasicBlock",
     "Bottleneck",
+    "Loaded",
     "LoadResult",
     "ResNet",
     "get_model",
+    "load_model",
     "load_weights",
     "pretrained_cache_path",
     "pretrained_url",
+    "unwrap",
     "resnet18",
     "resnet34",
     "resnet50",
