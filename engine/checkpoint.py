@@ -35,7 +35,7 @@ from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError
 from engine.models import weights
 
-FORMAT = "engine-checkpoint"
+FORMAT = weights.ENGINE_CHECKPOINT_FORMAT
 VERSION = 2
 LATEST = "checkpoint.pkl"  # the official train.py's name; always the newest state of a run
 

@@ -56,10 +56,10 @@ def load_model(arch: str, source: Optional[str], trusted: Optional[bool] = None)
     $ENGINE_TRUST_PICKLE). A checkpoint of another architecture or class count is a UserError
     that names both sides.
     """
-    from engine.models import weights
+    from engine.models import load_model
 
     try:
-        loaded = weights.load_model(arch, source, trusted=trusted)
+        loaded = load_model(arch, source, trusted=trusted)
     except (UserError, ValueError) as exc:  # ValueError: an unknown arch from engine.models
         raise UserError(_one_line(exc)) from None
     classes: Optional[List[str]] = None

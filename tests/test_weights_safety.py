@@ -82,11 +82,13 @@ def trained():
 
 
 def engine_checkpoint(model, opt, scaler) -> dict:
-    """Every entry the trainer writes (engine/trainer.py _save), version 1."""
+    """Every entry the trainer writes (engine/trainer.py), version 2, with an EMA."""
     return {
-        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": 2, "step": 17,
+        "format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 17, "steps_per_epoch": 8,
         "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(), "loader": {"epoch": 2, "position": 0},
+        "scaler": scaler.state_dict(),
+        "ema": {"decay": 0.999, "warmup": True, "updates": 17,
+                "state_dict": OrderedDict(model.state_dict())},
         "config": {"arch": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"],
                    "image_size": 32, "dtr": None, "learning_rate": 0.1, "amp": True},
         "metrics": {"best_top1": np.float64(33.3)},
@@ -266,8 +268,8 @@ def test_official_bare_and_train_formats_load_into_the_model(tmp_path, trained):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_engine_checkpoint_resumes_optimizer_and_scaler(tmp_path, trained, protocol):
-    """Version 1 as save_checkpoint writes it (highest protocol), and as older Pythons or other
-    writers would (protocols 0-4): weights, optimizer and scaler state restore."""
+    """As save_checkpoint writes it (highest protocol), and as older Pythons or other writers
+    would (protocols 0-4): weights, optimizer, scaler and EMA state restore."""
     model, opt, scaler = trained
     path = str(tmp_path / "engine.pkl")
     if protocol == pickle.HIGHEST_PROTOCOL:
@@ -276,7 +278,8 @@ def test_engine_checkpoint_resumes_optimizer_and_scaler(tmp_path, trained, proto
         with open(path, "wb") as f:
             pickle.dump(ckpt._to_host(engine_checkpoint(model, opt, scaler)), f, protocol=protocol)
     state = ckpt.load_checkpoint(path)
-    assert ckpt.is_engine_checkpoint(state) and state["version"] == 1
+    assert ckpt.is_engine_checkpoint(state) and state["version"] == ckpt.VERSION
+    assert state["ema"]["updates"] == 17 and isinstance(state["ema"]["state_dict"], OrderedDict)
     assert isinstance(state["state_dict"], OrderedDict)
     fresh = get_model("resnet18", num_classes=3)
     load_weights(fresh, state["state_dict"])
@@ -289,7 +292,7 @@ def test_engine_checkpoint_resumes_optimizer_and_scaler(tmp_path, trained, proto
     fresh_scaler = amp.GradScaler()
     fresh_scaler.load_state_dict(state["scaler"])
     assert fresh_scaler.state_dict() == scaler.state_dict()
-    assert state["metrics"]["best_top1"] == 33.3 and state["loader"] == {"epoch": 2, "position": 0}
+    assert state["metrics"]["best_top1"] == 33.3 and (state["step"], state["steps_per_epoch"]) == (17, 8)
 
 
 def test_published_weights_path_reads_safely(tmp_path, monkeypatch):

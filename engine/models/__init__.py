@@ -1,6 +1,8 @@
 """Image classification models whose parameters match MegEngine's official weight files.
 
-``resnet`` holds the networks and their constructors; ``weights`` everything about weights:
+``specs`` describes the architectures as data; ``resnet`` holds the networks, their
+constructors and ``load_model`` (an architecture with a weights source); ``weights`` everything
+about weights:
 fetching published files and URLs, safe unpickling, unwrapping the supported file formats,
 and loading with named mismatches.
 """
@@ -8,8 +10,10 @@ from .resnet import (
     ARCHS,
     BasicBlock,
     Bottleneck,
+    Loaded,
     ResNet,
     get_model,
+    load_model,
     resnet18,
     resnet34,
     resnet50,
@@ -25,13 +29,11 @@ from .weights import (
     PUBLISHED,
     SAFE_GLOBALS,
     TRUST_PICKLE_ENV,
-    Loaded,
     LoadResult,
     UnsafePickleError,
     WeightsError,
     WeightsMismatchError,
     fetch,
-    load_model,
     load_weights,
     prefetch_weights,
     pretrained_cache_path,

@@ -19,12 +19,13 @@ Weights are initialised with the distributions of the official training recipe, 
 scratch starts where the official one does.
 """
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import megengine.functional as F
 import megengine.module as M
 
 from engine.models import weights
+from engine.models.specs import ARCHS, SPECS, Spec  # noqa: F401  (re-exported)
 
 __all__ = [
     "ARCHS",
@@ -33,6 +34,8 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "get_model",
+    "load_model",
+    "Loaded",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -243,30 +246,7 @@ def _initialise(model: ResNet, zero_init_residual: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class Spec(NamedTuple):
-    block: Block
-    layers: Tuple[int, int, int, int]
-    groups: int
-    width_per_group: int
-
-
-#: Each architecture's definition; engine.models.weights also reads it to name what a
-#: checkpoint holds.
-SPECS: Dict[str, Spec] = {
-    "resnet18": Spec(BasicBlock, (2, 2, 2, 2), 1, 64),
-    "resnet34": Spec(BasicBlock, (3, 4, 6, 3), 1, 64),
-    "resnet50": Spec(Bottleneck, (3, 4, 6, 3), 1, 64),
-    "resnet101": Spec(Bottleneck, (3, 4, 23, 3), 1, 64),
-    "resnet152": Spec(Bottleneck, (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": Spec(Bottleneck, (3, 4, 6, 3), 32, 4),
-    "resnext101_32x8d": Spec(Bottleneck, (3, 4, 23, 3), 32, 8),
-    # torchvision's definition: the bottleneck is twice as wide, the block outputs are not.
-    "wide_resnet50_2": Spec(Bottleneck, (3, 4, 6, 3), 1, 128),
-    "wide_resnet101_2": Spec(Bottleneck, (3, 4, 23, 3), 1, 128),
-}
-
-#: Every architecture name accepted by :func:`get_model`, in a stable order.
-ARCHS: Tuple[str, ...] = tuple(SPECS)
+_BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
 
 
 def _check_arch(name: str) -> None:
@@ -294,7 +274,7 @@ def _build(name: str, pretrained: bool, **kwargs: Any) -> ResNet:
         kwargs.pop(fixed, None)
     if pretrained:
         weights.pretrained_url(name)  # no published weights: fail before the slow construction
-    model = ResNet(spec.block, spec.layers, groups=spec.groups, width_per_group=spec.width_per_group, **kwargs)
+    model = ResNet(_BLOCKS[spec.block], spec.layers, groups=spec.groups, width_per_group=spec.width_per_group, **kwargs)
     if pretrained:
         weights.load_pretrained(model, name)
     return model
@@ -350,3 +330,42 @@ def wide_resnet101_2(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """Wide ResNet-101-2 (arXiv:1605.07146), as torchvision defines it. No published weights:
     ``pretrained=True`` raises ValueError."""
     return _build("wide_resnet101_2", pretrained, **kwargs)
+
+
+class Loaded(NamedTuple):
+    """A model built by :func:`load_model`, with what its weights file said about it."""
+
+    model: Any  # the ResNet, in train mode as built
+    arch: str
+    num_classes: int
+    kind: str  # "published", or the format of the file (see Unwrapped.kind)
+    config: Mapping[str, Any]  # an engine checkpoint's run config (classes, image_size); else {}
+    source: str  # what was loaded, for messages
+
+
+def load_model(arch: str, source: Optional[str] = None, *, trusted: Optional[bool] = None) -> Loaded:
+    """Build ``arch`` with the weights of ``source``, sized to them.
+
+    ``source`` None, "none" or "published" means MegEngine's published weights; otherwise a path
+    or URL (fetched once per node) of any format :func:`unwrap` knows. The class count comes
+    from the file's ``fc.weight``. An engine checkpoint of another architecture, a file without
+    ``fc.weight`` or weights that do not fit raise UserErrors that name both sides.
+    """
+    if source is None or source.strip().lower() in ("none", weights.PUBLISHED):
+        model = get_model(arch, pretrained=True)
+        return Loaded(model, arch, int(model.fc.weight.shape[0]), weights.PUBLISHED, {},
+                      "published %s weights" % arch)
+
+    found = weights.unwrap(weights.read(source, trusted=trusted))
+    saved_arch = found.config.get("arch")
+    if saved_arch and saved_arch != arch:
+        raise weights.WeightsError("%s is a %s checkpoint but --arch is %s: pass --arch %s"
+                           % (source, saved_arch, arch, saved_arch))
+    fc = found.state.get("fc.weight")
+    if fc is None:
+        raise weights.WeightsError("%s has no fc.weight: not a ResNet state dict or checkpoint (keys start "
+                           "with %s)" % (source, ", ".join(list(found.state)[:3])))
+    num_classes = int(fc.shape[0])
+    model = get_model(arch, num_classes=num_classes)
+    weights.load_weights(model, found.state, strict=True, source=source)
+    return Loaded(model, arch, num_classes, found.kind, found.config, source)

@@ -73,7 +73,6 @@ __all__ = [
     "TRUST_PICKLE_ENV",
     "WEIGHTS_URL_BASE",
     "LoadResult",
-    "Loaded",
     "UnsafePickleError",
     "Unwrapped",
     "WeightsError",
@@ -82,7 +81,6 @@ __all__ = [
     "expected_hash_prefix",
     "fetch",
     "is_url",
-    "load_model",
     "load_pretrained",
     "load_weights",
     "prefetch_weights",
@@ -502,6 +500,11 @@ class Unwrapped(NamedTuple):
     config: Mapping[str, Any]  # an engine checkpoint's run config (arch, classes, ...); else {}
 
 
+#: The "format" of the trainer's checkpoints (engine.checkpoint writes them; recognised here so
+#: that weights can be read from one without importing the checkpoint module).
+ENGINE_CHECKPOINT_FORMAT = "engine-checkpoint"
+
+
 def unwrap(obj: Any) -> Unwrapped:
     """Find the state dict: official weight files are bare dicts, official train.py checkpoints
     hold it under ``"state_dict"`` (as engine checkpoints do), other wrappers under ``"model"``."""
@@ -510,9 +513,7 @@ def unwrap(obj: Any) -> Unwrapped:
             "expected a state dict (name -> array) or a checkpoint dict with a 'state_dict' or "
             "'model' entry, got %s" % type(obj).__name__
         )
-    from engine.checkpoint import is_engine_checkpoint
-
-    if is_engine_checkpoint(obj) and isinstance(obj.get("state_dict"), Mapping):
+    if obj.get("format") == ENGINE_CHECKPOINT_FORMAT and isinstance(obj.get("state_dict"), Mapping):
         return Unwrapped(obj["state_dict"], "engine", dict(obj.get("config") or {}))
     if isinstance(obj.get("state_dict"), Mapping):
         return Unwrapped(obj["state_dict"], "official-train", {})
@@ -588,7 +589,7 @@ def load_weights(model: Any, state: Any, strict: bool = True, source: Optional[s
 
 def _describe(shapes: Mapping[str, Tuple[int, ...]]) -> str:
     """Which architecture a key->shape table is, to tell the user what a checkpoint holds."""
-    from engine.models.resnet import SPECS
+    from engine.models.specs import SPECS
 
     counts = []
     for i in range(1, 5):
@@ -612,7 +613,7 @@ def _describe(shapes: Mapping[str, Tuple[int, ...]]) -> str:
         (
             arch
             for arch, spec in SPECS.items()
-            if spec.block.__name__ == block
+            if spec.block == block
             and list(spec.layers) == counts
             and spec.groups == groups
             and spec.width_per_group == width
@@ -680,42 +681,3 @@ def load_pretrained(model: Any, arch: str) -> None:
     load_weights(model, state, source=path)
 
 
-class Loaded(NamedTuple):
-    """A model built by :func:`load_model`, with what its weights file said about it."""
-
-    model: Any  # the ResNet, in train mode as built
-    arch: str
-    num_classes: int
-    kind: str  # "published", or the format of the file (see Unwrapped.kind)
-    config: Mapping[str, Any]  # an engine checkpoint's run config (classes, image_size); else {}
-    source: str  # what was loaded, for messages
-
-
-def load_model(arch: str, source: Optional[str] = None, *, trusted: Optional[bool] = None) -> Loaded:
-    """Build ``arch`` with the weights of ``source``, sized to them.
-
-    ``source`` None, "none" or "published" means MegEngine's published weights; otherwise a path
-    or URL (fetched once per node) of any format :func:`unwrap` knows. The class count comes
-    from the file's ``fc.weight``. An engine checkpoint of another architecture, a file without
-    ``fc.weight`` or weights that do not fit raise UserErrors that name both sides.
-    """
-    from engine.models.resnet import get_model
-
-    if source is None or source.strip().lower() in ("none", PUBLISHED):
-        model = get_model(arch, pretrained=True)
-        return Loaded(model, arch, int(model.fc.weight.shape[0]), PUBLISHED, {},
-                      "published %s weights" % arch)
-
-    found = unwrap(read(source, trusted=trusted))
-    saved_arch = found.config.get("arch")
-    if saved_arch and saved_arch != arch:
-        raise WeightsError("%s is a %s checkpoint but --arch is %s: pass --arch %s"
-                           % (source, saved_arch, arch, saved_arch))
-    fc = found.state.get("fc.weight")
-    if fc is None:
-        raise WeightsError("%s has no fc.weight: not a ResNet state dict or checkpoint (keys start "
-                           "with %s)" % (source, ", ".join(list(found.state)[:3])))
-    num_classes = int(fc.shape[0])
-    model = get_model(arch, num_classes=num_classes)
-    load_weights(model, found.state, strict=True, source=source)
-    return Loaded(model, arch, num_classes, found.kind, found.config, source)
