@@ -141,7 +141,8 @@ def main(argv=None):
             "seconds": round(wall, 2), "batch_size": a.batch_size, "image_size": a.image_size,
             "before_workers_per_rank": old_workers, "before_ring_bytes_per_loader": old_shm,
             "before_processes": L * (1 + old_workers),
-            "sized_for_this_machine": a.cores is None, "data": show(a.split)},
+            "sized_for_this_machine": a.cores is None, "data": show(a.split),
+            "batches": a.batches},
            "bench_node: %d simulated ranks on %s" % (L, show(a.split)))
 
 
@@ -151,12 +152,16 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
     rows = []
     for r in results:
         L, cores = r["local_world_size"], r["usable_cores"]
+        # A rate counts only where the ranks ran on the cores they were sized for and read past
+        # the batches their rings had prefetched before the clock started.
+        speed = r["img_s"] if (r.get("sized_for_this_machine", True)
+                               and r.get("batches", 0) > r.get("slots", 0)) else None
         node = "%d cores%s" % (cores, "" if r.get("sized_for_this_machine", True)
                                else " (sized as, --cores)")
         rows.append(("%s: now, %d ranks x %d workers" % (node, L, r["workers_per_rank"]),
                      r["processes"], r["process_budget"], r["ring_bytes_per_loader"] / 1e6,
                      r["ring_bytes_per_node"] / 1e6, r["peak_rss_bytes_sum"] / 1e6,
-                     r["peak_pss_bytes"] / 1e6, r["img_s"]))
+                     r["peak_pss_bytes"] / 1e6, speed))
         old_w = r["before_workers_per_rank"]
         rows.append(("%s: before, %d ranks x %d workers (computed)" % (node, L, old_w),
                      r.get("before_processes", L * (1 + old_w)), r["process_budget"],
@@ -167,10 +172,12 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
                    rows)
     if results:
         r = results[0]
-        out += ["", "Batch %d, %d px, %s. img/s is only meaningful where the node's cores are "
-                "this machine's (ranks share them); with --cores the worker count exceeds the "
-                "cores here and only processes and memory count."
-                % (r["batch_size"], r["image_size"], md_escape(r.get("data", "the sample set")))]
+        out += ["", "Batch %d, %d px, %s. img/s is shown only for a run sized for this "
+                "machine's cores that measured more batches per rank than its ring prefetches "
+                "(%d slots); with --cores the worker count exceeds the cores here and only "
+                "processes and memory count."
+                % (r["batch_size"], r["image_size"], md_escape(r.get("data", "the sample set")),
+                   r.get("slots", 0))]
     return out
 
 

@@ -114,6 +114,16 @@ CANNED = {
                     "workers": 2, "batch_size": 64, "image_size": 224, "decoder": "ROI",
                     "imagenet_like": True, "mean_file_kb": 107.0,
                     "data": "<sample set, imagenet-like>"}},
+        {"name": "node", "script": "bench_node.py",
+         "command_str": "python bench_node.py --batches 8", "returncode": 0, "seconds": 20.0,
+         "result": {"local_world_size": 8, "usable_cores": 16, "workers_per_rank": 1,
+                    "processes": 16, "process_budget": 24, "ring_bytes_per_loader": 154140672,
+                    "ring_bytes_per_node": 8 * 154140672, "peak_rss_bytes_sum": 5e9,
+                    "peak_pss_bytes": 2e9, "img_s": 700.0, "batch_size": 256,
+                    "image_size": 224, "before_workers_per_rank": 15,
+                    "before_ring_bytes_per_loader": 2 * 15 * 38535168,
+                    "before_processes": 8 * 16, "sized_for_this_machine": True, "slots": 4,
+                    "batches": 8, "data": "<cache>/packed-0a6f1d08/train"}},
         {"name": "node_cores64", "script": "bench_node.py",
          "command_str": "python bench_node.py --batches 2 --cores 64", "returncode": 0,
          "seconds": 20.0,
@@ -123,8 +133,8 @@ CANNED = {
                     "peak_pss_bytes": 3e9, "img_s": 900.0, "batch_size": 256,
                     "image_size": 224, "before_workers_per_rank": 63,
                     "before_ring_bytes_per_loader": 2 * 63 * 38535168,
-                    "before_processes": 8 * 64, "sized_for_this_machine": False,
-                    "data": "<cache>/packed-0a6f1d08/train"}},
+                    "before_processes": 8 * 64, "sized_for_this_machine": False, "slots": 4,
+                    "batches": 2, "data": "<cache>/packed-0a6f1d08/train"}},
         {"name": "train", "script": "bench_train.py", "command_str": "python bench_train.py",
          "returncode": 0, "seconds": 100.0,
          "result": {"device": "cpu: Some CPU", "cuda": False, "batch_size": 8,
@@ -141,7 +151,7 @@ CANNED = {
          "returncode": 1, "seconds": 2.0, "result": None, "error": "Traceback: boom"},
     ],
 }
-TRAIN = 6  # index of the train run in CANNED["runs"]
+TRAIN = 7  # index of the train run in CANNED["runs"]
 
 
 def test_sizing_prefers_imagenet_like_rates_and_labels_estimates():
@@ -226,8 +236,11 @@ def test_report_writes_png_and_markdown(tmp_path):
                    "files) | 1,000 | 900 | 250 | 800 |",
                    "| 224 px, 2 workers, batch 64, &lt;sample set, imagenet-like&gt; (107 KB "
                    "files) | 300 | 700 | 2.33 |",
+                   "| 16 cores: now, 8 ranks x 1 workers | 16 | 24 | 154 | 1,233 | 5,000 | "
+                   "2,000 | 700 |",
+                   # no rate where only memory and processes mean something
                    "| 64 cores (sized as, --cores): now, 8 ranks x 7 workers | 64 | 72 | 154 "
-                   "| 1,233 | 9,000 | 3,000 | 900 |",
+                   "| 1,233 | 9,000 | 3,000 | - |",
                    "| 64 cores (sized as, --cores): before, 8 ranks x 63 workers (computed) | "
                    "512 | 72 |",
                    "| resnet50 | 64 | trace | 8 | 1.20 |"):
