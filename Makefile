@@ -16,8 +16,9 @@ test-all: install
 demo: install
 	$(PY) tools/demo.py --out $(DEMO)
 
+# BENCH_ARGS passes options to run_all.py, e.g. make bench BENCH_ARGS="--only loader,node"
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # On a GPU machine: does the installed MegEngine build run this engine on these GPUs? (exit 1 on
 # any FAIL; on a CPU machine it says there is nothing to check and exits 0)

@@ -6,9 +6,11 @@ import argparse
 import io
 import os
 import sys
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, image_files, rate, read_all, sample_data  # noqa: E402
+from common import (add_data_args, finish, image_files, md_escape, md_table, mean_file_kb,  # noqa: E402
+                    rate, read_all, sample_data, show)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,7 +30,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     cv2.setNumThreads(1)
     data, _ = sample_data(a.data, need_packed=False, imagenet_like=a.imagenet_like)
-    blobs = read_all(image_files(os.path.join(data, "train"))[: a.limit])
+    files = image_files(os.path.join(data, "train"))[: a.limit]
+    blobs = read_all(files)
     S = a.image_size
     out = np.empty((3, S, S), np.uint8)
 
@@ -74,8 +77,39 @@ def main(argv=None):
     rows = [(k, v, "%.2f" % (v / base)) for k, v in results.items()]
     finish(rows, ["one core, %d JPEGs, %d px" % (len(blobs), S), "img/s (median)", "x turbojpeg full"],
            dict({k: round(v, 1) for k, v in results.items()}, image_size=S, images=len(blobs),
-                roi=roi_available()),
-           "bench_decode: %s" % data)
+                roi=roi_available(), data=show(data), mean_file_kb=round(mean_file_kb(files), 1)),
+           "bench_decode: %s" % show(data))
+
+
+# (result key, what it measures), in the order of the table
+ROWS = [
+    ("cv2_imdecode_full", "OpenCV cv2.imdecode, full image"),
+    ("pil_full", "Pillow, full image"),
+    ("turbojpeg_full", "libjpeg-turbo (PyTurboJPEG), full image"),
+    ("turbojpeg_dct_scaled", "libjpeg-turbo, DCT-scaled for the train crop"),
+    ("roi_decoder_full", "engine ROI decoder, full image"),
+    ("train_full_decode_crop_resize", "train path: full decode + crop + resize + flip"),
+    ("train_roi_decode_resize", "train path: ROI (+DCT) decode + resize + flip"),
+    ("val_resize_center_crop", "val path: decode + resize + center crop"),
+    ("val_roi_resize_center_crop", "val path with the engine decoder"),
+]
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md lines for one or more results of this script (its JSON last lines)."""
+    out: List[str] = []
+    for r in results:
+        base = r.get("turbojpeg_full")
+        kb = r.get("mean_file_kb")
+        rows = [(label, r[key], r[key] / base if base else None) for key, label in ROWS
+                if r.get(key)]
+        if out:
+            out.append("")
+        out += ["One core, %d JPEGs of %s%s, %d px output."
+                % (r["images"], md_escape(r.get("data", "the sample set")),
+                   " (mean %.0f KB)" % kb if kb else "", r["image_size"]), ""]
+        out += md_table(["path", "img/s", "x turbojpeg full"], rows)
+    return out
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import itertools
 import os
 import sys
 import time
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, log, sample_data  # noqa: E402
+from common import add_data_args, finish, log, md_table, sample_data, show  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -174,8 +175,32 @@ def main(argv=None):
             "arch": arch, "mode": mode, "batch_size": bs, "image_size": size,
             "workers": workers, "steps": steps, "repeats": a.repeats, "warmup": warmup,
             "sync_every": sync_every,
-            "source": a.source, "device": device, "cuda": gpu},
-           "bench_e2e: %s on %s (%s)" % (train_dir, device, "data-wait target < 5 %"))
+            "source": a.source, "device": device, "cuda": gpu, "data": show(train_dir)},
+           "bench_e2e: %s on %s (%s)" % (show(train_dir), device, "data-wait target < 5 %"))
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md lines for one or more results of this script (its JSON last lines)."""
+    out: List[str] = []
+    for r in results:
+        if out:
+            out.append("")
+        rows = [("synthetic batch (same loop, fixed batch)", r["synthetic_train_img_s"],
+                 r["synthetic_data_wait_fraction"], 1.0),
+                ("engine Loader (%s, %d workers)" % (r["source"], r["workers"]),
+                 r["loader_train_img_s"], r["data_wait_fraction"], r["ratio"]),
+                ("engine Loader alone, no training", r.get("loader_capacity_img_s"), None, None)]
+        if r.get("target_met") is None:
+            verdict = "not applicable (the loader alone is slower than the model)"
+        else:
+            verdict = "**met**" if r["target_met"] else "**missed**"
+        out += ["%s %s, batch %d, %d px on %s; %d x %d timed steps per source, interleaved."
+                % (r["arch"], r["mode"], r["batch_size"], r["image_size"], r["device"],
+                   r.get("repeats", 1), r["steps"]), ""]
+        out += md_table(["input", "train img/s", "data-wait", "x synthetic"], rows)
+        out += ["", "Target: data-wait < 5 %% whenever the loader alone is faster than the "
+                "model: %s (data-wait %.1f %%)." % (verdict, 100 * r["data_wait_fraction"])]
+    return out
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_data_args, finish, image_files, log, mean_file_kb, rate, read_all,  # noqa: E402
-                    sample_data)
+from common import (add_data_args, finish, image_files, log, md_table, mean_file_kb, rate,  # noqa: E402
+                    ratio, read_all, sample_data, show)
 
 from engine.data import Loader, shards  # noqa: E402
 
@@ -201,13 +202,53 @@ def main(argv=None):
             "dali_img_s": round(d, 1) if d else None,
             "cold_readahead_off_img_s": round(statistics.median(cold[False]), 1) if cold else None,
             "cold_readahead_on_img_s": round(statistics.median(cold[True]), 1) if cold else None,
-            "mean_file_kb": round(mean_file_kb(files), 1), "imagenet_like": a.imagenet_like,
+            "mean_file_kb": round(mean_file_kb(files), 1),
+            "imagenet_like": a.imagenet_like and a.data is None,
             "decode_ceiling_img_s": round(ceiling, 1),
             "decode_ceiling_fast_idct_img_s": round(ceiling_fast, 1), "workers": a.workers,
-            "batch_size": a.batch_size, "image_size": a.image_size, "decoder": decoder},
+            "batch_size": a.batch_size, "image_size": a.image_size, "decoder": decoder,
+            "data": show(raw), "files": len(files)},
            "bench_loader: %s, mean file %.0f KB (engine decoder: %s)"
-           % (raw, mean_file_kb(files), decoder))
+           % (show(raw), mean_file_kb(files), decoder))
     os._exit(0)  # the seed DataLoader's infinite sampler keeps worker threads alive
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md lines for one or more results of this script (its JSON last lines): one
+    row per run, then the cold-cache rows of the runs made with --cold."""
+    def config(r: Dict[str, Any]) -> str:
+        kb = r.get("mean_file_kb")
+        return "%d px, %d workers, batch %d%s" % (
+            r["image_size"], r["workers"], r["batch_size"],
+            ", %s%s" % (r.get("data", "sample set"), " (%.0f KB files)" % kb if kb else "")
+            if r.get("data") or kb else "")
+
+    rows = []
+    for r in results:
+        e = r["engine_img_s"]
+        rows.append((config(r), e, r["engine_raw_img_s"], r.get("seed_img_s"),
+                     r.get("dali_img_s"), r["decode_ceiling_img_s"],
+                     ratio(e, r["decode_ceiling_img_s"]), ratio(e, r.get("seed_img_s")),
+                     ratio(e, r.get("dali_img_s")), e / max(1, r["workers"])))
+    out = md_table(["config", "engine, LMDB shards", "engine, raw folder", "seed DataLoader",
+                    "DALI CPU", "decode ceiling", "engine / ceiling", "x seed", "x DALI",
+                    "engine per core"], rows)
+    cold = [r for r in results if r.get("cold_readahead_on_img_s") is not None]
+    if cold:
+        out += ["", "Whole epochs from a cold page cache (shard pages dropped before each), "
+                "LMDB with OS readahead off and on (the engine's choice), against the warm "
+                "rate above:", ""]
+        out += md_table(["config", "cold, readahead off", "cold, readahead on",
+                         "on / off", "cold on / warm"],
+                        [(config(r), r["cold_readahead_off_img_s"], r["cold_readahead_on_img_s"],
+                          ratio(r["cold_readahead_on_img_s"], r["cold_readahead_off_img_s"]),
+                          ratio(r["cold_readahead_on_img_s"], r["engine_img_s"]))
+                         for r in cold])
+    if results:
+        out += ["", "img/s, medians. Engine decoder: %s. A DALI cell is empty where the run had "
+                "no DALI (`pip install nvidia-dali-cuda120` adds it)."
+                % results[-1].get("decoder", "?")]
+    return out
 
 
 if __name__ == "__main__":

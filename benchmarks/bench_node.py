@@ -15,9 +15,10 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, log, sample_data  # noqa: E402
+from common import add_data_args, finish, log, md_escape, md_table, sample_data, show  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None):
          "%.0f" % (shm / 1e6), "%.0f" % (L * shm / 1e6), "%.0f" % (peak[1] / 1e6),
          "%.0f" % (peak[2] / 1e6), "%.0f" % img_s),
         ("before: %d ranks x %d workers (computed)" % (L, old_workers),
-         1 + L * (1 + old_workers), L + cores, "%.0f" % (old_shm / 1e6),
+         L * (1 + old_workers), L + cores, "%.0f" % (old_shm / 1e6),
          "%.0f" % (L * old_shm / 1e6), "-", "-", "-"),
     ]
     finish(rows, ["batch %d, %d px, %d usable cores" % (a.batch_size, a.image_size, cores),
@@ -138,8 +139,46 @@ def main(argv=None):
             "slots": shm // (batch_bytes + 4 * a.batch_size),
             "peak_rss_bytes_sum": peak[1], "peak_pss_bytes": peak[2], "img_s": round(img_s, 1),
             "seconds": round(wall, 2), "batch_size": a.batch_size, "image_size": a.image_size,
-            "before_workers_per_rank": old_workers, "before_ring_bytes_per_loader": old_shm},
-           "bench_node: %d simulated ranks on %s" % (L, a.split))
+            "before_workers_per_rank": old_workers, "before_ring_bytes_per_loader": old_shm,
+            "before_processes": L * (1 + old_workers),
+            "sized_for_this_machine": a.cores is None, "data": show(a.split),
+            "batches": a.batches},
+           "bench_node: %d simulated ranks on %s" % (L, show(a.split)))
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md lines for one or more results of this script (its JSON last lines): per
+    run, the measured row and the computed row of the previous sizing policy."""
+    rows = []
+    for r in results:
+        L, cores = r["local_world_size"], r["usable_cores"]
+        # A rate counts only where the ranks ran on the cores they were sized for and read past
+        # the batches their rings had prefetched before the clock started.
+        speed = r["img_s"] if (r.get("sized_for_this_machine", True)
+                               and r.get("batches", 0) > r.get("slots", 0)) else None
+        node = "%d cores%s" % (cores, "" if r.get("sized_for_this_machine", True)
+                               else " (sized as, --cores)")
+        rows.append(("%s: now, %d ranks x %d workers" % (node, L, r["workers_per_rank"]),
+                     r["processes"], r["process_budget"], r["ring_bytes_per_loader"] / 1e6,
+                     r["ring_bytes_per_node"] / 1e6, r["peak_rss_bytes_sum"] / 1e6,
+                     r["peak_pss_bytes"] / 1e6, speed))
+        old_w = r["before_workers_per_rank"]
+        rows.append(("%s: before, %d ranks x %d workers (computed)" % (node, L, old_w),
+                     r.get("before_processes", L * (1 + old_w)), r["process_budget"],
+                     r["before_ring_bytes_per_loader"] / 1e6,
+                     L * r["before_ring_bytes_per_loader"] / 1e6, None, None, None))
+    out = md_table(["node", "processes", "cores + ranks", "ring MB per loader",
+                    "ring MB per node", "peak RSS MB (sum)", "peak PSS MB", "img/s (all ranks)"],
+                   rows)
+    if results:
+        r = results[0]
+        out += ["", "Batch %d, %d px, %s. img/s is shown only for a run sized for this "
+                "machine's cores that measured more batches per rank than its ring prefetches "
+                "(%d slots); with --cores the worker count exceeds the cores here and only "
+                "processes and memory count."
+                % (r["batch_size"], r["image_size"], md_escape(r.get("data", "the sample set")),
+                   r.get("slots", 0))]
+    return out
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, image_files, log, rate, read_all, sample_data  # noqa: E402
+from common import (add_data_args, finish, image_files, log, md_table, mean_file_kb, rate,  # noqa: E402
+                    read_all, sample_data, show)
 
 from engine.data import shards  # noqa: E402
 from engine.data.decode import decode_bgr  # noqa: E402
@@ -100,8 +102,25 @@ def main(argv=None):
             "shard_mb": round(mb, 2), "checksum_mb_s": round(mb / sum_s, 1),
             "checksum_share_of_pack": round(sum_s / a.workers / pack_s, 4),
             "verify_fast_mb_s": round(mb / fast_s, 1),
-            "verify_full_img_s": round(records / full_s, 1)},
-           "bench_pack: %s" % data)
+            "verify_full_img_s": round(records / full_s, 1),
+            "data": show(data), "mean_file_kb": round(mean_file_kb(src_files), 1)},
+           "bench_pack: %s" % show(data))
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md rows for one or more results of this script (its JSON last lines)."""
+    rows = []
+    for r in results:
+        kb = r.get("mean_file_kb")
+        rows.append(("%s, %d files%s, %d workers"
+                     % (r.get("data", "sample set"), r["files"],
+                        " of %.0f KB" % kb if kb else "", r["workers"]),
+                     r["pack_img_s"], r["decode_ceiling_img_s"], r["pack_over_ceiling"],
+                     r.get("checksum_mb_s"), r.get("checksum_share_of_pack"),
+                     r.get("verify_fast_mb_s"), r.get("verify_full_img_s")))
+    return md_table(["data", "pack img/s", "decode ceiling img/s", "pack / ceiling",
+                     "checksum MB/s", "checksum share of pack time", "verify --fast MB/s",
+                     "verify (decode all) img/s"], rows)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, finish, log  # noqa: E402
+from common import cpu_name, finish, log, md_table  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -177,6 +178,23 @@ def main(argv=None):
             "num_classes": a.num_classes, "notes": notes, "results": results},
            "bench_train: batch %d on %s, input already on the device%s"
            % (bs, device, "; " + "; ".join(notes) if notes else ""))
+
+
+def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """BENCHMARKS.md lines for one or more results of this script (its JSON last lines)."""
+    out: List[str] = []
+    for r in results:
+        if out:
+            out.append("")
+        out += ["Device: %s. %d warm-up step(s) excluded, median of %d timed steps, full sync "
+                "every %d step(s)." % (r["device"], r["warmup"], r["steps"], r["sync_every"]),
+                ""]
+        for n in r.get("notes", []):
+            out += ["Note: " + n + ".", ""]
+        out += md_table(["arch", "px", "mode", "batch", "img/s", "ms/step"],
+                        [(x["arch"], x["image_size"], x["mode"], x["batch_size"], x["img_s"],
+                          x["ms_per_step"]) for x in r["results"]])
+    return out
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Shared benchmark plumbing: the data set, repeated timing, the table and the JSON last line."""
+"""Shared benchmark plumbing: the data set, repeated timing, the table and the JSON last line,
+the machine and commit a result was measured on, and the labels that keep this machine's paths
+out of anything that may be committed."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -29,9 +33,58 @@ def add_data_args(p, packed: bool = True) -> None:
                             "keyed by --data)")
 
 
+# Path prefixes of this machine -> how they appear in output and results (longest match wins).
+_LABELS: Dict[str, str] = {}
+
+
+def label_path(path: str, label: str) -> None:
+    """Show `path` (and everything under it) as `label` in titles, results and reports."""
+    _LABELS[os.path.abspath(path)] = label
+
+
+def show(path: str) -> str:
+    """`path` as it may appear in a results file: a label plus the part below it, never an
+    absolute path of this machine (the data root's own path means nothing elsewhere)."""
+    p = os.path.abspath(path)
+    for prefix, label in sorted(_default_labels().items(), key=lambda kv: -len(kv[0])):
+        if p == prefix or p.startswith(prefix + os.sep):
+            rest = os.path.relpath(p, prefix).replace(os.sep, "/")
+            return label if rest == "." else label + "/" + rest
+    return "<path>/" + os.path.basename(p) if os.path.isabs(path) else path
+
+
+def _default_labels() -> Dict[str, str]:
+    out = {DEFAULT_CACHE: "<cache>", ROOT: "."}
+    out[os.path.join(DEFAULT_CACHE, "sample")] = "<sample set>"
+    out[os.path.join(DEFAULT_CACHE, "sample-imagenet-like")] = "<sample set, imagenet-like>"
+    out.update(_LABELS)
+    return out
+
+
+def scrub(text: str) -> str:
+    """`text` (a captured table, an error) with this machine's paths replaced by labels: the
+    labelled folders, the repository (made relative), the interpreter's prefix, the home and
+    temporary folders."""
+    pairs = dict(_default_labels())
+    pairs[ROOT] = "."
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        pairs.setdefault(prefix, "<python>")
+    pairs.setdefault(tempfile.gettempdir(), "<tmp>")
+    pairs.setdefault(os.path.expanduser("~"), "~")
+    for prefix, label in sorted(pairs.items(), key=lambda kv: -len(kv[0])):
+        if len(prefix) > 1:
+            text = text.replace(prefix, label)
+    return text
+
+
 def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
                 need_packed: bool = True, imagenet_like: bool = False) -> Tuple[str, Optional[str]]:
-    """(raw root, packed root): the given folders, or the default sample set, made once."""
+    """(raw root, packed root): the given folders, or the default sample set, made once.
+    Given folders are labelled "<data>" and "<packed>" in output (see show())."""
+    if data is not None:
+        label_path(data, "<data>")
+    if packed is not None:
+        label_path(packed, "<packed>")
     if data is None:
         data = os.path.join(DEFAULT_CACHE, "sample-imagenet-like" if imagenet_like else "sample")
         if not os.path.exists(os.path.join(data, "val")):
@@ -100,14 +153,64 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> str:
+def machine_info() -> Dict[str, Any]:
+    """What a figure was measured on: CPU model, cores, memory, OS (no host name or path)."""
+    info: Dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "physical_cores": None,
+                            "usable_cores": None, "memory_gb": None,
+                            "os": "%s %s %s" % (platform.system(), platform.release(),
+                                                platform.machine())}
     try:
         import psutil
 
-        cores = "%d cores (%d physical)" % (psutil.cpu_count(), psutil.cpu_count(logical=False))
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
     except ImportError:
-        cores = "%d cores" % os.cpu_count()
-    return "%s, %s, %s" % (platform.node(), cpu_name(), cores)
+        pass
+    try:
+        from engine.data.cpus import usable_cores
+
+        info["usable_cores"] = usable_cores()  # affinity and container quota
+    except ImportError:
+        pass
+    return info
+
+
+def describe_machine(info: Dict[str, Any]) -> str:
+    """One line from machine_info(): 'AMD EPYC, 2 cores (2 physical), 23.4 GB'."""
+    if not isinstance(info, dict):  # a results file from before machine_info() existed
+        return str(info)
+    cores = "%s cores" % info.get("cores", "?")
+    if info.get("physical_cores"):
+        cores += " (%s physical)" % info["physical_cores"]
+    if info.get("usable_cores") and info.get("usable_cores") != info.get("cores"):
+        cores += ", %s usable" % info["usable_cores"]
+    parts = [info.get("cpu") or "?", cores]
+    if info.get("memory_gb"):
+        parts.append("%s GB" % info["memory_gb"])
+    return ", ".join(parts)
+
+
+def machine() -> str:
+    return describe_machine(machine_info())
+
+
+def git_info() -> Dict[str, Any]:
+    """{"commit": HEAD's sha or None, "dirty": whether tracked files differ from it}.
+
+    Untracked files do not count: results written by this very run, or a virtual environment
+    linked into the checkout, are not changes to the code being measured."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            r = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                               timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else None,
+            "dirty": None if status is None else bool(status.strip())}
 
 
 def log(msg: str) -> None:
@@ -127,6 +230,44 @@ def _fmt(c) -> str:
     if isinstance(c, float):
         return "%.2f" % c if abs(c) < 10 else "%.0f" % c
     return str(c)
+
+
+def num(v: Any) -> str:
+    """A figure as a markdown cell: thousands separators, 2-3 significant digits, '-' for none."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return "{:,}".format(v)
+    if isinstance(v, float):
+        if v != v:  # nan
+            return "-"
+        if abs(v) >= 100:
+            return "{:,.0f}".format(v)
+        if abs(v) >= 10:
+            return "%.1f" % v
+        return "%.2f" % v
+    return md_escape(str(v))
+
+
+def md_escape(text: str) -> str:
+    """Text for markdown: the "<sample set>"-style labels would otherwise be read as HTML tags
+    and vanish from the rendered page."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """a / b, or None when either is missing or b is zero."""
+    return a / b if a is not None and b else None
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    """A markdown table: first column left-aligned, figures right-aligned."""
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(num(c) for c in r) + " |" for r in rows]
+    return out
 
 
 def finish(rows, header, result: Dict, title: str) -> None:

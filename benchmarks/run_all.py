@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""Run every benchmark (pack, decode, loader at 160/192/224 px, train, e2e) as a subprocess,
-parse each one's JSON last line, and write
+"""Run every benchmark as a subprocess, parse each one's JSON last line, and write
 
-    <out>/<date>-<host>.json   every figure, the exact commands, the machine
+    <out>/<date>-<host>.json   every figure, the exact commands, the machine and the commit
     <out>/<date>-<host>.png    train img/s per arch and mode | loader rates | end to end
-    BENCHMARKS.md              a results table per benchmark and the loader-cores sizing note
+    BENCHMARKS.md              each benchmark's tables and the loader-cores sizing note
 
-`make bench` runs this with the defaults (out = benchmarks/results, BENCHMARKS.md at the repo
-root). `--quick` uses tiny sizes (seconds per benchmark; for tests, not for numbers); `--out
-DIR` writes everything, the markdown included, under DIR instead of the repository.
-A failing benchmark is recorded with its error and the others still run; the exit code is 1
-when any failed.
+The plan: pack (sample set and ImageNet-like set), decode, loader at 160/192/224 px on both
+sets (the ImageNet-like 224 px run with --cold page-cache epochs, and a DALI row where DALI is
+installed), a simulated 8-rank node sized for this machine and as on a 64-core node, train,
+end to end. `make bench` runs this with the defaults (out = benchmarks/results, BENCHMARKS.md
+at the repo root). `--quick` uses tiny sizes (seconds per benchmark; for tests, not for
+numbers); `--out DIR` writes everything, the markdown included, under DIR instead of the
+repository. `--dry-run` prints the plan.
+
+No path of this machine is recorded: a given --data/--packed/--out appears as $DATA/$PACKED/
+$OUT in the recorded commands, and captured output has its paths replaced by labels
+("<sample set>", "<cache>/...", see common.show). A failing benchmark is recorded with its
+error and the others still run; the exit code is 1 when any failed.
 """
 from __future__ import annotations
 
@@ -28,33 +34,52 @@ from typing import Any, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import ROOT, log, machine  # noqa: E402
+from common import ROOT, git_info, label_path, log, machine_info, scrub  # noqa: E402
 
 import report  # noqa: E402
 
-BENCHMARKS = ("pack", "decode", "loader", "train", "e2e")
+BENCHMARKS = ("pack", "decode", "loader", "node", "train", "e2e")
+RESULTS_VERSION = 2
+# Placeholders for the folders a user passes, in recorded commands (shell syntax: a user can
+# set DATA=... and paste the command).
+PLACEHOLDERS = ("$DATA", "$PACKED", "$OUT", "$MARKDOWN")
 
 
 def plan(a) -> List[Tuple[str, str, List[str]]]:
     """(name, script, arguments) of every benchmark to run, in order."""
     data = ["--data", a.data] if a.data else []
     packed = ["--packed", a.packed] if a.packed else []
+    like = ["--imagenet-like"]  # ignored by the scripts when --data names the data
     sizes = [int(s) for s in a.loader_sizes.split(",") if s]
-    seed_size = max(sizes)  # the seed pipeline once, at the largest size (the slowest to run)
+    seed_size = max(sizes)  # the seed pipeline once per set, at the largest size (the slowest)
     lw = ["--workers", str(a.loader_workers)] if a.loader_workers else []
     q = a.quick
+    pack_q = ["--workers", "1", "--repeats", "1"] if q else []
     jobs = [
-        ("pack", "bench_pack.py", data + (["--workers", "1", "--repeats", "1"] if q else [])),
+        ("pack", "bench_pack.py", data + pack_q),
+        ("pack_imagenet_like", "bench_pack.py", data + like + pack_q),
         ("decode", "bench_decode.py", data + (["--repeats", "1", "--limit", "40",
                                                "--image-size", "64"] if q else
                                               ["--image-size", str(seed_size)])),
     ]
-    for s in sizes:
-        extra = (["--workers", "1", "--batch-size", "4", "--seconds", "0.3", "--repeats", "1"]
-                 if q else [])
-        jobs.append(("loader_%d" % s, "bench_loader.py",
-                     data + packed + extra + lw + ["--image-size", str(s)]
-                     + ([] if s == seed_size else ["--no-seed"])))
+    loader_q = (["--workers", "1", "--batch-size", "4", "--seconds", "0.3", "--repeats", "1"]
+                if q else [])
+    for variant in ([], like):
+        for s in sizes:
+            jobs.append(("loader_%s%d" % ("imagenet_like_" if variant else "", s),
+                         "bench_loader.py",
+                         data + packed + variant + loader_q + lw + ["--image-size", str(s)]
+                         + ([] if s == seed_size else ["--no-seed"])
+                         + (["--cold"] if variant and s == seed_size else [])))
+    # bench_node defaults to the ImageNet-like set, 8 ranks, batch 256, 224 px. Sized for this
+    # machine, 8 batches per rank: more than the 4 its ring prefetches, so its img/s means
+    # something; as a 64-core node only processes and memory do, so 2 batches suffice.
+    node = data + packed + (["--local-world-size", "2", "--batch-size", "4", "--image-size",
+                             "32"] if q else [])
+    jobs.append(("node", "bench_node.py", node + ["--batches", "1" if q else "8"]))
+    # Quick: 8 cores for 2 ranks (3 workers each), not 64 (31 each): the flag is what is tested.
+    jobs.append(("node_cores%d" % (8 if q else 64), "bench_node.py",
+                 node + ["--batches", "1" if q else "2", "--cores", "8" if q else "64"]))
     jobs.append(("train", "bench_train.py",
                  ["--archs", "resnet18", "--batch-size", "2", "--image-size", "32", "--steps",
                   "1", "--warmup", "1", "--modes", "eager,trace"] if q else
@@ -66,11 +91,26 @@ def plan(a) -> List[Tuple[str, str, List[str]]]:
     return [j for j in jobs if j[0].split("_")[0] in only]
 
 
-def run_one(name: str, script: str, args: List[str], timeout: float) -> Dict[str, Any]:
+def recorded(args: List[str], a) -> List[str]:
+    """`args` as recorded: the folders the user passed become $DATA, $PACKED, $OUT, ..."""
+    subst = {}
+    for value, name in zip((a.data, a.packed, a.out, a.markdown), PLACEHOLDERS):
+        if value:
+            subst[value] = name
+            subst[os.path.abspath(value)] = name
+    return [subst.get(x, scrub(x)) for x in args]
+
+
+def quote(args: List[str]) -> str:
+    """A shell command line; placeholders stay unquoted so that the shell expands them."""
+    return " ".join(x if x in PLACEHOLDERS else shlex.quote(x) for x in args)
+
+
+def run_one(name: str, script: str, args: List[str], timeout: float, a) -> Dict[str, Any]:
     """Run one benchmark, echoing its output live; return its record for the results file."""
     cmd = [sys.executable, os.path.join(HERE, script)] + args
-    shown = [_display_python(), "benchmarks/" + script] + args
-    log("\n=== %s: %s" % (name, " ".join(shlex.quote(c) for c in shown)))
+    shown = [_display_python(), "benchmarks/" + script] + recorded(args, a)
+    log("\n=== %s: %s" % (name, quote(shown)))
     t0 = time.perf_counter()
     out: List[str] = []
     err: List[str] = []
@@ -96,21 +136,20 @@ def run_one(name: str, script: str, args: List[str], timeout: float) -> Dict[str
     for t in threads:
         t.join(5)
     record: Dict[str, Any] = {
-        "name": name, "script": script, "command": shown,
-        "command_str": " ".join(shlex.quote(c) for c in shown),
+        "name": name, "script": script, "command": shown, "command_str": quote(shown),
         "returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "result": None,
     }
     lines = "".join(out).strip().splitlines()
     if rc == 0 and lines:
         try:
-            record["result"] = json.loads(lines[-1])
+            record["result"] = json.loads(scrub(lines[-1]))
         except json.JSONDecodeError:
             record["error"] = "the last line of its output is not JSON: %r" % lines[-1][:200]
     else:
         # Keep the tail without MegEngine's CUDA-probe chatter, which fills stderr on CPU.
         tail = [l for l in "".join(err).splitlines() if not l.startswith(("debug:", "info:"))]
-        record["error"] = "\n".join(tail[-40:])
-    record["stdout_table"] = "\n".join(lines[:-1]) if lines else ""
+        record["error"] = scrub("\n".join(tail[-40:]))
+    record["stdout_table"] = scrub("\n".join(lines[:-1])) if lines else ""
     return record
 
 
@@ -164,8 +203,7 @@ def main(argv=None) -> int:
 
     if a.dry_run:
         for name, script, args in plan(a):
-            print("%-10s %s" % (name, " ".join(shlex.quote(c) for c in
-                                             [_display_python(), "benchmarks/" + script] + args)))
+            print("%-26s %s" % (name, quote([_display_python(), "benchmarks/" + script] + args)))
         return 0
 
     out_dir = os.path.abspath(a.out or os.path.join(HERE, "results"))
@@ -174,16 +212,20 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     host = re.sub(r"[^A-Za-z0-9._-]+", "_", platform.node() or "host")
     stem = os.path.join(out_dir, "%s-%s" % (time.strftime("%Y-%m-%d"), host))
+    for value, label in ((a.data, "<data>"), (a.packed, "<packed>"), (out_dir, "<out>")):
+        if value:
+            label_path(value, label)
 
+    git = git_info()  # before running: the code measured is the code at the start
     t0 = time.perf_counter()
-    runs = [run_one(name, script, args, a.timeout) for name, script, args in plan(a)]
+    runs = [run_one(name, script, args, a.timeout, a) for name, script, args in plan(a)]
     train = next((r["result"] for r in runs if r["name"] == "train" and r["result"]), None)
     results: Dict[str, Any] = dict(
-        format="engine-bench-results", version=1, date=time.strftime("%Y-%m-%d %H:%M:%S"),
-        host=host, machine=machine(), quick=a.quick,
-        device=train["device"] if train else None,
-        argv=[_display_python(), "benchmarks/run_all.py"] + list(argv if argv is not None
-                                                                 else sys.argv[1:]),
+        format="engine-bench-results", version=RESULTS_VERSION,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"), host=host, machine=machine_info(), git=git,
+        quick=a.quick, device=train["device"] if train else None,
+        argv=[_display_python(), "benchmarks/run_all.py"] + recorded(
+            list(argv if argv is not None else sys.argv[1:]), a),
         seconds=round(time.perf_counter() - t0, 1), runs=runs, **versions())
     results["sizing"] = report.sizing(results)
 
