@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from engine.data.decode import (decode_bgr, decode_crop, jpeg_info, jpeg_size, pick_scale,  # noqa: E402
                                 roi_available)
-from engine.data.loader import _Decoder  # noqa: E402
+from engine.data.transforms import TrainTransform, ValTransform  # noqa: E402
 from engine.data.transforms import random_resized_crop, sample_rng  # noqa: E402
 
 
@@ -57,10 +57,10 @@ def main(argv=None):
         w, h = jpeg_size(b)
         decode_crop(b, 8, 0, 0, w, h)
 
-    train = _Decoder(True, S, 0, use_roi=False)
-    train_roi = _Decoder(True, S, 0, use_roi=True)
-    val = _Decoder(False, S, 0, use_roi=False)
-    val_roi = _Decoder(False, S, 0, use_roi=True)
+    train = TrainTransform(0, use_roi=False)
+    train_roi = TrainTransform(0, use_roi=True)
+    val = ValTransform(use_roi=False)
+    val_roi = ValTransform(use_roi=True)
     results = {
         "cv2_imdecode_full": loop(lambda i, b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)),
         "pil_full": loop(pil),

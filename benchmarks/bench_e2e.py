@@ -105,7 +105,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from engine.data import Loader
-    from engine.precision import cuda_available
+    from engine.steps import cuda_available
 
     gpu = cuda_available()
     d_arch, d_mode, d_bs, d_size, d_steps, d_warm, d_sync, d_rep = (GPU_DEFAULTS if gpu

@@ -2,7 +2,7 @@
 """Training-step throughput per architecture and mode, with the input already on the device.
 
 For each (arch, image size, mode) it builds the model, a GradManager and SGD (momentum 0.9,
-wd 1e-4, as the trainer does) and the real step from engine.precision.make_train_step
+wd 1e-4, as the trainer does) and the real step from engine.steps.TrainStep
 (normalize on the device, forward, backward, optimizer update). The uint8 batch and the labels
 are created once as device tensors, outside the timing, so no loader and no host->device copy
 is measured: this is the model's ceiling, which bench_e2e compares the loader-fed loop against.
@@ -38,7 +38,7 @@ CPU_DEFAULTS = ("resnet18,resnet50", 8, "64", 3, 2, 1)
 
 def device_name() -> str:
     """'cuda: <GPU name>' or 'cpu: <CPU model>'."""
-    from engine.precision import cuda_available
+    from engine.steps import cuda_available
 
     if cuda_available():
         try:
@@ -69,18 +69,18 @@ def sync() -> None:
 
 
 def build_step(arch: str, mode: str, num_classes: int):
-    """Model + GradManager + SGD + engine.precision train step, as engine.trainer builds them."""
+    """Model + GradManager + SGD + engine.steps train step, as engine.trainer builds them."""
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
 
     from engine.models import get_model
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     model = get_model(arch, num_classes=num_classes)
     model.train()
     gm = GradManager().attach(model.parameters())
     opt = optim.SGD(model.parameters(), lr=0.0125, momentum=0.9, weight_decay=1e-4)
-    return make_train_step(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+    return TrainStep(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
 
 
 def time_steps(step, images, labels, *, steps: int, warmup: int, sync_every: int):
@@ -123,7 +123,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from engine.models import ARCHS
-    from engine.precision import cuda_available
+    from engine.steps import cuda_available
 
     gpu = cuda_available()
     d_archs, d_bs, d_sizes, d_steps, d_warm, d_sync = GPU_DEFAULTS if gpu else CPU_DEFAULTS

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from engine import distributed
-from engine.errors import ConfigError, UserError
+from engine.errors import UserError
 
 __all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
            "load_recipe"]
@@ -154,7 +154,7 @@ class TrainConfig:
                 raise UserError("progressive resizing needs 32 <= --min-res <= --max-res and "
                                 "0 <= --start-ramp <= --end-ramp (got %s)" % (ramp,))
         if c.dtr:
-            c.trace = False  # DTR runs eagerly (see precision.TrainStep); train() says so
+            c.trace = False  # DTR runs eagerly (see steps.TrainStep); train() says so
         return c
 
     def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":

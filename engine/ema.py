@@ -13,7 +13,7 @@ nothing.
 Why a separate module rather than swapping the averaged weights into the live model for eval: a
 traced eval step closes over the tensors of the module it was traced with, so swapping values
 in and out would mean two full weight copies per eval and a fragile dance around the training
-graph. A second module with its own eval step (`make_eval_step(ema.module, ...)`) costs one
+graph. A second module with its own eval step (`EvalStep(ema.module, ...)`) costs one
 extra copy of the weights and nothing per eval.
 """
 from __future__ import annotations
@@ -22,9 +22,8 @@ import copy
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Tuple
 
-import numpy as np
-
 import megengine as mge
+import numpy as np
 from megengine import jit
 from megengine.module import Module
 

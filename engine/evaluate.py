@@ -1,4 +1,5 @@
-"""Evaluation and single-image inference: what tools/test.py and tools/inference.py run.
+"""Evaluation: building a model from a weights source, the eval loop, and what tools/test.py
+runs (single-image inference is engine/inference.py).
 
 Both accept the same weight sources: None (MegEngine's published weights for --arch), a path
 or URL to an official bare state dict, an official train.py checkpoint ({"state_dict": ...}),
@@ -9,19 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import cv2
-import numpy as np
+from typing import Any, Dict, List, Optional, Sequence
 
 import megengine as mge
+import numpy as np
 
 from engine import distributed
-from engine.data.transforms import center_crop, resize_shorter, val_resize
 from engine.errors import UserError
-from engine.imagenet_classes import imagenet_names, imagenet_wnids
-from engine.precision import PredictStep, make_eval_step
-
+from engine.imagenet_classes import imagenet_wnids
+from engine.steps import EvalStep
 
 # --------------------------------------------------------------------------------------------
 # Building a model from a weights source
@@ -171,8 +168,8 @@ def test(config: TestConfig) -> Dict[str, float]:
         raise UserError("--model: no such file: %s" % config.model)
     if config.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    from engine.models import prefetch_weights
     from engine.distributed import resolve_ngpus
+    from engine.models import prefetch_weights
 
     ngpus = resolve_ngpus(config.ngpus, distributed.gpu_count())
     if ngpus > 1:
@@ -201,77 +198,7 @@ def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
         raise UserError("--data %s: %s" % (config.data, exc)) from None
     try:
         label_map = label_map_for(loaded.classes, loaded.num_classes, loader.classes)
-        step = make_eval_step(loaded.model, num_classes=loaded.num_classes, trace=config.trace)
+        step = EvalStep(loaded.model, num_classes=loaded.num_classes, trace=config.trace)
         return run_eval(step, loader, label_map, progress=config.progress and distributed.is_main())
     finally:
         loader.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Single-image inference
-# --------------------------------------------------------------------------------------------
-
-
-def read_image(path: str) -> np.ndarray:
-    """cv2 BGR decode, as the official inference.py; a missing or undecodable file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError("--image: no such file: %s" % path)
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError("--image: cannot decode %s (not an image OpenCV can read)" % path)
-    return img
-
-
-def resize_center_crop(img: np.ndarray, image_size: int = 224) -> np.ndarray:
-    """The official val transform, as uint8: short side to round(size / 0.875) (256 for 224),
-    center crop; returns [1, 3, size, size]. Normalization happens in the step on the device.
-
-    Same arithmetic as megengine.data.transform.Resize / CenterCrop (long side truncated, crop
-    offset rounded) via engine.data.transforms, so it matches the official inference.py and
-    the Loader's val path.
-    """
-    h, w = img.shape[:2]
-    th, tw = resize_shorter(h, w, val_resize(image_size))
-    if (th, tw) != (h, w):
-        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
-    x, y = center_crop(th, tw, image_size)
-    img = img[y:y + image_size, x:x + image_size]
-    return np.ascontiguousarray(img.transpose(2, 0, 1)[None])
-
-
-def preprocess(path: str, image_size: int = 224) -> np.ndarray:
-    """read_image + resize_center_crop."""
-    return resize_center_crop(read_image(path), image_size)
-
-
-def class_names(loaded: LoadedModel) -> List[str]:
-    """ImageNet names for 1000-class ImageNet models, else the checkpoint's class list."""
-    if loaded.num_classes == 1000 and (loaded.classes is None or loaded.classes == imagenet_wnids()):
-        return imagenet_names()
-    if loaded.classes is not None:
-        # A subset of ImageNet (e.g. the sample set): show the WNIDs' ImageNet names.
-        known = dict(zip(imagenet_wnids(), imagenet_names()))
-        return [known.get(c, c) for c in loaded.classes]
-    return ["class_%d" % i for i in range(loaded.num_classes)]
-
-
-def predict(arch: str, model: Optional[str], image: str, topk: int = 5,
-            image_size: Optional[int] = None) -> List[Tuple[int, str, float]]:
-    """Top-k (class index, name, probability) for one image, most probable first.
-
-    image_size None = the size an engine checkpoint was trained at, else 224.
-    """
-    if topk < 1:
-        raise UserError("--topk must be >= 1")
-    img = read_image(image)  # a bad path fails before the (slow) model load
-    loaded = load_model(arch, model)
-    batch = resize_center_crop(img, image_size or loaded.image_size)
-    probs = PredictStep(loaded.model)(mge.tensor(batch)).numpy()[0]
-    names = class_names(loaded)
-    order = np.argsort(-probs, kind="stable")[: min(topk, len(probs))]
-    return [(int(i), names[i], float(probs[i])) for i in order]
-
-
-def format_prediction(rank: int, name: str, prob: float) -> str:
-    """The official inference.py line."""
-    return "{}: class = {:20s} with probability = {:4.1f} %".format(rank, name, 100 * prob)

@@ -290,10 +290,9 @@ def run_conv_check() -> Check:
     """A 3x3 convolution forward and backward on gpu0, against the same on MegEngine's CPU."""
     import time
 
-    import numpy as np
-
     import megengine as mge
     import megengine.functional as F
+    import numpy as np
     from megengine.autodiff import GradManager
 
     rng = np.random.default_rng(0)
@@ -322,20 +321,20 @@ def run_conv_check() -> Check:
 def step_losses(mode: str, state: Dict[str, Any], images: Any, labels: Any, steps: int,
                 arch: str = "resnet18", num_classes: int = 1000) -> Tuple[List[float], List[bool]]:
     """Losses of `steps` training steps from the weights `state`, in mode eager | trace | amp,
-    through engine.precision (the trainer's own step); plus whether AMP skipped each update."""
+    through engine.steps (the trainer's own step); plus whether AMP skipped each update."""
     import megengine as mge
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
 
     from engine.models import get_model, load_weights
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     model = get_model(arch, num_classes=num_classes)
     load_weights(model, state, strict=True)
     model.train()
     gm = GradManager().attach(model.parameters())
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    step = make_train_step(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+    step = TrainStep(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
     x, y = mge.tensor(images), mge.tensor(labels)
     losses, skips = [], []
     for _ in range(steps):
@@ -368,16 +367,15 @@ def _dist_worker(n_val: int, steps: int) -> Dict[str, Any]:
     """One rank: the engine's traced step with all-reduced gradients, then a sharded val pass."""
     import hashlib
 
-    import numpy as np
-
     import megengine as mge
     import megengine.distributed as dist
     import megengine.optimizer as optim
+    import numpy as np
     from megengine.autodiff import GradManager
     from megengine.distributed.functional import all_reduce_sum
 
     from engine.models import get_model
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = get_model("resnet18", num_classes=10)
@@ -385,7 +383,7 @@ def _dist_worker(n_val: int, steps: int) -> Dict[str, Any]:
     dist.bcast_list_(model.buffers())
     gm = GradManager().attach(model.parameters(), callbacks=[dist.make_allreduce_cb("mean")])
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    step = make_train_step(model, gm, opt, trace=True)
+    step = TrainStep(model, gm, opt, trace=True)
     rng = np.random.default_rng(1000 + rank)  # each rank its own batches, as in training
     for _ in range(steps):
         x = mge.tensor(rng.integers(0, 256, (8, 3, 64, 64), dtype=np.uint8))
@@ -427,9 +425,8 @@ def run_bench(archs: Sequence[str], modes: Sequence[str], batch: int, size: int,
     import statistics
     import sys
 
-    import numpy as np
-
     import megengine as mge
+    import numpy as np
 
     bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "benchmarks")

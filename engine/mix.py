@@ -24,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-import numpy as np
-
 import megengine as mge
 import megengine.functional as F
+import numpy as np
 
 from engine.errors import ConfigError
 

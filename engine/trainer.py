@@ -32,7 +32,6 @@ from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exporte
 from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
 from engine.schedules import lr_at, step_milestones  # noqa: E402,F401  (re-exported)
 
-
 # --------------------------------------------------------------------------------------------
 # Pure pieces (tested directly)
 # --------------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     before any process is launched or tensor created (the launcher's children must not inherit
     a CUDA context).
     """
-    from engine import precision
+    from engine import steps
     from engine.checkpoint import resolve_resume
 
     if config.dtr and config.trace:
@@ -169,7 +168,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     try:
         if cfg.num_nodes > 1:
             distributed.check_one_process_per_node(os.environ)
-        precision.require_amp_device(cfg.amp)
+        steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
         train_dir, val_dir = resolve_data(cfg.data)
         sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
@@ -195,7 +194,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
 
-    from engine import precision
+    from engine import steps
     from engine.metrics import TrainLog, plot_curves, read_jsonl
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -215,14 +214,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
-    train_step = precision.make_train_step(
+    train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
-        dtr_bytes=precision.dtr_threshold(cfg.dtr) if cfg.dtr else None)
-    evals = {"": (model, precision.make_eval_step(model, num_classes=len(classes),
+        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+    evals = {"": (model, steps.EvalStep(model, num_classes=len(classes),
                                                   trace=cfg.trace, amp=cfg.amp))}
     if ema is not None:  # the averaged weights are scored beside the live ones
-        evals["ema"] = (ema.module, precision.make_eval_step(
+        evals["ema"] = (ema.module, steps.EvalStep(
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
     log = TrainLog(os.path.join(cfg.save_dir, "metrics.jsonl"), enabled=main, start=start,
                    total=total, world_size=world, reduce=distributed.all_reduce_sum,
@@ -319,9 +318,8 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
 
-    from engine import precision
+    from engine import steps
     from engine.models import get_model
-
     from engine.optim import LARS, param_groups
 
     model = get_model(cfg.arch, num_classes=num_classes)
@@ -333,7 +331,7 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = precision.make_grad_scaler() if cfg.amp else None
+    scaler = steps.make_grad_scaler() if cfg.amp else None
     return model, gm, opt, scaler
 
 

@@ -163,7 +163,7 @@ def _eval_as_rank(monkeypatch, val_split, rank, world, others=None):
     from engine.data import Loader
     from engine.evaluate import run_eval
     from engine.models import get_model
-    from engine.precision import make_eval_step
+    from engine.steps import EvalStep
 
     calls = []
 
@@ -175,7 +175,7 @@ def _eval_as_rank(monkeypatch, val_split, rank, world, others=None):
     mge.random.seed(0)
     model = get_model("resnet18", num_classes=3)
     model.eval()
-    step = make_eval_step(model, num_classes=3, trace=False)
+    step = EvalStep(model, num_classes=3, trace=False)
     loader = Loader(val_split, batch_size=2, train=False, image_size=32, workers=0, rank=rank,
                     world_size=world)
     try:

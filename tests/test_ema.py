@@ -110,8 +110,8 @@ def test_ema_module_is_separate_and_in_eval_mode():
     live = dict(model.named_parameters())
     assert all(p is not live[k] for k, p in ema.module.named_parameters())
     # the EMA copy evaluates with its own traced step, independent of the live model's
-    from engine.precision import make_eval_step
-    step = make_eval_step(ema.module, num_classes=5, trace=True)
+    from engine.steps import EvalStep
+    step = EvalStep(ema.module, num_classes=5, trace=True)
     images = mge.tensor(np.random.default_rng(3).integers(0, 255, (2, 3, 8, 8)).astype("uint8"))
     labels = mge.tensor(np.array([0, 1], dtype="int32"))
     first = step(images, labels).numpy()

@@ -64,12 +64,12 @@ def test_the_traced_step_follows_a_change_of_input_shape():
     from megengine.autodiff import GradManager
 
     from engine.models import resnet18
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     mge.random.seed(0)
     model = resnet18(num_classes=3)
     gm = GradManager().attach(model.parameters())
-    step = make_train_step(model, gm, optim.SGD(model.parameters(), lr=0.01), trace=True)
+    step = TrainStep(model, gm, optim.SGD(model.parameters(), lr=0.01), trace=True)
     rng = np.random.default_rng(0)
     before = model.fc.weight.numpy().copy()
     for size in (32, 48, 32, 48):

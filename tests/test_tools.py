@@ -230,7 +230,7 @@ def test_inference_official_1000_class_weights_use_imagenet_names(files):
         assert m and int(m.group(1)) == k, line
         assert m.group(2).strip() in names
     # the official formatting, byte for byte
-    from engine.evaluate import format_prediction
+    from engine.inference import format_prediction
     assert format_prediction(1, "Siamese_cat", 0.123) == \
         "1: class = Siamese_cat          with probability = 12.3 %"
     assert imagenet_names()[284] == "Siamese_cat" and imagenet_names()[287] == "lynx"
@@ -272,7 +272,7 @@ def test_inference_errors(files, tmp_path):
 
 
 def test_preprocess_matches_official_resize_and_crop(files):
-    from engine.evaluate import preprocess
+    from engine.inference import preprocess
 
     img = cv2.imread(files["cat"])                 # 300 x 451 (h x w)
     x = preprocess(files["cat"], 224)

@@ -229,11 +229,11 @@ def _run_steps(model, batches, *, trace, amp=False, lrs=None):
     import megengine as mge
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     gm = GradManager().attach(model.parameters())
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    step = make_train_step(model, gm, opt, trace=trace, amp=amp, label_smoothing=0.1)
+    step = TrainStep(model, gm, opt, trace=trace, amp=amp, label_smoothing=0.1)
     model.train()
     losses = []
     for i, (x, y) in enumerate(batches):
@@ -272,7 +272,7 @@ def test_amp_step_structure_traced_equals_eager_and_skips_overflow():
     import megengine.module as M
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
-    from engine.precision import make_train_step
+    from engine.steps import TrainStep
 
     class Tiny(M.Module):
         def __init__(self):
@@ -293,7 +293,7 @@ def test_amp_step_structure_traced_equals_eager_and_skips_overflow():
         net = Tiny()
         gm = GradManager().attach(net.parameters())
         opt = optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        step = make_train_step(net, gm, opt, trace=trace, amp=True)
+        step = TrainStep(net, gm, opt, trace=trace, amp=True)
         out = []
         for i in range(4):
             if i == 2:  # a scale so large that the float16 gradients overflow
@@ -321,12 +321,12 @@ def test_amp_scaler_starts_at_2_to_the_16():
     import megengine.module as M
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
-    from engine.precision import make_grad_scaler, make_train_step
+    from engine.steps import TrainStep, make_grad_scaler
 
     assert make_grad_scaler().scale_factor == 65536.0
     net = M.Linear(2, 2)
     gm = GradManager().attach(net.parameters())
-    step = make_train_step(net, gm, optim.SGD(net.parameters(), lr=0.1), trace=False, amp=True)
+    step = TrainStep(net, gm, optim.SGD(net.parameters(), lr=0.1), trace=False, amp=True)
     assert step.scaler.scale_factor == 65536.0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Classify one image: argparse -> engine.evaluate.predict -> the official output lines."""
+"""Classify one image: argparse -> engine.inference.predict -> the official output lines."""
 import argparse
 import os
 import sys
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from engine.evaluate import format_prediction, predict
+        from engine.inference import format_prediction, predict
 
         top = predict(args.arch, args.model, args.image, topk=args.topk,
                       image_size=args.image_size)

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.sample import MARKER, max_classes, make_sample_imagenet  # noqa: E402
+from engine.sample import MARKER, make_sample_imagenet, max_classes  # noqa: E402
 
 
 def main(argv=None) -> int:

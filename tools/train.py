@@ -7,7 +7,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import UserError  # noqa: E402  (light: MegEngine is imported only to train)
 
-
 DESCRIPTION = ("Train a ResNet/ResNeXt on ImageNet with MegEngine: traced steps, optional AMP, one "
                "process per GPU. Writes config.json, checkpoint.pkl, metrics.jsonl and "
                "curves.png to the save dir.")

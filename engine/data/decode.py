@@ -28,8 +28,15 @@ __all__ = [
     "scaled_dim", "pick_scale", "roi_available",
 ]
 
-from turbojpeg import (TJCS_CMYK, TJCS_GRAY, TJCS_YCCK, TJFLAG_FASTDCT, TJFLAG_STOPONWARNING,
-                       TJPF_BGR, TJPF_CMYK)
+from turbojpeg import (
+    TJCS_CMYK,
+    TJCS_GRAY,
+    TJCS_YCCK,
+    TJFLAG_FASTDCT,
+    TJFLAG_STOPONWARNING,
+    TJPF_BGR,
+    TJPF_CMYK,
+)
 
 # DCT scales with fast paths in libjpeg-turbo (reduced-size IDCTs); x/8 for other x are slower.
 SCALE_NUMERATORS = (8, 4, 2, 1)

@@ -44,12 +44,10 @@ import numpy as np
 
 from engine.data import shards
 from engine.data.cpus import default_workers
-from engine.data.decode import (DecodeError, decode_bgr, decode_crop, jpeg_size, pick_scale,
-                                roi_available, scaled_dim, sniff)
+from engine.data.decode import DecodeError, roi_available
 from engine.data.folder import FolderIndex, index_folder
 from engine.data.sampler import Sampler
-from engine.data.transforms import (center_crop, random_resized_crop, resize_shorter,
-                                    sample_rng, val_resize)
+from engine.data.transforms import TrainTransform, Transform, ValTransform
 from engine.errors import ConfigError, DataError, MissingPathError, UserError
 
 __all__ = ["Loader", "default_workers"]
@@ -122,70 +120,7 @@ def _open_source(source: Union[str, FolderIndex]):
 
 # ------------------------------------------------------------------------- per-sample work
 
-class _Decoder:
-    """Turns record bytes into one uint8 CHW sample; identical in workers and inline. The
-    output size is the `out` array's, so one decoder serves every resolution of a schedule."""
-
-    def __init__(self, train: bool, seed: int, use_roi: bool, crop_ratio: float = 0.875):
-        self.train = train
-        self.seed = seed
-        self.use_roi = use_roi
-        self.crop_ratio = crop_ratio
-
-    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
-                 size: Optional[Tuple[int, int]] = None) -> None:
-        """Decode into out (uint8 [3, S, S]); size is the JPEG's (width, height) when known."""
-        S = out.shape[-1]
-        if self.train:
-            img, flip = self._train(data, index, epoch, size, S)
-        else:
-            img, flip = self._val(data, size, S), False
-        if img.shape[0] != S or img.shape[1] != S:
-            img = cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
-        if flip:
-            img = cv2.flip(img, 1)
-        # HWC -> CHW straight into the slot's three planes (3x cheaper than a numpy transpose).
-        cv2.split(img, [out[0], out[1], out[2]])
-
-    def _train(self, data: bytes, index: int, epoch: int, size: Optional[Tuple[int, int]],
-               S: int) -> Tuple[np.ndarray, bool]:
-        rng = sample_rng(self.seed, epoch, index)
-        if size is not None or sniff(data) == "jpeg":
-            width, height = size or jpeg_size(data)
-            x, y, w, h = random_resized_crop(height, width, rng)
-            # Decode at the smallest DCT scale that keeps the crop at least S x S: large
-            # images decode at 1/2, 1/4, ... which is much cheaper than a full decode.
-            num = pick_scale(w, h, S, S)
-            x0, y0 = x * num // 8, y * num // 8
-            x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
-            y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
-            # The fast integer IDCT: augmentation does not need the last grey level.
-            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi,
-                               fast_dct=True)
-        else:  # PNG etc. in a raw folder: full decode, same geometry
-            full = decode_bgr(data, fast_dct=True)
-            x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
-            crop = full[y:y + h, x:x + w]
-        return crop, rng.random() < 0.5
-
-    def _val(self, data: bytes, size: Optional[Tuple[int, int]], S: int) -> np.ndarray:
-        if size is not None or sniff(data) == "jpeg":
-            width, height = size or jpeg_size(data)
-            img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
-        else:
-            img = decode_bgr(data)
-        h, w = img.shape[:2]
-        th, tw = resize_shorter(h, w, val_resize(S, self.crop_ratio))
-        if (th, tw) != (h, w):
-            img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
-        if th < S or tw < S:  # only for a crop ratio above 1; keep it defined
-            img = cv2.resize(img, (max(tw, S), max(th, S)), interpolation=cv2.INTER_LINEAR)
-            th, tw = img.shape[:2]
-        x, y = center_crop(th, tw, S)
-        return img[y:y + S, x:x + S]
-
-
-def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np.ndarray,
+def _fill(source, decoder: Transform, indices: np.ndarray, epoch: int, images: np.ndarray,
           labels: np.ndarray) -> List[Tuple[int, str, str]]:
     """Decode samples into (images, labels); returns [(index, path, reason)] of replacements."""
     n = len(source)
@@ -208,7 +143,7 @@ def _fill(source, decoder: _Decoder, indices: np.ndarray, epoch: int, images: np
     return failures
 
 
-def _worker_main(wid: int, conn, source, decoder: _Decoder, buf: mmap.mmap,
+def _worker_main(wid: int, conn, source, decoder: Transform, buf: mmap.mmap,
                  layout: Dict[str, int]) -> None:
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
@@ -379,7 +314,8 @@ class Loader:
                                rank=rank, world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
         self.roi = bool(use_roi and roi_available())
-        self._decoder = _Decoder(train, seed, self.roi, crop_ratio)
+        self._decoder: Transform = TrainTransform(seed, self.roi) if train else \
+            ValTransform(crop_ratio, self.roi)
         # Chunk so that one batch gives every worker a share: the ring needs only a few slots.
         self._chunk = max(1, math.ceil(self.batch_size / max(1, self.workers)))
         self.epoch = 0

@@ -1,15 +1,23 @@
-"""Crop geometry and per-sample randomness: pure functions of (image size, rng).
+"""The train and val transforms: crop geometry, per-sample randomness, and the objects that turn
+a record's JPEG bytes into one uint8 CHW sample.
 
 The geometry follows MegEngine's (and torchvision's) RandomResizedCrop, Resize and CenterCrop
-exactly, so that evaluation matches the official pipeline pixel for pixel.
+exactly, so that evaluation matches the official pipeline pixel for pixel. `TrainTransform` and
+`ValTransform` are what the Loader's workers run per sample, what bench_decode times, and (the
+val one) what single-image inference applies: one implementation for all three.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple, Union
+
+import cv2
+import numpy as np
+
+from engine.data.decode import decode_bgr, decode_crop, jpeg_size, pick_scale, scaled_dim, sniff
 
 __all__ = ["SampleRNG", "sample_rng", "random_resized_crop", "resize_shorter", "center_crop",
-           "val_resize"]
+           "val_resize", "TrainTransform", "ValTransform", "Transform"]
 
 
 _MASK = (1 << 64) - 1
@@ -100,3 +108,81 @@ def center_crop(height: int, width: int, size: int) -> Tuple[int, int]:
 def val_resize(image_size: int, crop_ratio: float = 0.875) -> int:
     """Shorter side before the center crop: 256 for 224 at the standard 0.875 crop ratio."""
     return int(round(image_size / crop_ratio))
+
+
+def _to_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """Resize to out's S x S when needed, flip, and write HWC BGR into out's three planes."""
+    S = out.shape[-1]
+    if img.shape[0] != S or img.shape[1] != S:
+        img = cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
+    if flip:
+        img = cv2.flip(img, 1)
+    cv2.split(img, [out[0], out[1], out[2]])  # 3x cheaper than a numpy transpose
+
+
+class TrainTransform:
+    """JPEG bytes -> RandomResizedCrop (area 0.08-1, ratio 3/4-4/3) + horizontal flip, written
+    into `out` (uint8 [3, S, S]; S is out's size, so one object serves every resolution).
+
+    Every random choice comes from sample_rng(seed, epoch, index). JPEGs decode only the crop
+    window (with the ROI decoder) at the smallest DCT scale that keeps it at least S x S, with
+    the fast integer IDCT: augmentation does not need the last grey level.
+    """
+
+    def __init__(self, seed: int, use_roi: bool = True):
+        self.seed = seed
+        self.use_roi = use_roi
+
+    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
+                 size: Optional[Tuple[int, int]] = None) -> None:
+        """`size`: the JPEG's (width, height) when known (packed records), else probed."""
+        S = out.shape[-1]
+        rng = sample_rng(self.seed, epoch, index)
+        if size is not None or sniff(data) == "jpeg":
+            width, height = size or jpeg_size(data)
+            x, y, w, h = random_resized_crop(height, width, rng)
+            num = pick_scale(w, h, S, S)
+            x0, y0 = x * num // 8, y * num // 8
+            x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
+            y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
+            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi,
+                               fast_dct=True)
+        else:  # PNG etc. in a raw folder: full decode, same geometry
+            full = decode_bgr(data, fast_dct=True)
+            x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
+            crop = full[y:y + h, x:x + w]
+        _to_chw(crop, out, flip=rng.random() < 0.5)
+
+
+class ValTransform:
+    """JPEG bytes (or a decoded BGR image) -> resize the shorter side to round(S / crop_ratio),
+    center-crop S x S: the official val transform (256 -> 224 at the standard 0.875)."""
+
+    def __init__(self, crop_ratio: float = 0.875, use_roi: bool = True):
+        self.crop_ratio = crop_ratio
+        self.use_roi = use_roi
+
+    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
+                 size: Optional[Tuple[int, int]] = None) -> None:
+        """Same signature as TrainTransform (index and epoch are unused: val is deterministic)."""
+        if size is not None or sniff(data) == "jpeg":
+            width, height = size or jpeg_size(data)
+            img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
+        else:
+            img = decode_bgr(data)
+        _to_chw(self.crop(img, out.shape[-1]), out)
+
+    def crop(self, img: np.ndarray, S: int) -> np.ndarray:
+        """A decoded HWC image -> its resized, center-cropped S x S HWC view."""
+        h, w = img.shape[:2]
+        th, tw = resize_shorter(h, w, val_resize(S, self.crop_ratio))
+        if (th, tw) != (h, w):
+            img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
+        if th < S or tw < S:  # only for a crop ratio above 1; keep it defined
+            img = cv2.resize(img, (max(tw, S), max(th, S)), interpolation=cv2.INTER_LINEAR)
+            th, tw = img.shape[:2]
+        x, y = center_crop(th, tw, S)
+        return img[y:y + S, x:x + S]
+
+
+Transform = Union[TrainTransform, ValTransform]

@@ -19,7 +19,7 @@ Weights are initialised with the distributions of the official training recipe, 
 scratch starts where the official one does.
 """
 import math
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Type, Union
 
 import megengine.functional as F
 import megengine.module as M

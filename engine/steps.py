@@ -1,9 +1,9 @@
 """Step functions: on-device normalization, jit.trace (or eager) and mixed precision.
 
-The trainer calls `make_train_step` / `make_eval_step` once and then only calls the returned
-objects with uint8 image tensors. Whether the step is a compiled graph (`jit.trace(symbolic=True)`)
-or plain eager code, and whether it runs under AMP, is decided here and nowhere else; the traced
-and eager versions compute the same thing (tests/test_trainer.py checks the loss trajectories).
+The trainer builds a `TrainStep` / `EvalStep` once and then only calls them with uint8 image
+tensors. Whether the step is a compiled graph (`jit.trace(symbolic=True)`) or plain eager code,
+and whether it runs under AMP, is decided here and nowhere else; the traced and eager versions
+compute the same thing (tests/test_trainer.py checks the loss trajectories).
 
 Two MegEngine 1.13 facts shape the code:
 - `GradScaler.backward` inside a symbolic trace crashes the process (it reads a device value
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
-
 import megengine as mge
 import megengine.functional as F
+import numpy as np
 from megengine import amp as mge_amp
 from megengine import jit
 from megengine.autodiff import GradManager
@@ -281,31 +280,3 @@ class PredictStep:
 
     def __call__(self, images: mge.Tensor) -> mge.Tensor:
         return self._step(images)
-
-
-def make_train_step(
-    model: Module,
-    gm: GradManager,
-    opt: Optimizer,
-    *,
-    trace: bool = True,
-    amp: bool = False,
-    scaler: Optional[mge_amp.GradScaler] = None,
-    label_smoothing: float = 0.0,
-    dtr_bytes: Optional[int] = None,
-    mix: bool = False,
-    num_classes: Optional[int] = None,
-) -> TrainStep:
-    """Build the training step, traced (default) or eager, float32 or AMP, optionally with DTR
-    (which always runs eagerly) and Mixup/CutMix."""
-    return TrainStep(
-        model, gm, opt, trace=trace, amp=amp, scaler=scaler, label_smoothing=label_smoothing,
-        dtr_bytes=dtr_bytes, mix=mix, num_classes=num_classes,
-    )
-
-
-def make_eval_step(
-    model: Module, *, num_classes: int, trace: bool = True, amp: bool = False
-) -> EvalStep:
-    """Build the evaluation step; call `model.eval()` before using it."""
-    return EvalStep(model, num_classes=num_classes, trace=trace, amp=amp)
