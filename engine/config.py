@@ -12,12 +12,12 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from engine import distributed
 from engine.errors import UserError
 
-__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
+__all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
            "load_recipe"]
 
 SCHEDULES = ("step", "cosine", "linear", "poly")
@@ -27,6 +27,15 @@ OPTIMIZERS = ("sgd", "lars")
 def _opt(default: Any, help: str, *flags: str, **argparse_kw: Any) -> Any:
     """A field with its command-line spelling and help text beside its default."""
     return field(default=default, metadata=dict(help=help, flags=flags, kw=argparse_kw))
+
+
+class NodeLayout(NamedTuple):
+    """TrainConfig.node_layout(): the node fields after with_cluster(), none of them None."""
+
+    num_nodes: int
+    node_rank: int
+    master_ip: str
+    master_port: int  # 0 = any free port (a single node only)
 
 
 @dataclass
@@ -145,12 +154,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        ramp = (c.min_res, c.max_res, c.start_ramp, c.end_ramp)
+        ramp = min_res, max_res, start_ramp, end_ramp = (c.min_res, c.max_res, c.start_ramp,
+                                                         c.end_ramp)
         if any(v is not None for v in ramp):
-            if any(v is None for v in ramp):
+            if min_res is None or max_res is None or start_ramp is None or end_ramp is None:
                 raise UserError("progressive resizing needs all of --min-res, --max-res, "
                                 "--start-ramp and --end-ramp (got %s)" % (ramp,))
-            if not (32 <= c.min_res <= c.max_res and 0 <= c.start_ramp <= c.end_ramp):
+            if not (32 <= min_res <= max_res and 0 <= start_ramp <= end_ramp):
                 raise UserError("progressive resizing needs 32 <= --min-res <= --max-res and "
                                 "0 <= --start-ramp <= --end-ramp (got %s)" % (ramp,))
         if c.dtr:
@@ -166,9 +176,34 @@ class TrainConfig:
                                    master_ip=cl.master_addr, master_port=cl.master_port,
                                    ngpus=cl.gpus_per_node)
 
+    # Typed views of fields that are Optional on the command line but always set once
+    # finalized() (save_dir) and with_cluster() (the node layout) have resolved them.
+    @property
+    def out_dir(self) -> str:
+        """save_dir as finalized() resolved it (output/<arch> by default)."""
+        assert self.save_dir is not None, "finalized() resolves save_dir"
+        return self.save_dir
+
+    def node_layout(self) -> NodeLayout:
+        """This node's place in the run, as with_cluster() filled it in."""
+        num_nodes, node_rank, master_ip, master_port = (self.num_nodes, self.node_rank,
+                                                        self.master_ip, self.master_port)
+        assert (num_nodes is not None and node_rank is not None and master_ip is not None
+                and master_port is not None), "with_cluster() resolves the node layout"
+        return NodeLayout(num_nodes, node_rank, master_ip, master_port)
+
     @property
     def progressive(self) -> bool:
         return self.min_res is not None
+
+    def _ramp(self) -> Tuple[int, int, int, int]:
+        """(min_res, max_res, start_ramp, end_ramp) of a progressive config; finalized() has
+        made sure that all four are set once one is."""
+        min_res, max_res, start_ramp, end_ramp = (self.min_res, self.max_res, self.start_ramp,
+                                                  self.end_ramp)
+        assert (min_res is not None and max_res is not None and start_ramp is not None
+                and end_ramp is not None), "progressive resizing needs all four of its options"
+        return min_res, max_res, start_ramp, end_ramp
 
     def train_size_at(self, epoch: int) -> int:
         """The training crop size of `epoch` (FFCV's schedule, or --image-size)."""
@@ -176,11 +211,14 @@ class TrainConfig:
 
         if not self.progressive:
             return self.image_size
-        return resolution_at(epoch, self.min_res, self.max_res, self.start_ramp, self.end_ramp)
+        return resolution_at(epoch, *self._ramp())
 
     @property
     def max_train_size(self) -> int:
-        return max(self.max_res, self.min_res) if self.progressive else self.image_size
+        if not self.progressive:
+            return self.image_size
+        min_res, max_res, _start, _end = self._ramp()
+        return max(max_res, min_res)
 
     @property
     def eval_size(self) -> int:

@@ -98,7 +98,7 @@ def _split_top_level(text: str) -> List[str]:
 
 
 def _expand_range(spec: str, whole: str) -> List[str]:
-    out = []
+    out: List[str] = []
     for piece in spec.split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", piece.strip())
         if not m:
@@ -202,7 +202,7 @@ def resolve_cluster(
     elif torch_nodes is not None:
         source = "torchrun"
         nodes, nrank = torch_nodes, first(node_rank, torch_rank, 0)
-    elif has_slurm:
+    elif slurm_nodes is not None:  # i.e. has_slurm
         source = "slurm"
         nodes, nrank = slurm_nodes, first(node_rank, slurm_rank, 0)
     else:

@@ -58,7 +58,7 @@ def load_model(arch: str, source: Optional[str], trusted: Optional[bool] = None)
     try:
         loaded = load_model(arch, source, trusted=trusted)
     except (UserError, ValueError) as exc:  # ValueError: an unknown arch from engine.models
-        raise UserError(_one_line(exc)) from None
+        raise UserError(_one_line(str(exc))) from None
     classes: Optional[List[str]] = None
     if loaded.config.get("classes"):
         classes = list(loaded.config["classes"])

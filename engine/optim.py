@@ -22,7 +22,7 @@ v = m * v + g and w -= lr * v; the two agree while lr is constant.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List, Set, Union
 
 import megengine.functional as F
 import megengine.module as M
@@ -43,7 +43,7 @@ NORM_TYPES = tuple(t for t in (
 
 def no_decay_parameters(model: Module) -> List[Parameter]:
     """Norm-layer parameters and all biases, in `model.parameters()` order."""
-    chosen = set()
+    chosen: Set[int] = set()
     for module in model.modules():
         if isinstance(module, NORM_TYPES):
             chosen.update(id(p) for p in module.parameters(recursive=False))

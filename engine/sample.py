@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, TypedDict
 
 import numpy as np
 
@@ -93,11 +93,27 @@ _VARIANT_WNIDS: List[str] = [
 # Variant 0 is the photo as is. Colour photos: variants rotate the hue (degrees); grayscale
 # photos: variants tint (BGR gains). Geometry: 'vflip' (upside down) or 'rot90' (clockwise);
 # the random augmentation only ever flips horizontally, so both stay distinct from the original.
-_VARIANTS = [
-    {"geometry": None, "hue": 0, "tint": None},
-    {"geometry": "vflip", "hue": 120, "tint": (0.45, 0.75, 1.0)},   # warm sepia
-    {"geometry": "rot90", "hue": 240, "tint": (1.0, 0.8, 0.4), "negative": True},  # cold blue
+class _Variant(NamedTuple):
+    geometry: Optional[str]  # None, 'vflip' or 'rot90'
+    hue: int  # degrees, colour photos
+    tint: Optional[Tuple[float, float, float]]  # BGR gains, grayscale photos
+    negative: bool = False
+
+
+_VARIANTS: List[_Variant] = [
+    _Variant(geometry=None, hue=0, tint=None),
+    _Variant(geometry="vflip", hue=120, tint=(0.45, 0.75, 1.0)),   # warm sepia
+    _Variant(geometry="rot90", hue=240, tint=(1.0, 0.8, 0.4), negative=True),  # cold blue
 ]
+
+
+class ClassSpec(TypedDict):
+    """One row of the class table (see class_specs)."""
+
+    wnid: str  # the ImageNet WNID the class is filed under
+    photo: str  # the scikit-image photo's name (_PHOTOS)
+    variant: int  # index into _VARIANTS; 0 = the photo as is
+    description: str
 
 _MAX_SOURCE_SIDE = 900  # photos larger than this are shrunk once (speed; crops are ~500 px)
 
@@ -107,7 +123,7 @@ def max_classes() -> int:
     return len(_PHOTOS) * len(_VARIANTS)
 
 
-def class_specs(classes: int) -> List[Dict[str, object]]:
+def class_specs(classes: int) -> List[ClassSpec]:
     """The first ``classes`` class definitions, in generation order (not label order).
 
     Each is ``{"wnid", "photo", "variant", "description"}``. Raises ValueError when
@@ -121,7 +137,7 @@ def class_specs(classes: int) -> List[Dict[str, object]]:
             f"{max_classes()} ({len(_PHOTOS)} scikit-image photos x {len(_VARIANTS)} variants); "
             f"use classes <= {max_classes()}"
         )
-    specs = []
+    specs: List[ClassSpec] = []
     for c in range(classes):
         v, p = divmod(c, len(_PHOTOS))
         name, _, colour, wnid = _PHOTOS[p]
@@ -131,10 +147,10 @@ def class_specs(classes: int) -> List[Dict[str, object]]:
         if v == 0:
             desc = name
         else:
-            neg = ", negative" if var.get("negative") else ""
-            change = f"hue +{var['hue']} deg" if colour else f"tint BGR {var['tint']}"
-            desc = f"{name} ({var['geometry']}{neg}, {change})"
-        specs.append({"wnid": wnid, "photo": name, "variant": v, "description": desc})
+            neg = ", negative" if var.negative else ""
+            change = f"hue +{var.hue} deg" if colour else f"tint BGR {var.tint}"
+            desc = f"{name} ({var.geometry}{neg}, {change})"
+        specs.append(ClassSpec(wnid=wnid, photo=name, variant=v, description=desc))
     return specs
 
 
@@ -182,19 +198,19 @@ def _class_base(photo: np.ndarray, colour: bool, variant: int) -> np.ndarray:
 
     var = _VARIANTS[variant]
     img = photo
-    if var["geometry"] == "vflip":
+    if var.geometry == "vflip":
         img = cv2.flip(img, 0)
-    elif var["geometry"] == "rot90":
+    elif var.geometry == "rot90":
         img = cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
     if variant and colour:
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)  # H in 0..179 (2 degrees per step)
-        h = hsv[:, :, 0].astype(np.int16) + var["hue"] // 2
+        h = hsv[:, :, 0].astype(np.int16) + var.hue // 2
         hsv[:, :, 0] = (h % 180).astype(np.uint8)
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
-    if var.get("negative"):
+    if var.negative:
         img = 255 - img
     if variant and not colour:
-        gains = np.asarray(var["tint"], np.float32)
+        gains = np.asarray(var.tint, np.float32)
         img = np.clip(img.astype(np.float32) * gains + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(img)
 
@@ -370,12 +386,12 @@ def make_sample_imagenet(
     counts = {name: 0 for name, *_ in splits}
     total_bytes = 0
     for c, spec in enumerate(specs):
-        name = str(spec["photo"])
+        name = spec["photo"]
         if name not in photos:
             photos[name] = _load_photo(name)
-        base = _class_base(photos[name], colour_of[name], int(spec["variant"]))
+        base = _class_base(photos[name], colour_of[name], spec["variant"])
         for split, split_id, n, pattern in splits:
-            d = os.path.join(out, split, str(spec["wnid"]))
+            d = os.path.join(out, split, spec["wnid"])
             os.makedirs(d, exist_ok=True)
             for k in range(1, n + 1):
                 rng = np.random.default_rng([int(seed), split_id, c, k])

@@ -182,9 +182,11 @@ class TrainStep:
                                       label_smooth=self.label_smoothing)
         from engine.mix import mix_images, mix_targets, soft_cross_entropy
 
+        num_classes = self.num_classes
+        assert num_classes is not None  # __init__ refuses mix=True without num_classes
         perm, rows, cols, lam = mix
         logits = self.model(mix_images(x, perm, rows, cols))
-        targets = mix_targets(labels, self.num_classes, lam, perm, self.label_smoothing)
+        targets = mix_targets(labels, num_classes, lam, perm, self.label_smoothing)
         return soft_cross_entropy(logits, targets)
 
     # ---- float32: the whole step is one graph ----
@@ -222,7 +224,9 @@ class TrainStep:
         extra = tuple(mix or ())
         if not self.amp:
             return self._graph("_fp32_step", images.shape)(images, labels, *extra)
-        scale = mge.tensor(np.float32(self.scaler.scale_factor))
+        scaler = self.scaler
+        assert scaler is not None  # __init__ makes one whenever amp is on
+        scale = mge.tensor(np.float32(scaler.scale_factor))
         loss, overflow = self._graph("_amp_backward", images.shape)(images, labels, scale, *extra)
         skipped = bool(overflow.numpy())
         if skipped:
@@ -230,8 +234,8 @@ class TrainStep:
         else:
             self._graph("_amp_update", ())()
         # Drive GradScaler's own bookkeeping so its state_dict stays the checkpoint format.
-        self.scaler._found_non_finite = skipped
-        self.scaler.update()
+        scaler._found_non_finite = skipped
+        scaler.update()
         self.last_step_skipped = skipped
         return loss
 

@@ -161,12 +161,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
     cfg = config.finalized().with_cluster(os.environ)
+    layout = cfg.node_layout()
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
     problem, ngpus, resume, sources = None, None, None, []
     try:
-        if cfg.num_nodes > 1:
+        if layout.num_nodes > 1:
             distributed.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
@@ -174,17 +175,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
                                              else (train_dir,))]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
-        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), cfg.num_nodes)
+        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), layout.num_nodes)
     except UserError as exc:
-        if cfg.num_nodes == 1:
+        if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
-    report = distributed.node_report(num_nodes=cfg.num_nodes, ngpus=ngpus, error=problem,
+    report = distributed.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
                                      resume=resume)
     return distributed.launch(
         _train_worker, cfg, sources,
-        ngpus=ngpus or 1, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank,
-        master_ip=cfg.master_ip, master_port=cfg.master_port,
+        ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
+        master_ip=layout.master_ip, master_port=layout.master_port,
         report=report, rendezvous_timeout=cfg.rendezvous_timeout,
     )
 
@@ -223,11 +224,11 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     if ema is not None:  # the averaged weights are scored beside the live ones
         evals["ema"] = (ema.module, steps.EvalStep(
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
-    log = TrainLog(os.path.join(cfg.save_dir, "metrics.jsonl"), enabled=main, start=start,
+    log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=start,
                    total=total, world_size=world, reduce=distributed.all_reduce_sum,
                    progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe),
                    tensorboard=cfg.tensorboard)
-    png = os.path.join(cfg.save_dir, "curves.png")
+    png = os.path.join(cfg.out_dir, "curves.png")
 
     def save(step: int) -> Optional[str]:
         state = {"step": step, "steps_per_epoch": spe, "state_dict": model.state_dict(),
@@ -364,6 +365,7 @@ def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world
     from engine import checkpoint as ckpt
     from engine.models import load_weights
 
+    assert cfg.resume is not None  # called only for a run with --resume
     path = ckpt.resolve_resume(cfg.resume)
     state = ckpt.load_checkpoint(path)
     if not ckpt.is_engine_checkpoint(state):
@@ -398,15 +400,15 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
     from engine import checkpoint as ckpt
     from engine.atomic import atomic_write
 
-    ckpt.clean_temp_files(cfg.save_dir)
-    if not cfg.resume and ckpt.find_latest(cfg.save_dir):
+    ckpt.clean_temp_files(cfg.out_dir)
+    if not cfg.resume and ckpt.find_latest(cfg.out_dir):
         print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
               "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
               file=sys.stderr)
     print("data: %d workers per loader (%d ranks per node), %.0f MB shared ring per loader"
           % (loader.workers, loader.local_world_size, loader.shared_memory_bytes / 1e6),
           file=sys.stderr)
-    path = os.path.join(cfg.save_dir, "config.json")
+    path = os.path.join(cfg.out_dir, "config.json")
     text = json.dumps(run_config, indent=1, sort_keys=True) + "\n"
     try:
         atomic_write(path, lambda f: f.write(text.encode()))
@@ -417,7 +419,7 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
 def _save_checkpoint(cfg: TrainConfig, state: Dict[str, Any]) -> str:
     from engine import checkpoint as ckpt
 
-    path = os.path.join(cfg.save_dir, ckpt.LATEST)
+    path = os.path.join(cfg.out_dir, ckpt.LATEST)
     try:
         return ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": ckpt.VERSION, **state},
                                     path)

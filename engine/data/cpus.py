@@ -49,11 +49,11 @@ def cgroup_cpu_limit(root: str = CGROUP_ROOT) -> Optional[float]:
             return quota / period if quota > 0 and period > 0 else None
         return None
     for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        quota = _read(os.path.join(root, sub, "cpu.cfs_quota_us"))
-        period = _read(os.path.join(root, sub, "cpu.cfs_period_us"))
-        if quota is not None and period is not None:
+        quota_text = _read(os.path.join(root, sub, "cpu.cfs_quota_us"))
+        period_text = _read(os.path.join(root, sub, "cpu.cfs_period_us"))
+        if quota_text is not None and period_text is not None:
             try:
-                q, p = int(quota), int(period)
+                q, p = int(quota_text), int(period_text)
             except ValueError:
                 return None
             return q / p if q > 0 and p > 0 else None

@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 
 try:  # built by setup.py when libjpeg-turbo's headers are present
-    from engine.data import _jpegroi
+    # (spelled as a module import so that mypy, which cannot read a compiled extension, takes
+    # it as an untyped module rather than a missing attribute of engine.data)
+    import engine.data._jpegroi as _jpegroi
 except ImportError:  # pragma: no cover - exercised on machines without the headers
     _jpegroi = None
 

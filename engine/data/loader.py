@@ -165,6 +165,8 @@ def _worker_main(wid: int, conn, source, decoder: Transform, buf: mmap.mmap,
         key, epoch, slot, start, indices, S = task
         stop = start + len(indices)
         images, labels = _slot_arrays(buf, layout, slot, S)
+        # (key, failures, error): error is None, a UserError to re-raise, or a bug's traceback
+        reply: Tuple[Any, List[Tuple[int, str, str]], Union[None, UserError, str]]
         try:
             failures = _fill(source, decoder, indices, epoch, images[start:stop],
                              labels[start:stop])
@@ -185,8 +187,8 @@ def _slot_arrays(buf, layout: Dict[str, int], slot: int, S: int) -> Tuple[np.nda
     its first bytes, so a resolution change needs no new memory and no new workers."""
     bs, M = layout["batch_size"], layout["max_size"]
     base = slot * _slot_bytes(bs, M)
-    images = np.ndarray((bs, 3, S, S), np.uint8, buf, base)
-    labels = np.ndarray((bs,), np.int32, buf, base + bs * 3 * M * M)
+    images: np.ndarray = np.ndarray((bs, 3, S, S), np.uint8, buf, base)
+    labels: np.ndarray = np.ndarray((bs,), np.int32, buf, base + bs * 3 * M * M)
     return images, labels
 
 
@@ -220,8 +222,8 @@ class _Batch:
     __slots__ = ("slot", "size", "pixels", "remaining", "failures")
 
     def __init__(self, slot: int, size: int, pixels: int, chunks: int):
-        self.slot, self.size, self.pixels, self.remaining, self.failures = \
-            slot, size, pixels, chunks, []
+        self.slot, self.size, self.pixels, self.remaining = slot, size, pixels, chunks
+        self.failures: List[Tuple[int, str, str]] = []
 
 
 # ------------------------------------------------------------------------------- the loader
@@ -530,7 +532,7 @@ class Loader:
                 continue  # an exit sentinel: checked below, after the pipes are drained
             wid = conns[id(obj)]
             try:
-                key, failures, error = obj.recv()
+                key, failures, error = self._conns[wid].recv()  # obj is this connection
             except (EOFError, OSError):
                 continue  # the worker is gone: its sentinel reports why
             self._held_by[wid].popleft()

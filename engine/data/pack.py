@@ -492,7 +492,7 @@ def _fingerprint(split: str, classes, items, stats, seed: int, shard_size: int,
 
 
 class _Stats:
-    def __init__(self):
+    def __init__(self) -> None:
         self.seen = self.kept = 0
         self.kinds: Counter = Counter()
         self.skipped: List[Dict[str, str]] = []

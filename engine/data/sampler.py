@@ -59,15 +59,16 @@ class Sampler:
                     % (batch_size, self.per_rank))
         else:
             self.num_batches = math.ceil(self.per_rank / batch_size)
-        self._cache = (None, None)
+        self._cache: Tuple[Optional[int], Optional[np.ndarray]] = (None, None)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's record indices for the epoch, in order (length per_rank)."""
-        if self._cache[0] == epoch:
-            return self._cache[1]
+        cached_epoch, cached = self._cache
+        if cached_epoch == epoch and cached is not None:
+            return cached
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
         else:

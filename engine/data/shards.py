@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import struct
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import lmdb
 import msgpack
@@ -267,7 +267,8 @@ class Split:
         for f in self.files:  # a truncated shard would crash the reader with SIGBUS later
             check_shard_file(f)
         self._txns: Dict[int, Any] = {}
-        self._pid = self._gen = None
+        self._pid: Optional[int] = None
+        self._gen: Optional[int] = None
 
     def __len__(self) -> int:
         return self.offsets[-1]

@@ -177,9 +177,9 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
                 stale = f.read() != meta_raw
         except OSError:
             stale = False
-        for f in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)]:
-            if os.path.exists(f):  # readers must not pair an old meta.json with new shards
-                os.remove(f)
+        for old in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)]:
+            if os.path.exists(old):  # readers must not pair an old meta.json with new shards
+                os.remove(old)
         todo, kept = [], 0
         for e in entries:
             local = os.path.join(dst, e["file"])

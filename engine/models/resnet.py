@@ -246,7 +246,7 @@ def _initialise(model: ResNet, zero_init_residual: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-_BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
+_BLOCKS: Dict[str, Block] = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
 
 
 def _check_arch(name: str) -> None:
