@@ -68,7 +68,8 @@ setup(
     ],
     extras_require={
         # ruff and mypy pinned: `make lint` must not start failing on a new release's rules
-        "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0"],
+        "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0",
+                "tensorboardX"],
         "tensorboard": ["tensorboardX"],
         # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
         "dali": ["nvidia-dali-cuda120"],
