@@ -433,6 +433,7 @@ def test_train_ctrl_c_is_one_line_and_exit_130(tmp_path):
             p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    # (MegEngine's own "info:" banner about running without CUDA may precede it)
-    assert [l for l in err.splitlines() if l.strip() and not l.startswith(("info:", "debug:"))] \
+    # (MegEngine's own "info:" banner about running without CUDA, and the trainer's "data:" line
+    # about the loader's size, precede it)
+    assert [l for l in err.splitlines() if l.strip() and not l.startswith(("info:", "debug:", "data:"))] \
         == ["interrupted; continue later with --resume %s" % save]
