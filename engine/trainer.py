@@ -405,7 +405,7 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
         print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
               "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
               file=sys.stderr)
-    print("data: %d workers per loader (%d ranks per node), %.0f MB shared ring per loader"
+    print("data: %d workers per loader (%d ranks per node), %.1f MB shared ring per loader"
           % (loader.workers, loader.local_world_size, loader.shared_memory_bytes / 1e6),
           file=sys.stderr)
     path = os.path.join(cfg.out_dir, "config.json")
