@@ -8,8 +8,28 @@ This module imports nothing, so `engine.data` can use it without pulling in MegE
 """
 
 
+from typing import Callable, Optional
+
+
 class UserError(Exception):
     """A problem the user can fix; the message says what was wrong and what to do."""
+
+
+def run_tool(body: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
+    """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
+    and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
+    keeps its traceback."""
+    import sys
+
+    try:
+        status = body()
+    except UserError as exc:
+        print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return status or 0
 
 
 def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:

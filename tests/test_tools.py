@@ -437,3 +437,28 @@ def test_train_ctrl_c_is_one_line_and_exit_130(tmp_path):
     # about the loader's size, precede it)
     assert [l for l in err.splitlines() if l.strip() and not l.startswith(("info:", "debug:", "data:"))] \
         == ["interrupted; continue later with --resume %s" % save]
+
+
+def test_every_tool_reports_user_errors_and_ctrl_c_the_same_way():
+    """engine.errors.run_tool: one `error:` line and 2, Ctrl-C one line and 130, else the
+    body's status; a bug keeps its traceback."""
+    from engine.errors import ConfigError, run_tool
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    assert run_tool(lambda: None) == 0 and run_tool(lambda: 3) == 3
+    assert run_tool(lambda: (_ for _ in ()).throw(ConfigError("bad\nvalue"))) == 2
+    assert run_tool(interrupted, interrupted="stopped; rerun") == 130
+    with pytest.raises(ZeroDivisionError):
+        run_tool(bug)
+
+
+@pytest.mark.parametrize("tool", ["train.py", "test.py", "inference.py", "pack_imagenet.py",
+                                  "verify_pack.py", "stage_shards.py"])
+def test_tools_use_the_shared_error_handling(tool):
+    src = open(os.path.join(TOOLS, tool)).read()
+    assert "run_tool(" in src and "except UserError" not in src

@@ -66,14 +66,12 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="loader processes")
     a = p.parse_args(argv)
-    from engine.errors import UserError
+    from engine.errors import run_tool
 
-    try:
+    def run() -> None:
         run_demo(a.out, epochs=a.epochs, image_size=a.image_size, workers=a.workers)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    return 0
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import UserError  # noqa: E402
+from engine.errors import UserError, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
+    def run() -> int:
         if a.bench_batch < 1 or a.bench_size < 32 or a.bench_steps < 1 or a.bench_warmup < 0:
             raise UserError("need --bench-batch >= 1, --bench-size >= 32, --bench-steps >= 1, "
                             "--bench-warmup >= 0")
@@ -33,9 +33,8 @@ def main(argv=None) -> int:
 
         return run_all(bench=a.bench, bench_batch=a.bench_batch, bench_size=a.bench_size,
                        bench_steps=a.bench_steps, bench_warmup=a.bench_warmup)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

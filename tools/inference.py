@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import UserError  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,17 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    def run() -> None:
         from engine.inference import format_prediction, predict
 
         top = predict(args.arch, args.model, args.image, topk=args.topk,
                       image_size=args.image_size)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    for rank, (_index, name, prob) in enumerate(top):
-        print(format_prediction(rank, name, prob))
-    return 0
+        for rank, (_index, name, prob) in enumerate(top):
+            print(format_prediction(rank, name, prob))
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.pack import default_workers, merge_pack, pack_imagenet  # noqa: E402
-from engine.errors import UserError  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,23 +39,19 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     splits = [s for s in a.splits.split(",") if s] if a.splits is not None else None
-    try:
+    if not a.merge and a.data is None:
+        p.error("--data is required (except with --merge)")
+
+    def run() -> None:
         if a.merge:
             merge_pack(a.out, splits)
-        elif a.data is None:
-            p.error("--data is required (except with --merge)")
         else:
             pack_imagenet(a.data, a.out, splits=splits or ["train", "val"], workers=a.workers,
                           shard_size=a.shard_size, max_side=a.max_side, seed=a.seed,
                           strict=a.strict, progress=not a.quiet, num_nodes=a.num_nodes,
                           node_rank=a.node_rank)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_tool(run, interrupted="interrupted; rerun to resume")
 
 
 if __name__ == "__main__":

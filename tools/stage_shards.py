@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.stage import stage  # noqa: E402
-from engine.errors import UserError  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -19,15 +19,10 @@ def main(argv=None) -> int:
                    help="a waiting rank gives up if the copying one makes no progress for S "
                         "seconds (default 600)")
     a = p.parse_args(argv)
-    try:
+    def run() -> None:
         stage(a.src, a.dst, stall_timeout=a.stall_timeout)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_tool(run, interrupted="interrupted; rerun to resume")
 
 
 if __name__ == "__main__":

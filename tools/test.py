@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import UserError  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,16 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    def run() -> None:
         from engine.evaluate import TestConfig, test
 
         result = test(TestConfig(**vars(args)))
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    print("Test %s on %d images: top1 %.3f top5 %.3f"
-          % (args.arch, result["images"], result["top1"], result["top5"]))
-    return 0
+        print("Test %s on %d images: top1 %.3f top5 %.3f"
+              % (args.arch, result["images"], result["top1"], result["top5"]))
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

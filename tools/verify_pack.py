@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.verify import verify  # noqa: E402
-from engine.errors import UserError  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,14 +23,11 @@ def main(argv=None) -> int:
     if a.sample is not None and a.sample < 0:
         print("error: --sample must be >= 0", file=sys.stderr)
         return 2
-    try:
-        reports = verify(a.path, sample=a.sample, fast=a.fast, seed=a.seed)
-    except UserError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    reports: list = []
+    status = run_tool(lambda: reports.extend(verify(a.path, sample=a.sample, fast=a.fast,
+                                                    seed=a.seed)))
+    if status:
+        return status
     problems = 0
     for r in reports:
         mb = r["bytes"] / 1e6
