@@ -22,13 +22,13 @@ from common import (add_data_args, finish, image_files, log, md_table, mean_file
 from engine.data import shards  # noqa: E402
 from engine.data.decode import decode_bgr  # noqa: E402
 from engine.data.verify import verify  # noqa: E402
-from engine.data.pack import default_workers, pack_imagenet  # noqa: E402
+from engine.data.pack import pack_workers, pack_imagenet  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     add_data_args(p, packed=False)
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--workers", type=int, default=pack_workers())
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--splits", default="train,val")
     p.add_argument("--shard-size", type=int, default=100)

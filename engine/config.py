@@ -94,6 +94,9 @@ class TrainConfig:
               "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
     resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
                                        "latest checkpoint", metavar="PATH")
+    trust_pickle: bool = _opt(False, "load --resume without the allow-list of what checkpoints "
+                                     "hold: only for files you trust (unpickling runs whatever a "
+                                     "file names)")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
     # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
     num_nodes: Optional[int] = _opt(None, "machines in a multi-node run (default: from NNODES / "

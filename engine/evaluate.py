@@ -152,6 +152,7 @@ class TestConfig:
     data: str
     arch: str = "resnet18"
     model: Optional[str] = None       # path or URL; None = published weights
+    trust_pickle: bool = False        # unpickle --model without the allow-list (trusted files)
     ngpus: Optional[int] = None
     batch_size: int = 100             # per GPU, as the official test.py
     workers: Optional[int] = None
@@ -185,7 +186,7 @@ def test(config: TestConfig) -> Dict[str, float]:
 def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
     from engine.data import Loader
 
-    loaded = load_model(config.arch, config.model)
+    loaded = load_model(config.arch, config.model, trusted=config.trust_pickle or None)
     try:
         loader = Loader(
             source, batch_size=config.batch_size, train=False,

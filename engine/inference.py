@@ -62,7 +62,8 @@ def class_names(loaded: LoadedModel) -> List[str]:
 
 
 def predict(arch: str, model: Optional[str], image: str, topk: int = 5,
-            image_size: Optional[int] = None) -> List[Tuple[int, str, float]]:
+            image_size: Optional[int] = None,
+            trusted: Optional[bool] = None) -> List[Tuple[int, str, float]]:
     """Top-k (class index, name, probability) for one image, most probable first.
 
     image_size None = the size an engine checkpoint was trained at, else 224.
@@ -70,7 +71,7 @@ def predict(arch: str, model: Optional[str], image: str, topk: int = 5,
     if topk < 1:
         raise UserError("--topk must be >= 1")
     img = read_image(image)  # a bad path fails before the (slow) model load
-    loaded = load_model(arch, model)
+    loaded = load_model(arch, model, trusted=trusted)
     batch = resize_center_crop(img, image_size or loaded.image_size)
     probs = PredictStep(loaded.model)(mge.tensor(batch)).numpy()[0]
     names = class_names(loaded)

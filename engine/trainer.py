@@ -367,7 +367,7 @@ def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world
 
     assert cfg.resume is not None  # called only for a run with --resume
     path = ckpt.resolve_resume(cfg.resume)
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path, trusted=cfg.trust_pickle or None)
     if not ckpt.is_engine_checkpoint(state):
         raise UserError("--resume %s: not a checkpoint written by tools/train.py (an official "
                         "weight file has no optimizer or loader state to resume)" % path)

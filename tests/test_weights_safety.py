@@ -151,6 +151,27 @@ def test_the_inference_tool_prints_one_line_and_runs_nothing(tmp_path):
     assert "Traceback" not in p.stderr and not marker.exists()
 
 
+def test_trust_pickle_flag_of_the_tools_opts_out(tmp_path):
+    """--trust-pickle: a file naming a global off the list (a harmless Counter here) is
+    refused without the flag and unpickled with it (it then fails later, as a non-model)."""
+    from collections import Counter
+
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(pickle.dumps({"state_dict": {"fc.weight": Counter(a=1)}}))
+    image = tmp_path / "x.png"
+    import cv2
+
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    env = {k: v for k, v in os.environ.items() if k != TRUST_PICKLE_ENV}
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, os.path.join(ROOT, "tools", "inference.py"), "-m", str(path), "-i",
+         str(image), *flags], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    refused, trusted = run(), run("--trust-pickle")
+    assert refused.returncode == 2 and "refusing to load" in refused.stderr
+    assert "--trust-pickle" in refused.stderr
+    assert "refusing to load" not in trusted.stderr and "Traceback" not in trusted.stderr
+
+
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_every_protocol_is_checked(tmp_path, protocol):
     marker = tmp_path / "ran"

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "URL is downloaded once into the megengine.hub cache; names ending in "
                         "_<hex>.pkl are sha256-checked); default, 'none' or 'published': "
                         "MegEngine's published weights for --arch")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load --model without the allow-list of what weight files hold: only for "
+                        "files you trust (unpickling runs whatever a file names)")
     p.add_argument("-i", "--image", required=True, help="image file (anything OpenCV reads)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to print")
     p.add_argument("--image-size", type=int, default=None,
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
         from engine.inference import format_prediction, predict
 
         top = predict(args.arch, args.model, args.image, topk=args.topk,
-                      image_size=args.image_size)
+                      image_size=args.image_size, trusted=args.trust_pickle or None)
         for rank, (_index, name, prob) in enumerate(top):
             print(format_prediction(rank, name, prob))
 

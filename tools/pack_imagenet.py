@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.pack import default_workers, merge_pack, pack_imagenet  # noqa: E402
+from engine.data.pack import merge_pack, pack_imagenet, pack_workers  # noqa: E402
 from engine.errors import run_tool  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--splits", default=None, help="comma-separated (default: train,val; with "
                    "--merge: every split that has a plan.json)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: all cores, %d here)" % default_workers())
+                   help="decoding processes (default: every usable core, %d here)" % pack_workers())
     p.add_argument("--shard-size", type=int, default=5000, help="files per shard (default 5000)")
     p.add_argument("--max-side", type=int, default=None,
                    help="re-encode images whose long side exceeds this (default: keep all)")

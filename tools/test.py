@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "URL is downloaded once into the megengine.hub cache; names ending in "
                         "_<hex>.pkl are sha256-checked); default, 'none' or 'published': "
                         "MegEngine's published weights for --arch")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load --model without the allow-list of what weight files hold: only for "
+                        "files you trust (unpickling runs whatever a file names)")
     p.add_argument("-n", "--ngpus", type=int, default=None,
                    help="GPUs to use; default: all visible (CPU: 1 process)")
     p.add_argument("-b", "--batch-size", type=int, default=100, help="images per GPU per step")

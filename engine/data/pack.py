@@ -39,12 +39,13 @@ import lmdb
 import numpy as np
 
 from engine.data import shards
+from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message
 
 __all__ = ["PackError", "pack_imagenet", "merge_pack", "resolve_nodes", "process_file",
-           "default_workers", "PLAN_FILE", "LOCK_FILE"]
+           "pack_workers", "PLAN_FILE", "LOCK_FILE"]
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".pack"
@@ -57,8 +58,9 @@ class PackError(UserError, ValueError):
     """Bad input or arguments: the message says what was wrong and how to fix it."""
 
 
-def default_workers() -> int:
-    return os.cpu_count() or 1
+def pack_workers() -> int:
+    """Packing processes: every usable core (affinity and cgroup quota; the packer is alone)."""
+    return usable_cores()
 
 
 def _encode_jpeg(bgr: np.ndarray) -> bytes:
@@ -743,7 +745,7 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--splits takes train and/or val (got %s)" % ",".join(splits))
     if len(set(splits)) != len(splits):
         raise PackError("--splits names a split twice (got %s)" % ",".join(splits))
-    workers = default_workers() if workers is None else workers
+    workers = pack_workers() if workers is None else workers
     if workers < 0:
         raise PackError("--workers must be >= 0 (0 = decode in the main process)")
     n_nodes, rank, source = resolve_nodes(num_nodes, node_rank,

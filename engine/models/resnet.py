@@ -365,6 +365,9 @@ def load_model(arch: str, source: Optional[str] = None, *, trusted: Optional[boo
     if fc is None:
         raise weights.WeightsError("%s has no fc.weight: not a ResNet state dict or checkpoint (keys start "
                            "with %s)" % (source, ", ".join(list(found.state)[:3])))
+    if len(getattr(fc, "shape", ())) != 2:
+        raise weights.WeightsError("%s: fc.weight is not a 2-D array (got %s): not a ResNet state "
+                                   "dict or checkpoint" % (source, type(fc).__name__))
     num_classes = int(fc.shape[0])
     model = get_model(arch, num_classes=num_classes)
     weights.load_weights(model, found.state, strict=True, source=source)

@@ -433,8 +433,8 @@ class _SafeUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 "refusing to load %s: it names %s.%s, which no weight file or checkpoint holds "
                 "(allowed: containers, numbers, strings, numpy arrays, MegEngine tensors), and "
-                "unpickling it could run arbitrary code; if you trust this file, set %s=1 "
-                "(or pass trusted=True)"
+                "unpickling it could run arbitrary code; if you trust this file, pass "
+                "--trust-pickle to the tool (or set %s=1, or trusted=True from Python)"
                 % (self._source, module, name, TRUST_PICKLE_ENV)
             )
         return super().find_class(module, name)
