@@ -356,6 +356,9 @@ def _call(addr: str, port: int, deadline: float, method: str, *args: Any) -> Any
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+VERDICT_MARGIN_S = 30.0
+
+
 def node_handshake(addr: str, port: int, node_rank: int, num_nodes: int,
                    report: Mapping[str, Any], timeout: float = RENDEZVOUS_TIMEOUT) -> None:
     """Meet the other nodes at `addr:port` before launching; raise UserError on any problem.
@@ -402,11 +405,16 @@ def node_handshake(addr: str, port: int, node_rank: int, num_nodes: int,
                     except socket.timeout:
                         break
     else:
+        # Node 0 publishes its verdict at its own deadline at the latest, and it may have started
+        # later than this node: wait that long plus a margin, or a slow node 0 would turn its
+        # precise message ("node 2 did not arrive") into this node's vague one.
         try:
-            verdict = _call(addr, port, deadline, "user_get", "engine/rendezvous/verdict")
+            verdict = _call(addr, port, deadline + VERDICT_MARGIN_S, "user_get",
+                            "engine/rendezvous/verdict")
         except socket.timeout:
             raise UserError("node 0 did not complete the rendezvous at %s within %.0f s (another "
-                            "node may be missing or still starting)" % (where, timeout)) from None
+                            "node may be missing or still starting)"
+                            % (where, timeout + VERDICT_MARGIN_S)) from None
         if verdict:
             try:
                 _call(addr, port, time.monotonic() + 10, "user_set",
