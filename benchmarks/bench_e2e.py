@@ -24,21 +24,13 @@ import time
 from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_data_args, finish, log, md_table, sample_data, show  # noqa: E402
-
 import numpy as np  # noqa: E402
-
 from bench_train import build_step, device_name, sync  # noqa: E402
+from common import add_data_args, finish, log, md_table, sample_data, show  # noqa: E402
 
 # (arch, mode, batch size, image size, timed steps, warm-up steps, sync every, repeats)
 GPU_DEFAULTS = ("resnet18", "amp", 128, 224, 50, 5, 10, 3)
 CPU_DEFAULTS = ("resnet18", "trace", 16, 32, 8, 2, 1, 1)
-
-
-def forever(loader):
-    while True:
-        for batch in loader:
-            yield batch
 
 
 def warm_up(step, batches, warmup: int) -> None:
@@ -136,7 +128,7 @@ def main(argv=None):
     fixed = (rng.integers(0, 256, (bs, 3, size, size), dtype=np.uint8),
              rng.integers(0, num_classes, (bs,)).astype(np.int32))
 
-    sources = {"synthetic": itertools.repeat(fixed), "loader": forever(loader)}
+    sources = {"synthetic": itertools.repeat(fixed), "loader": loader.stream()}
     totals = {k: [0, 0.0, 0.0] for k in sources}  # images, seconds, seconds waiting
     for name, batches in sources.items():
         warm_up(step, batches, warmup)

@@ -20,8 +20,19 @@ import time
 from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_data_args, finish, image_files, log, md_table, mean_file_kb, rate,  # noqa: E402
-                    ratio, read_all, sample_data, show)
+from common import (  # noqa: E402
+    add_data_args,
+    finish,
+    image_files,
+    log,
+    md_table,
+    mean_file_kb,
+    rate,
+    ratio,
+    read_all,
+    sample_data,
+    show,
+)
 
 from engine.data import Loader, shards  # noqa: E402
 
@@ -38,12 +49,6 @@ def measure(batches, seconds: float, batch_size: int) -> float:
         x = next(it)[0]
         n += len(x)
     return n / (time.perf_counter() - t0)
-
-
-def forever(loader):
-    while True:
-        for b in loader:
-            yield b
 
 
 def seed_pipeline(train_dir: str, batch_size: int, image_size: int, workers: int):
@@ -148,7 +153,7 @@ def main(argv=None):
               use_roi=not a.no_roi)
     engine = Loader(train_packed, **kw)
     engine_raw = Loader(train_raw, **kw)
-    configs = [("engine, LMDB shards", forever(engine)), ("engine, raw folder", forever(engine_raw))]
+    configs = [("engine, LMDB shards", engine.stream()), ("engine, raw folder", engine_raw.stream())]
     dali = None if a.no_dali else dali_pipeline(train_raw, a.batch_size, a.image_size,
                                                    a.workers)
     if dali is not None:

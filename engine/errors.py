@@ -57,6 +57,28 @@ def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
     return msg
 
 
+_SIGNAL_CAUSES = {
+    "SIGKILL": "usually the out-of-memory killer: lower the worker count or the batch size",
+    "SIGBUS": "a memory-mapped file was truncated or replaced under it, or its disk filled up: "
+              "check the data with tools/verify_pack.py",
+    "SIGSEGV": "a crash in native code",
+    "SIGTERM": "something outside the engine stopped it",
+}
+
+
+def signal_cause(exitcode: int) -> str:
+    """'SIGKILL: usually the out-of-memory killer: ...' for a process that `exitcode` (negative,
+    as multiprocessing reports it) says died of a signal: what the user can do about it."""
+    import signal
+
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        return "signal %d" % -exitcode
+    cause = _SIGNAL_CAUSES.get(name)
+    return "%s: %s" % (name, cause) if cause else name
+
+
 class ConfigError(UserError, ValueError):
     """An argument out of range or of the wrong kind (a file where a folder is expected)."""
 

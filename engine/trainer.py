@@ -74,8 +74,7 @@ def split_source(split_dir: str) -> Union[str, "FolderIndex"]:
     from engine.data import shards
     from engine.data.folder import index_folder
 
-    if os.path.exists(os.path.join(split_dir, shards.META_FILE)) or any(
-            f.startswith("shard-") for f in os.listdir(split_dir)):
+    if shards.is_packed(split_dir):
         shards.read_meta(split_dir)  # raises ShardError, a UserError, with the fix
         return split_dir
     return index_folder(split_dir)  # raises LayoutError, a UserError

@@ -48,7 +48,7 @@ from engine.data.decode import DecodeError, roi_available
 from engine.data.folder import FolderIndex, index_folder
 from engine.data.sampler import Sampler
 from engine.data.transforms import TrainTransform, Transform, ValTransform
-from engine.errors import ConfigError, DataError, MissingPathError, UserError
+from engine.errors import ConfigError, DataError, MissingPathError, UserError, signal_cause
 
 __all__ = ["Loader", "default_workers"]
 
@@ -112,8 +112,7 @@ def _open_source(source: Union[str, FolderIndex]):
         raise MissingPathError(
             "%s does not exist. Pass a packed split folder (with meta.json, made by "
             "tools/pack_imagenet.py) or a raw <split>/<wnid>/*.JPEG folder." % source)
-    if os.path.exists(os.path.join(source, shards.META_FILE)) or any(
-            f.startswith("shard-") for f in os.listdir(source)):
+    if shards.is_packed(source):
         return _ShardSource(source)  # read_meta explains an incomplete or unknown split
     return _FolderSource(index_folder(source))
 
@@ -196,24 +195,9 @@ def _slot_bytes(batch_size: int, image_size: int) -> int:
     return batch_size * (3 * image_size * image_size + 4)
 
 
-_SIGNALS = {
-    signal.SIGKILL: "SIGKILL: usually the out-of-memory killer; lower workers or batch size",
-    signal.SIGBUS: "SIGBUS: a file it was reading was truncated or replaced while mapped; check "
-                   "the data with tools/verify_pack.py",
-    signal.SIGSEGV: "SIGSEGV: a crash in native code",
-    signal.SIGTERM: "SIGTERM: something outside the loader stopped it",
-}
-
-
 def _exit_reason(code: int) -> str:
-    text = "exited unexpectedly with code %d" % code
-    if code < 0:
-        try:
-            sig = signal.Signals(-code)
-            text += " (%s)" % (_SIGNALS.get(sig) or sig.name)
-        except ValueError:
-            pass
-    return text
+    return "exited unexpectedly with code %d%s" % (code, " (%s)" % signal_cause(code)
+                                                    if code < 0 else "")
 
 
 class _Batch:

@@ -42,7 +42,7 @@ from engine.data import shards
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
-from engine.errors import UserError, disk_error_message
+from engine.errors import UserError, disk_error_message, signal_cause
 
 __all__ = ["PackError", "pack_imagenet", "merge_pack", "resolve_nodes", "process_file",
            "pack_workers", "PLAN_FILE", "LOCK_FILE"]
@@ -402,10 +402,7 @@ def _worker(job: Dict[str, Any], conn, counter, parent: int) -> None:
 
 def _describe_exit(code: Optional[int]) -> str:
     if code is not None and code < 0:
-        try:
-            return "was killed by signal %d (%s)" % (-code, signal.Signals(-code).name)
-        except ValueError:
-            return "was killed by signal %d" % -code
+        return "was killed by signal %d (%s)" % (-code, signal_cause(code))
     return "exited with status %s" % code
 
 

@@ -26,7 +26,7 @@ from engine.errors import UserError
 
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
-    "unpack_record", "ShardWriter", "write_json_atomic", "read_meta", "open_env",
+    "unpack_record", "ShardWriter", "write_json_atomic", "is_packed", "read_meta", "open_env",
     "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum", "check_shard_file",
 ]
 
@@ -176,6 +176,13 @@ class ShardWriter:
                 os.remove(f)
             except OSError:
                 pass
+
+
+def is_packed(split_dir: str) -> bool:
+    """Whether a folder is a packed split (complete or not): it has meta.json or shard files.
+    Readers then go through read_meta, which explains an incomplete or unknown split."""
+    return os.path.exists(os.path.join(split_dir, META_FILE)) or any(
+        f.startswith("shard-") for f in os.listdir(split_dir))
 
 
 def read_meta(split_dir: str) -> Dict[str, Any]:
