@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from engine import distributed
+from engine import dist
 from engine.errors import UserError
 
 __all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
@@ -98,7 +98,7 @@ class TrainConfig:
                                      "hold: only for files you trust (unpickling runs whatever a "
                                      "file names)")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
-    # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
+    # None = resolved from the environment (torchrun-style, Slurm) by dist.resolve_cluster
     num_nodes: Optional[int] = _opt(None, "machines in a multi-node run (default: from NNODES / "
                                           "WORLD_SIZE, SLURM_NNODES, else 1)")
     node_rank: Optional[int] = _opt(None, "this machine's index (default: NODE_RANK / RANK, "
@@ -172,7 +172,7 @@ class TrainConfig:
 
     def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
         """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""
-        cl = distributed.resolve_cluster(
+        cl = dist.resolve_cluster(
             env, num_nodes=self.num_nodes, node_rank=self.node_rank, master_ip=self.master_ip,
             master_port=self.master_port, ngpus=self.ngpus)
         return dataclasses.replace(self, num_nodes=cl.num_nodes, node_rank=cl.node_rank,

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import megengine as mge
 import numpy as np
 
-from engine import distributed
+from engine import dist
 from engine.errors import UserError
 from engine.imagenet_classes import imagenet_wnids
 from engine.steps import EvalStep
@@ -128,7 +128,7 @@ def run_eval(eval_step, loader, label_map: Optional[np.ndarray] = None,
         n += len(labels)
     # One host sync at the end: the device works through the batches asynchronously.
     local = np.sum([s.numpy() for s in stats], axis=0) if stats else np.zeros(3)
-    loss_sum, c1, c5, total = distributed.all_reduce_sum([*local, n])
+    loss_sum, c1, c5, total = dist.all_reduce_sum([*local, n])
     if total == 0:
         raise UserError("the validation set is empty")
     return {
@@ -169,10 +169,9 @@ def test(config: TestConfig) -> Dict[str, float]:
         raise UserError("--model: no such file: %s" % config.model)
     if config.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    from engine.distributed import resolve_ngpus
     from engine.models import prefetch_weights
 
-    ngpus = resolve_ngpus(config.ngpus, distributed.gpu_count())
+    ngpus = dist.resolve_ngpus(config.ngpus, dist.gpu_count())
     if ngpus > 1:
         # Download (and verify) once here, then every rank reads the same local file: ranks
         # fetching on their own would race on the cache file.
@@ -180,7 +179,7 @@ def test(config: TestConfig) -> Dict[str, float]:
         local = prefetch_weights(wanted, config.arch)
         if wanted != "published":
             config = dataclasses.replace(config, model=local)
-    return distributed.launch(_test_worker, config, source, ngpus=ngpus)
+    return dist.launch(_test_worker, config, source, ngpus=ngpus)
 
 
 def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
@@ -191,15 +190,15 @@ def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
         loader = Loader(
             source, batch_size=config.batch_size, train=False,
             image_size=config.image_size or loaded.image_size,
-            workers=config.workers, rank=distributed.get_rank(),
-            world_size=distributed.get_world_size(),
-            local_world_size=distributed.get_world_size(),  # test runs on one node
+            workers=config.workers, rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_world_size=dist.get_world_size(),  # test runs on one node
         )
     except (ValueError, OSError) as exc:  # no meta.json, empty folders, ...
         raise UserError("--data %s: %s" % (config.data, exc)) from None
     try:
         label_map = label_map_for(loaded.classes, loaded.num_classes, loader.classes)
         step = EvalStep(loaded.model, num_classes=loaded.num_classes, trace=config.trace)
-        return run_eval(step, loader, label_map, progress=config.progress and distributed.is_main())
+        return run_eval(step, loader, label_map, progress=config.progress and dist.get_rank() == 0)
     finally:
         loader.close()

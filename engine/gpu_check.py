@@ -364,24 +364,23 @@ def run_step_checks(steps: int = 3, batch: int = 16, size: int = 112,
 
 
 def _dist_worker(n_val: int, steps: int) -> Dict[str, Any]:
-    """One rank: the engine's traced step with all-reduced gradients, then a sharded val pass."""
+    """One rank: the engine's traced step with its gradients all-reduced through the engine's
+    process-group seam (engine.dist.group), then a sharded val pass."""
     import hashlib
 
     import megengine as mge
-    import megengine.distributed as dist
     import megengine.optimizer as optim
     import numpy as np
     from megengine.autodiff import GradManager
-    from megengine.distributed.functional import all_reduce_sum
 
+    from engine.dist import group
     from engine.models import get_model
     from engine.steps import TrainStep
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = group.get_rank(), group.get_world_size()
     model = get_model("resnet18", num_classes=10)
-    dist.bcast_list_(model.parameters())
-    dist.bcast_list_(model.buffers())
-    gm = GradManager().attach(model.parameters(), callbacks=[dist.make_allreduce_cb("mean")])
+    group.broadcast_module(model)
+    gm = GradManager().attach(model.parameters(), callbacks=group.allreduce_callback())
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     step = TrainStep(model, gm, opt, trace=True)
     rng = np.random.default_rng(1000 + rank)  # each rank its own batches, as in training
@@ -399,8 +398,8 @@ def _dist_worker(n_val: int, steps: int) -> Dict[str, Any]:
         k = min(8, stop - i)
         logits = model(mge.tensor(rng.normal(size=(k, 3, 64, 64)).astype(np.float32)))
         seen += int(logits.shape[0])
-    total = all_reduce_sum(mge.tensor(np.array([seen], dtype=np.int32)))
-    return {"rank": rank, "digest": h.hexdigest(), "count": int(total.numpy()[0])}
+    total = group.all_reduce_sum([seen])
+    return {"rank": rank, "digest": h.hexdigest(), "count": int(total[0])}
 
 
 def run_distributed_checks(ngpus: int, n_val: int = 37, steps: int = 3) -> List[Check]:

@@ -211,7 +211,7 @@ class TrainLog:
     """Everything the training loop reports, per log interval: losses read in one batch (reading
     a device loss synchronises, so they are read only at log time), images/s and data-wait,
     a metrics.jsonl record and the progress bar. `reduce` sums a small vector over the ranks
-    (the trainer passes distributed.all_reduce_sum): every rank calls `interval` at the same
+    (the trainer passes dist.all_reduce_sum): every rank calls `interval` at the same
     steps, so the collectives pair up."""
 
     def __init__(self, path: str, *, enabled: bool, start: int, total: int,

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from engine import distributed
+from engine import dist
 from engine.errors import UserError, disk_error_message
 
 if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
 from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exported)
-from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
+from engine.dist import resolve_ngpus  # noqa: E402,F401  (re-exported)
 from engine.schedules import lr_at, step_milestones  # noqa: E402,F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
@@ -167,21 +167,21 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     problem, ngpus, resume, sources = None, None, None, []
     try:
         if layout.num_nodes > 1:
-            distributed.check_one_process_per_node(os.environ)
+            dist.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
         train_dir, val_dir = resolve_data(cfg.data)
         sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
                                              else (train_dir,))]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
-        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), layout.num_nodes)
+        ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
-    report = distributed.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
-                                     resume=resume)
-    return distributed.launch(
+    report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
+                              resume=resume)
+    return dist.launch(
         _train_worker, cfg, sources,
         ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
         master_ip=layout.master_ip, master_port=layout.master_port,
@@ -197,7 +197,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     from engine import steps
     from engine.metrics import TrainLog, plot_curves, read_jsonl
 
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0  # only global rank 0 writes files: N ranks writing one would corrupt it
     # The same seed on every rank (init_process_group reseeds with time+rank), so every rank
     # builds the same initial weights even before the broadcast.
@@ -224,7 +224,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
         evals["ema"] = (ema.module, steps.EvalStep(
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
     log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=start,
-                   total=total, world_size=world, reduce=distributed.all_reduce_sum,
+                   total=total, world_size=world, reduce=dist.all_reduce_sum,
                    progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe),
                    tensorboard=cfg.tensorboard)
     png = os.path.join(cfg.out_dir, "curves.png")
@@ -244,7 +244,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
 
         results = {}
         for name, (net, eval_step) in evals.items():
-            distributed.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
+            dist.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
             net.eval()
             results[name] = run_eval(eval_step, val_loader)
             log.eval(step, (step - 1) // spe, results[name], name)
@@ -323,8 +323,8 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
     from engine.optim import LARS, param_groups
 
     model = get_model(cfg.arch, num_classes=num_classes)
-    distributed.broadcast_module(model)
-    gm = GradManager().attach(model.parameters(), callbacks=distributed.allreduce_callback())
+    dist.broadcast_module(model)
+    gm = GradManager().attach(model.parameters(), callbacks=dist.allreduce_callback())
     groups = param_groups(model, cfg.weight_decay, cfg.no_wd_norm_bias)
     lr = scaled_lr(cfg.learning_rate, world)
     if cfg.optimizer == "lars":

@@ -415,12 +415,12 @@ def test_resume_refuses_other_arch_and_missing_checkpoint(data_root, tmp_path):
 def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     """The loop as rank 1 of 2 (communication stubbed out: it needs GPUs): it reads its half of
     the data, scales the LR by the world size, trains, and never touches the save dir."""
-    from engine import distributed
+    from engine import dist
 
-    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
-    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "allreduce_callback", lambda: None)
-    monkeypatch.setattr(distributed, "broadcast_module", lambda module: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "allreduce_callback", lambda: None)
+    monkeypatch.setattr(dist, "broadcast_module", lambda module: None)
     events = []
 
     def buffers(module):  # stands in for the broadcast of rank 0's BN statistics
@@ -430,8 +430,8 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
         events.append("all_reduce_sum/%d" % len(values))
         return np.asarray(values, np.float64)
 
-    monkeypatch.setattr(distributed, "broadcast_buffers", buffers)
-    monkeypatch.setattr(distributed, "all_reduce_sum", reduce)
+    monkeypatch.setattr(dist, "broadcast_buffers", buffers)
+    monkeypatch.setattr(dist, "all_reduce_sum", reduce)
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
     # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before

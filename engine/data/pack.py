@@ -42,6 +42,7 @@ from engine.data import shards
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
+from engine.dist.env import EnvError, group_nodes, launcher_nodes, slurm_array, slurm_nodes
 from engine.errors import UserError, disk_error_message, signal_cause
 
 __all__ = ["PackError", "pack_imagenet", "merge_pack", "resolve_nodes", "process_file",
@@ -125,44 +126,40 @@ def resolve_nodes(num_nodes: Optional[int], node_rank: Optional[int],
     """(number of nodes, this node's rank, where that came from) for a multi-node pack.
 
     Explicit flags win; else a Slurm array (SLURM_ARRAY_TASK_COUNT + SLURM_ARRAY_TASK_ID, minus
-    SLURM_ARRAY_TASK_MIN), a Slurm allocation (SLURM_NNODES + SLURM_NODEID), a launcher's
-    NNODES + NODE_RANK, or torchrun's GROUP_RANK (with NNODES or GROUP_WORLD_SIZE); else one
-    node. A pure function of its arguments, so it is tested with plain dicts.
+    SLURM_ARRAY_TASK_MIN), a Slurm allocation (SLURM_NNODES or SLURM_JOB_NUM_NODES, +
+    SLURM_NODEID), a launcher's NNODES + NODE_RANK, or torchrun's GROUP_RANK (with NNODES or
+    GROUP_WORLD_SIZE); else one node. The variables are read as the trainer reads them
+    (engine.dist.env, Slurm's "8(x2)" included). A pure function of its arguments, so it is
+    tested with plain dicts.
     """
     if num_nodes is not None or node_rank is not None:
         if num_nodes is None or node_rank is None:
             raise PackError("--num-nodes and --node-rank go together (got only %s)"
                             % ("--num-nodes" if node_rank is None else "--node-rank"))
         return _check_nodes(num_nodes, node_rank, "--num-nodes/--node-rank")
-
-    def num(name: str) -> Optional[int]:
-        v = env.get(name)
-        if v is None or not v.strip():
-            return None
-        try:
-            return int(v)
-        except ValueError:
-            raise PackError("environment variable %s=%r is not an integer; pass --num-nodes and "
-                            "--node-rank instead" % (name, v)) from None
-
-    count, task = num("SLURM_ARRAY_TASK_COUNT"), num("SLURM_ARRAY_TASK_ID")
-    if count is not None and task is not None:
-        low = num("SLURM_ARRAY_TASK_MIN")
-        return _check_nodes(count, task - (low or 0),
-                            "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (use --array=0-%d)"
-                            % (count - 1))
-    for n_var, r_var in (("SLURM_NNODES", "SLURM_NODEID"), ("NNODES", "NODE_RANK")):
-        n, r = num(n_var), num(r_var)
-        if n is not None and r is not None:
-            return _check_nodes(n, r, "%s/%s" % (n_var, r_var))
-    group = num("GROUP_RANK")
-    if group is not None:
-        n = num("NNODES")
-        n = num("GROUP_WORLD_SIZE") if n is None else n
-        if n is None:
-            raise PackError("GROUP_RANK is set but neither NNODES nor GROUP_WORLD_SIZE is; pass "
-                            "--num-nodes and --node-rank")
-        return _check_nodes(n, group, "GROUP_RANK")
+    try:
+        count, task = slurm_array(env)
+        if count is not None and task is not None:
+            return _check_nodes(count, task,
+                                "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (use --array=0-%d)"
+                                % (count - 1))
+        # One source at a time: the variables of the sources after the one that applies are
+        # never read, so a stray value there cannot fail the pack.
+        for source, read in (("SLURM_NNODES/SLURM_NODEID", slurm_nodes),
+                             ("NNODES/NODE_RANK", launcher_nodes)):
+            n, r = read(env)
+            if n is not None and r is not None:
+                return _check_nodes(n, r, source)
+        group_size, group = group_nodes(env)
+        if group is not None:
+            n = launcher_nodes(env)[0]
+            n = group_size if n is None else n
+            if n is None:
+                raise PackError("GROUP_RANK is set but neither NNODES nor GROUP_WORLD_SIZE is; "
+                                "pass --num-nodes and --node-rank")
+            return _check_nodes(n, group, "GROUP_RANK")
+    except EnvError as exc:
+        raise PackError("%s; pass --num-nodes and --node-rank instead" % exc) from None
     return 1, 0, "single node"
 
 
