@@ -18,9 +18,9 @@ def run_demo(out: str = "demo", classes: int = 10, train_per_class: int = 60,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every stage, printing what it made and where; returns the figures."""
     from engine.data.pack import pack_imagenet
+    from engine.data.sample import make_sample_imagenet
     from engine.evaluate import TestConfig, test
     from engine.inference import format_prediction, predict
-    from engine.sample import make_sample_imagenet
     from engine.trainer import TrainConfig, train
 
     t0 = time.time()

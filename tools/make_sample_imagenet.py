@@ -6,7 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.sample import MARKER, make_sample_imagenet, max_classes  # noqa: E402
+from engine.data.sample import MARKER, make_sample_imagenet, max_classes  # noqa: E402
+from engine.errors import run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,13 +37,13 @@ def main(argv=None) -> int:
                              "450-500 px: high quality plus sensor-like grain) instead of the "
                              "smooth ~35 KB default; use it for loader and packer figures")
     args = parser.parse_args(argv)
-    try:
-        s = make_sample_imagenet(args.out, classes=args.classes,
-                                 train_per_class=args.train_per_class,
-                                 val_per_class=args.val_per_class, seed=args.seed,
-                                 imagenet_like=args.imagenet_like)
-    except (ValueError, FileExistsError, NotADirectoryError) as exc:
-        parser.error(str(exc))
+    made: list = []
+    status = run_tool(lambda: made.append(make_sample_imagenet(
+        args.out, classes=args.classes, train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class, seed=args.seed, imagenet_like=args.imagenet_like)))
+    if status:
+        return status
+    s = made[0]
     counts = ", ".join(f"{n} {split}" for split, n in s["counts"].items())
     print(f"made {len(s['classes'])} classes ({counts} images), "
           f"{s['bytes'] / 2**20:.1f} MiB of JPEG in {s['seconds']:.1f} s -> {s['out']}")

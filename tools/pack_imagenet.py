@@ -6,7 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data.pack import merge_pack, pack_imagenet, pack_workers  # noqa: E402
+from engine.data.pack import pack_imagenet, pack_workers  # noqa: E402
+from engine.data.plan import merge_pack  # noqa: E402
 from engine.errors import run_tool  # noqa: E402
 
 

@@ -48,7 +48,7 @@ from engine.data.decode import DecodeError, roi_available
 from engine.data.folder import FolderIndex, index_folder
 from engine.data.sampler import Sampler
 from engine.data.transforms import TrainTransform, Transform, ValTransform
-from engine.errors import ConfigError, DataError, MissingPathError, UserError, signal_cause
+from engine.errors import ConfigError, DataError, MissingPathError, UserError, describe_exit
 
 __all__ = ["Loader", "default_workers"]
 
@@ -193,11 +193,6 @@ def _slot_arrays(buf, layout: Dict[str, int], slot: int, S: int) -> Tuple[np.nda
 
 def _slot_bytes(batch_size: int, image_size: int) -> int:
     return batch_size * (3 * image_size * image_size + 4)
-
-
-def _exit_reason(code: int) -> str:
-    return "exited unexpectedly with code %d%s" % (code, " (%s)" % signal_cause(code)
-                                                    if code < 0 else "")
 
 
 class _Batch:
@@ -537,7 +532,7 @@ class Loader:
         for wid, p in enumerate(self._procs):
             if p.exitcode is not None:
                 self._fail("loader worker %d (pid %d) %s%s"
-                           % (wid, p.pid, _exit_reason(p.exitcode), self._where(wid)))
+                           % (wid, p.pid, describe_exit(p.exitcode), self._where(wid)))
             if self._held_by[wid] and now - self._progress[wid] > self.timeout:
                 self._fail("loader worker %d (pid %d) made no progress for %.0f s%s%s; it may be "
                            "stopped or stuck in a read (raise Loader(timeout=...) if records "
