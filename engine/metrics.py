@@ -14,25 +14,6 @@ from typing import Any, Dict, Iterable, List, Optional
 from engine.atomic import atomic_write
 
 
-class Meter:
-    """Running sum / count over a log interval (reset after each log line)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
-
-
 class LossMeter:
     """Training loss over one log interval, in the form that sums across ranks.
 

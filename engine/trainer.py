@@ -28,9 +28,9 @@ from engine.errors import UserError, disk_error_message
 if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
-from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exported)
-from engine.dist import resolve_ngpus  # noqa: E402,F401  (re-exported)
-from engine.schedules import lr_at, step_milestones  # noqa: E402,F401  (re-exported)
+from engine.config import TrainConfig
+from engine.dist import resolve_ngpus
+from engine.schedules import lr_at
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces (tested directly)
@@ -203,15 +203,16 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     # builds the same initial weights even before the broadcast.
     mge.random.seed(cfg.seed)
     train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
-    spe, classes = len(train_loader), list(train_loader.classes)
+    steps_per_epoch, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
     ema = _make_ema(cfg, model)
     run_config = dict(checkpoint_config(cfg, len(classes), classes), world_size=world)
-    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, spe) \
+    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, steps_per_epoch) \
         if cfg.resume else (0, None)
     if main:
         _prepare_save_dir(cfg, run_config, train_loader)
-    total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
+    total = cfg.epochs * steps_per_epoch
+    total = total if cfg.max_steps is None else min(total, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
     train_step = steps.TrainStep(
@@ -225,12 +226,13 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
     log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=start,
                    total=total, world_size=world, reduce=dist.all_reduce_sum,
-                   progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe),
+                   progress=cfg.progress,
+                   description="%s, %d steps/epoch" % (cfg.arch, steps_per_epoch),
                    tensorboard=cfg.tensorboard)
     png = os.path.join(cfg.out_dir, "curves.png")
 
     def save(step: int) -> Optional[str]:
-        state = {"step": step, "steps_per_epoch": spe, "state_dict": model.state_dict(),
+        state = {"step": step, "steps_per_epoch": steps_per_epoch, "state_dict": model.state_dict(),
                  "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "ema": ema.state_dict() if ema is not None else None,
@@ -247,7 +249,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
             dist.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
             net.eval()
             results[name] = run_eval(eval_step, val_loader)
-            log.eval(step, (step - 1) // spe, results[name], name)
+            log.eval(step, (step - 1) // steps_per_epoch, results[name], name)
         model.train()
         return results[""]
 
@@ -259,7 +261,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
         log.before_data()
         images, labels = next(batches)
         log.after_data(len(labels))
-        lr = lr_at(step, base_lr=base_lr, steps_per_epoch=spe, epochs=cfg.epochs,
+        lr = lr_at(step, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                    warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
@@ -269,9 +271,9 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
         if ema is not None and not train_step.last_step_skipped:
             ema.update(model)
         done = step + 1
-        epoch_end, stop = done % spe == 0, done == total
+        epoch_end, stop = done % steps_per_epoch == 0, done == total
         if done % cfg.print_freq == 0 or epoch_end or stop:
-            log.interval(done, step // spe, lr)
+            log.interval(done, step // steps_per_epoch, lr)
         if epoch_end or stop:  # a run stopped mid-epoch (max_steps) still reports accuracy
             last_eval = evaluate(done) or last_eval
             if last_eval is not None and (best_top1 is None or last_eval["top1"] > best_top1):
@@ -287,7 +289,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     done = max(start, total)
     return {
         "save_dir": cfg.save_dir, "checkpoint": checkpoint_path,
-        "epoch": done // spe,  # the epoch a resume would continue in
+        "epoch": done // steps_per_epoch,  # the epoch a resume would continue in
         "steps": done, "loss": log.last_loss,
         "top1": last_eval["top1"] if last_eval else None,
         "top5": last_eval["top5"] if last_eval else None,
@@ -359,7 +361,7 @@ def _mix_inputs(cfg: TrainConfig, step: int, rank: int, shape: Tuple[int, ...]):
 
 
 def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world: int,
-            spe: int) -> Tuple[int, Optional[float]]:
+            steps_per_epoch: int) -> Tuple[int, Optional[float]]:
     """Load weights, optimizer, scaler and EMA state; returns (global step, best top-1)."""
     from engine import checkpoint as ckpt
     from engine.models import load_weights
@@ -374,7 +376,7 @@ def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world
         raise UserError("--resume %s: checkpoint version %s was written by a newer engine (this "
                         "one reads up to %d); update the engine" % (path, state.get("version"),
                                                                     ckpt.VERSION))
-    step = resume_step(state, cfg, classes, world, spe)
+    step = resume_step(state, cfg, classes, world, steps_per_epoch)
     try:
         load_weights(model, state["state_dict"], strict=True, source=path)
     except ValueError as exc:

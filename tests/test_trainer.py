@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from engine import trainer
+from engine.config import TrainConfig
+from engine.dist import resolve_ngpus
 from engine.errors import UserError
 from engine.metrics import MetricsLog, read_jsonl
-from engine.trainer import (TrainConfig, loader_kwargs, lr_at, resolve_data, resolve_ngpus,
-                            resume_step, scaled_lr, step_milestones, train)
+from engine.schedules import lr_at, step_milestones
+from engine.trainer import loader_kwargs, resolve_data, resume_step, scaled_lr, train
 
 from conftest import make_imagenet
 

@@ -17,11 +17,12 @@ def run_demo(out: str = "demo", classes: int = 10, train_per_class: int = 60,
              batch_size: int = 32, learning_rate: float = 0.05, workers: int = 1,
              log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run every stage, printing what it made and where; returns the figures."""
+    from engine.config import TrainConfig
     from engine.data.pack import pack_imagenet
     from engine.data.sample import make_sample_imagenet
     from engine.evaluate import TestConfig, test
     from engine.inference import format_prediction, predict
-    from engine.trainer import TrainConfig, train
+    from engine.trainer import train
 
     t0 = time.time()
     raw, packed, run = (os.path.join(out, d) for d in ("sample", "packed", "run"))
