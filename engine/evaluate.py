@@ -1,75 +1,23 @@
-"""Evaluation: building a model from a weights source, the eval loop, and what tools/test.py
-runs (single-image inference is engine/inference.py).
+"""Evaluation: the eval loop (the trainer's per-epoch eval and tools/test.py share it), how a
+data set's labels index a model's outputs, and what tools/test.py runs.
 
-Both accept the same weight sources: None (MegEngine's published weights for --arch), a path
-or URL to an official bare state dict, an official train.py checkpoint ({"state_dict": ...}),
-or an engine checkpoint (which also records the architecture and the class list).
+The model comes from engine.models.load_model, as single-image inference's (engine/inference.py)
+does: the same weight sources, the same checks.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import megengine as mge
 import numpy as np
 
 from engine import dist
 from engine.errors import UserError
-from engine.imagenet_classes import imagenet_wnids
+from engine.models import load_model
 from engine.steps import EvalStep
-
-# --------------------------------------------------------------------------------------------
-# Building a model from a weights source
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    model: Any                      # the megengine Module, in eval mode
-    arch: str
-    num_classes: int
-    classes: Optional[List[str]]    # WNIDs in label order when known
-    source: str                     # what was loaded, for messages
-    image_size: int = 224           # the crop size it was trained at (engine checkpoints)
-
-
-def _one_line(text: str) -> str:
-    """Multi-line library messages -> one line, for the tools' `error: ...` output."""
-    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
-    out = parts[0] if parts else ""
-    for prev, nxt in zip(parts, parts[1:]):
-        glue = " " if prev.endswith((":", " at")) or nxt.startswith(("(", "/")) else "; "
-        out += glue + nxt
-    return out
-
-
-def load_model(arch: str, source: Optional[str], trusted: Optional[bool] = None) -> LoadedModel:
-    """Build `arch` and load weights from `source` (None, "none" or "published" = published
-    weights; a URL is fetched once per node into the cache by engine.models.weights.fetch).
-
-    Files are unpickled with engine.models.weights' allow-list unless `trusted` (None =
-    $ENGINE_TRUST_PICKLE). A checkpoint of another architecture or class count is a UserError
-    that names both sides.
-    """
-    from engine.models import load_model
-
-    try:
-        loaded = load_model(arch, source, trusted=trusted)
-    except (UserError, ValueError) as exc:  # ValueError: an unknown arch from engine.models
-        raise UserError(_one_line(str(exc))) from None
-    classes: Optional[List[str]] = None
-    if loaded.config.get("classes"):
-        classes = list(loaded.config["classes"])
-        if len(classes) != loaded.num_classes:
-            raise UserError("%s is inconsistent: it lists %d classes but fc has %d outputs"
-                            % (source, len(classes), loaded.num_classes))
-    elif loaded.num_classes == 1000:
-        classes = imagenet_wnids()  # official weights: labels are the sorted ImageNet WNIDs
-    loaded.model.eval()
-    return LoadedModel(loaded.model, arch, loaded.num_classes, classes, loaded.source,
-                       int(loaded.config.get("image_size") or 224))
 
 
 def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,

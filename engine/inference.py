@@ -14,13 +14,12 @@ import numpy as np
 
 from engine.data.transforms import ValTransform
 from engine.errors import UserError
-from engine.evaluate import LoadedModel, load_model
 from engine.imagenet_classes import imagenet_names, imagenet_wnids
+from engine.models import LoadedModel, load_model
 from engine.steps import PredictStep
 
 __all__ = ["read_image", "resize_center_crop", "preprocess", "class_names", "predict",
            "format_prediction"]
-
 
 
 def read_image(path: str) -> np.ndarray:

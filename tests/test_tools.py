@@ -134,7 +134,7 @@ def test_train_amp_on_cpu_gives_its_message(tmp_path):
 def files(tmp_path_factory):
     """A 3-class val set, the chelsea photo, and resnet18 weights in every format."""
     import megengine as mge
-    from engine.checkpoint import FORMAT, VERSION, save_checkpoint
+    from engine.checkpoint import FORMAT, VERSION, dump
     from engine.models import get_model
 
     d = tmp_path_factory.mktemp("tools")
@@ -145,16 +145,16 @@ def files(tmp_path_factory):
     mge.random.seed(0)
     sd3 = get_model("resnet18", num_classes=3).state_dict()
     out = {"root": root, "cat": cat, "dir": d, "classes": classes}
-    out["engine"] = save_checkpoint(
+    out["engine"] = dump(
         {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
          "config": {"arch": "resnet18", "num_classes": 3, "classes": classes,
                     "image_size": 32}}, str(d / "engine.pkl"))
-    out["other_classes"] = save_checkpoint(
+    out["other_classes"] = dump(
         {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
          "config": {"arch": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"],
                     "image_size": 32}}, str(d / "other.pkl"))
-    out["bare3"] = save_checkpoint(sd3, str(d / "bare3.pkl"))
-    out["official1000"] = save_checkpoint(get_model("resnet18").state_dict(), str(d / "r18.pkl"))
+    out["bare3"] = dump(sd3, str(d / "bare3.pkl"))
+    out["official1000"] = dump(get_model("resnet18").state_dict(), str(d / "r18.pkl"))
     return out
 
 
