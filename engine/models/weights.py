@@ -60,6 +60,7 @@ from typing import IO, Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple
 
 import numpy as np
 
+from engine import megengine_env
 from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError, disk_error_message
 
@@ -148,10 +149,7 @@ def is_url(source: str) -> bool:
 
 
 def _megengine_home() -> str:
-    # Same rule as megengine.hub (hub/hub.py _get_megengine_home).
-    return os.path.expanduser(
-        os.getenv("MGE_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "megengine"))
-    )
+    return megengine_env.megengine_home()  # megengine.hub's rule
 
 
 def cache_path_for_url(url: str) -> str:
