@@ -131,6 +131,10 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
     entries = meta["shards"]
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise StageError("%s exists and is not a folder" % dst)
+    name = os.path.basename(os.path.abspath(dst))
+    if name in shards.SPLITS and name != meta["split"]:  # readers would refuse the copy
+        raise StageError("%s holds the %s split; stage it into a folder named %s, not %s"
+                         % (src, meta["split"], meta["split"], dst))
     try:
         os.makedirs(dst, exist_ok=True)
     except OSError as exc:
@@ -148,8 +152,10 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
                 stale = f.read() != meta_raw
         except OSError:
             stale = False
-        for old in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)]:
-            if os.path.exists(old):  # readers must not pair an old meta.json with new shards
+        # Readers must not pair an old meta.json with new shards, nor find shards it omits.
+        for old in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)] + [
+                os.path.join(dst, f) for f in shards.unlisted_shards(dst, meta)]:
+            if os.path.exists(old):
                 os.remove(old)
         todo, kept = [], 0
         for e in entries:

@@ -38,6 +38,7 @@ import urllib.request
 from contextlib import contextmanager
 from typing import IO, Dict, Iterator, Optional
 
+from engine import megengine_env
 from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError, disk_error_message
 
@@ -104,10 +105,7 @@ def is_url(source: str) -> bool:
 
 
 def _megengine_home() -> str:
-    # Same rule as megengine.hub (hub/hub.py _get_megengine_home).
-    return os.path.expanduser(
-        os.getenv("MGE_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "megengine"))
-    )
+    return megengine_env.megengine_home()  # megengine.hub's rule
 
 
 def cache_path_for_url(url: str) -> str:
