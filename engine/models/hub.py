@@ -26,7 +26,6 @@ launcher's parent can fetch before any rank starts without touching CUDA.
 from __future__ import annotations
 
 import errno
-import fcntl
 import glob
 import hashlib
 import os
@@ -35,12 +34,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
-from typing import IO, Dict, Iterator, Optional
+from typing import IO, Dict, Optional
 
 from engine import megengine_env
 from engine.atomic import TMP_PREFIX, atomic_write
 from engine.errors import UserError, disk_error_message
+from engine.locks import acquire
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
@@ -166,22 +165,8 @@ def _mismatch(what: str, digest: str, prefix: str) -> str:
     )
 
 
-@contextmanager
-def _node_lock(path: str) -> Iterator[None]:
-    """Exclusive flock on ``<path>.lock``: one fetch of a file at a time on this node.
-
-    The lock file stays (removing it would let a waiter and a newcomer lock different inodes).
-    """
-    try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise WeightsError(disk_error_message(exc, path + ".lock") + " (the weights cache; set "
-                                                                     "MGE_HOME to move it)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _cache_error(message: str) -> WeightsError:
+    return WeightsError(message + " (the weights cache; set MGE_HOME to move it)")
 
 
 def _remove_stale_temps(path: str) -> None:
@@ -263,7 +248,9 @@ def fetch(url_or_arch: str, *, timeout: Optional[float] = None) -> str:
     except OSError as exc:
         raise WeightsError(disk_error_message(exc, folder) + " (the weights cache; set MGE_HOME "
                                                              "to move it)") from None
-    with _node_lock(dest):
+    # One fetch of a file at a time on this node; the lock file stays (removing it would let a
+    # waiter and a newcomer lock different inodes).
+    with acquire(dest + ".lock", timeout=None, mode=0o666, error=_cache_error):
         _remove_stale_temps(dest)
         stale = None
         if os.path.isfile(dest):
