@@ -32,20 +32,22 @@ import sys
 import time
 import traceback
 from collections import Counter
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
 import numpy as np
 
+from engine.cli import option
 from engine.data import shards
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
 from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message, signal_cause
 
-__all__ = ["PackError", "pack_imagenet", "merge_pack", "resolve_nodes", "process_file",
-           "pack_workers", "PLAN_FILE", "LOCK_FILE"]
+__all__ = ["PackError", "PackConfig", "PackResult", "PackedSplit", "pack_imagenet", "merge_pack",
+           "resolve_nodes", "process_file", "pack_workers", "PLAN_FILE", "LOCK_FILE"]
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".pack"
@@ -594,11 +596,10 @@ def _missing(dst: str, plan: Dict[str, Any]) -> List[int]:
 
 
 def _pack_split(scan: Dict[str, Any], out: str, workers: int, nodes: Tuple[int, int],
-                counter, progress: bool, log) -> Dict[str, Any]:
+                counter, progress: bool, log) -> "PackedSplit":
     split, src, items, plan = scan["split"], scan["src"], scan["items"], scan["plan"]
     fp = plan["fingerprint"]
     dst = os.path.join(out, split)
-    done_before = {"split": split, "seen": len(items), "seconds": 0.0, "done_before": True}
 
     meta_path = os.path.join(dst, shards.META_FILE)
     if os.path.exists(meta_path):
@@ -606,8 +607,9 @@ def _pack_split(scan: Dict[str, Any], out: str, workers: int, nodes: Tuple[int, 
         if old.get("fingerprint") == fp:
             log("%s: already packed (%d records in %s), nothing to do"
                 % (split, old["num_samples"], dst))
-            return dict(done_before, kept=old["num_samples"], skipped=len(old["skipped"]),
-                        kinds=old.get("kinds", {}), bytes=old.get("bytes", 0))
+            return PackedSplit(split, seen=len(items), kept=old["num_samples"],
+                               skipped=len(old["skipped"]), kinds=old.get("kinds", {}),
+                               bytes=old.get("bytes", 0), seconds=0.0, done_before=True)
         raise PackError(
             "%s already holds a complete pack of different input or arguments. Choose another "
             "--out, or delete %s to repack." % (dst, dst))
@@ -651,20 +653,20 @@ def _pack_split(scan: Dict[str, Any], out: str, workers: int, nodes: Tuple[int, 
     seconds = time.time() - t0
 
     meta = _merge_split(dst, plan, log)
-    summary = {"split": split, "seconds": seconds, "processed": todo_files, "done_before": False,
-               "node": rank, "num_nodes": n_nodes, "shards_packed": len(todo)}
+    ran: Dict[str, Any] = dict(seconds=seconds, processed=todo_files, done_before=False, node=rank,
+                               num_nodes=n_nodes, shards_packed=len(todo))
     if meta is None:
         missing = _missing(dst, plan)
         log("%s: node %d of %d packed its %d shards; %d shard(s) of other nodes still missing "
             "(e.g. %s). The last node to finish writes meta.json, or run --merge."
             % (split, rank, n_nodes, len(mine), len(missing),
                shards.shard_name(missing[0]) if missing else "-"))
-        summary.update(merged=False, seen=todo_files, kept=None, skipped=0, kinds={}, bytes=0)
-        return summary
-    summary.update(merged=True, seen=meta.get("seen", len(items)), kept=meta["num_samples"],
-                   skipped=len(meta["skipped"]), kinds=meta.get("kinds", {}),
-                   bytes=meta.get("bytes", 0), skipped_list=meta["skipped"])
-    return summary
+        return PackedSplit(split, merged=False, seen=todo_files, kept=None, skipped=0, kinds={},
+                           bytes=0, **ran)
+    return PackedSplit(split, merged=True, seen=meta.get("seen", len(items)),
+                       kept=meta["num_samples"], skipped=len(meta["skipped"]),
+                       kinds=meta.get("kinds", {}), bytes=meta.get("bytes", 0),
+                       skipped_list=meta["skipped"], **ran)
 
 
 def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log=print) -> Dict[str, Any]:
@@ -718,12 +720,70 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
                 mininterval=0.5, file=sys.stderr)
 
 
+@dataclass
+class PackConfig:
+    """tools/pack_imagenet.py's options (engine.cli derives its parser from these fields); the
+    defaults of pack_imagenet() are theirs."""
+
+    out: str = option(MISSING, "output folder", "--out", metavar="OUT")
+    data: Optional[str] = option(None, "ImageNet root folder (not needed with --merge)",
+                                 "--data", metavar="ROOT")
+    splits: Optional[str] = option(None, "comma-separated (default: train,val; with --merge: "
+                                         "every split that has a plan.json)")
+    workers: Optional[int] = option(
+        None, lambda: "decoding processes (default: every usable core, %d here)" % pack_workers())
+    shard_size: int = option(5000, "files per shard")
+    max_side: Optional[int] = option(None, "re-encode images whose long side exceeds this "
+                                           "(default: keep all)")
+    seed: int = option(0, "train record order")
+    strict: bool = option(False, "exit non-zero if any file had to be skipped")
+    num_nodes: Optional[int] = option(None, "machines packing into one shared --out (default: "
+                                            "from SLURM_* / NNODES / GROUP_RANK, else 1)")
+    node_rank: Optional[int] = option(None, "this machine's rank, 0..N-1")
+    merge: bool = option(False, "only write meta.json from the shards all nodes packed")
+    quiet: bool = option(False, "no progress bar")
+
+    def split_list(self) -> Optional[List[str]]:
+        """--splits as a list; None when not given."""
+        return [s for s in self.splits.split(",") if s] if self.splits is not None else None
+
+
+@dataclass
+class PackedSplit:
+    """What pack_imagenet() did for one split. `kept` is None while other nodes' shards are
+    missing (`merged` False: meta.json is not written yet)."""
+
+    split: str
+    seen: int                # files listed (this node's share while not merged)
+    kept: Optional[int]
+    skipped: int
+    kinds: Dict[str, int]    # "gray", "converted:<kind>", ... -> count
+    bytes: int
+    seconds: float
+    done_before: bool        # already packed with the same input and arguments
+    merged: bool = True
+    processed: int = 0       # files this run decoded
+    node: int = 0
+    num_nodes: int = 1
+    shards_packed: int = 0
+    skipped_list: List[Dict[str, Any]] = field(default_factory=list)  # {path, reason}
+
+
+@dataclass
+class PackResult:
+    out: str                 # absolute
+    workers: int
+    num_nodes: int
+    node_rank: int
+    splits: List[PackedSplit]
+
+
 def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
-                  workers: Optional[int] = None, shard_size: int = 5000,
-                  max_side: Optional[int] = None, seed: int = 0, strict: bool = False,
-                  progress: bool = True, log=print, num_nodes: Optional[int] = None,
-                  node_rank: Optional[int] = None,
-                  env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+                  workers: Optional[int] = None, shard_size: int = PackConfig.shard_size,
+                  max_side: Optional[int] = None, seed: int = PackConfig.seed,
+                  strict: bool = False, progress: bool = True, log=print,
+                  num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
+                  env: Optional[Mapping[str, str]] = None) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
@@ -781,25 +841,24 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                      for scan in scans]
     finally:
         os.close(lock)
-    result = {"out": os.path.abspath(out), "workers": workers, "num_nodes": n_nodes,
-              "node_rank": rank, "splits": summaries}
+    result = PackResult(os.path.abspath(out), workers, n_nodes, rank, summaries)
     for s in summaries:
-        if s.get("merged", True):
+        if s.merged:
             log(_summary_line(s, out))
-        for item in s.get("skipped_list", [])[:20]:
+        for item in s.skipped_list[:20]:
             log("  skipped %s: %s" % (item["path"], item["reason"]))
-    skipped = sum(s["skipped"] for s in summaries)
+    skipped = sum(s.skipped for s in summaries)
     if strict and skipped:
         raise PackError("--strict: %d file(s) were skipped (listed in meta.json 'skipped')"
                         % skipped)
     return result
 
 
-def _summary_line(s: Dict[str, Any], out: str) -> str:
-    converted = {k.split(":", 1)[1]: v for k, v in s["kinds"].items() if k.startswith("converted")}
+def _summary_line(s: PackedSplit, out: str) -> str:
+    converted = {k.split(":", 1)[1]: v for k, v in s.kinds.items() if k.startswith("converted")}
     conv = ", ".join("%s %d" % kv for kv in sorted(converted.items())) or "none"
-    rate = s.get("processed", 0) / s["seconds"] if s["seconds"] > 0 else 0.0
+    rate = s.processed / s.seconds if s.seconds > 0 else 0.0
     return ("%s: %d files seen, %d kept (%d grayscale), converted: %s; %d skipped; "
             "%.0f img/s; %.1f MB written to %s"
-            % (s["split"], s["seen"], s["kept"], s["kinds"].get("gray", 0), conv, s["skipped"],
-               rate, s["bytes"] / 1e6, os.path.join(os.path.abspath(out), s["split"])))
+            % (s.split, s.seen, s.kept or 0, s.kinds.get("gray", 0), conv, s.skipped,
+               rate, s.bytes / 1e6, os.path.join(os.path.abspath(out), s.split)))
