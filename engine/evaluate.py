@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from typing import Dict, Optional, Sequence
 
 import megengine as mge
 import numpy as np
 
-from engine import dist
+from engine import cli, dist
+from engine.cli import option
 from engine.errors import UserError
 from engine.models import load_model
 from engine.steps import EvalStep
@@ -97,20 +98,34 @@ def val_folder(data: str) -> str:
 
 @dataclass
 class TestConfig:
-    data: str
-    arch: str = "resnet18"
-    model: Optional[str] = None       # path or URL; None = published weights
-    trust_pickle: bool = False        # unpickle --model without the allow-list (trusted files)
-    ngpus: Optional[int] = None
-    batch_size: int = 100             # per GPU, as the official test.py
-    workers: Optional[int] = None
-    image_size: Optional[int] = None  # None = the checkpoint's training size, else 224
-    trace: bool = True
-    progress: bool = True
+    """tools/test.py's options (engine.cli derives its parser from these fields)."""
+
+    data: str = option(MISSING, "ROOT (its val/ is used) or a val split folder: packed or raw",
+                       "-d", "--data", metavar="DIR")
+    arch: str = cli.arch_option()
+    model: Optional[str] = cli.model_option()
+    trust_pickle: bool = cli.trust_pickle_option()
+    ngpus: Optional[int] = option(None, "GPUs to use; default: all visible (CPU: 1 process)",
+                                  "-n", "--ngpus")
+    batch_size: int = cli.batch_size_option(100)  # as the official test.py
+    workers: Optional[int] = option(None, "loader processes", "-j", "--workers")
+    image_size: Optional[int] = cli.eval_size_option()
+    progress: bool = option(True, "progress bar")
+    trace: bool = True  # not a flag: compile the eval step (callers may run it eagerly)
 
 
-def test(config: TestConfig) -> Dict[str, float]:
-    """Evaluate a model on a val set; returns {"top1", "top5", "loss", "images"} (rank 0's)."""
+@dataclass
+class TestResult:
+    """Top-1 / top-5 (percent) and mean loss over `images` validation images."""
+
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+
+def test(config: TestConfig) -> TestResult:
+    """Evaluate a model on a val set; returns rank 0's result (the sums are over all ranks)."""
     source = val_folder(config.data)
     if config.model is not None and config.model.lower() != "none" and not (
             os.path.exists(config.model) or "://" in config.model):
@@ -127,7 +142,7 @@ def test(config: TestConfig) -> Dict[str, float]:
         local = prefetch_weights(wanted, config.arch)
         if wanted != "published":
             config = dataclasses.replace(config, model=local)
-    return dist.launch(_test_worker, config, source, ngpus=ngpus)
+    return TestResult(**dist.launch(_test_worker, config, source, ngpus=ngpus))
 
 
 def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:

@@ -1,4 +1,4 @@
-"""ImageNet training: `train(TrainConfig(...)) -> summary dict`.
+"""ImageNet training: `train(TrainConfig(...)) -> TrainResult`.
 
 Read `_train_worker` top to bottom: it is the whole algorithm (data, model, optimizer, resume,
 then `for step in range(start, total)` with the per-step LR, logging, eval and checkpoints at
@@ -10,10 +10,11 @@ The defaults (engine/config.py) follow the MegEngine 0.x train.py that produced 
 weights: 32 images and lr 0.0125 per GPU (lr x world size), SGD momentum 0.9, wd 1e-4 on all
 parameters, x0.1 at epochs 30/60/80, no warmup, no label smoothing. The modern options (EMA,
 Mixup/CutMix, LARS, no decay on norms, progressive resizing, test resolution) are off unless a
-flag or a recipe (recipes/*.json) turns them on.
+flag or a recipe (engine/recipes/*.json) turns them on.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -108,8 +109,28 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Train (one process per GPU, or one CPU process) and return rank 0's summary dict.
+@dataclasses.dataclass
+class TrainResult:
+    """How a run ended, as one rank saw it (the accuracies are over the whole val set)."""
+
+    save_dir: str
+    checkpoint: Optional[str]   # the last one written (None on ranks that write none)
+    epoch: int                  # the epoch a resume would continue in
+    steps: int                  # global steps done
+    loss: Optional[float]       # mean of the last logged interval
+    top1: Optional[float]       # the last evaluation's, percent (None without one)
+    top5: Optional[float]
+    best_top1: Optional[float]
+    img_s: Optional[float]      # mean of the logged intervals (None before the first)
+    seconds: float
+    world_size: int
+    num_classes: int
+    lr: float                   # the run's base LR (per-GPU LR x world size)
+
+
+def train(config: TrainConfig) -> Optional[TrainResult]:
+    """Train (one process per GPU, or one CPU process) and return rank 0's result (None on
+    nodes other than rank 0's).
 
     Everything that can be checked without building a model is checked here, in the parent,
     before any process is launched or tensor created (the launcher's children must not inherit
@@ -151,7 +172,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     )
 
 
-def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, Any]:
+def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     """One rank's run. The position is one number, the global step; everything else (epoch,
     LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
@@ -252,16 +273,12 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     if val_loader is not None:
         val_loader.close()
     done = max(start, total)
-    return {
-        "save_dir": cfg.save_dir, "checkpoint": checkpoint_path,
-        "epoch": done // steps_per_epoch,  # the epoch a resume would continue in
-        "steps": done, "loss": log.last_loss,
-        "top1": last_eval["top1"] if last_eval else None,
-        "top5": last_eval["top5"] if last_eval else None,
-        "best_top1": best_top1, "img_s": log.mean_img_s(),
-        "seconds": time.perf_counter() - t_start, "world_size": world,
-        "num_classes": len(classes), "lr": base_lr,
-    }
+    return TrainResult(
+        save_dir=cfg.out_dir, checkpoint=checkpoint_path, epoch=done // steps_per_epoch, steps=done,
+        loss=log.last_loss, top1=last_eval["top1"] if last_eval else None,
+        top5=last_eval["top5"] if last_eval else None, best_top1=best_top1,
+        img_s=log.mean_img_s(), seconds=time.perf_counter() - t_start, world_size=world,
+        num_classes=len(classes), lr=base_lr)
 
 
 def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):

@@ -355,11 +355,11 @@ def _cfg(data_root, save_dir, **kw):
 
 def test_two_step_cpu_training_smoke(data_root, tmp_path):
     summary = train(_cfg(data_root, tmp_path / "run", max_steps=2))
-    assert summary["steps"] == 2 and summary["epoch"] == 0
-    assert np.isfinite(summary["loss"])
-    assert 0 <= summary["top1"] <= 100 and summary["top1"] <= summary["top5"]
-    assert summary["num_classes"] == 3 and summary["world_size"] == 1
-    assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoint.pkl")
+    assert summary.steps == 2 and summary.epoch == 0
+    assert np.isfinite(summary.loss)
+    assert 0 <= summary.top1 <= 100 and summary.top1 <= summary.top5
+    assert summary.num_classes == 3 and summary.world_size == 1
+    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint.pkl")
     for name in ("checkpoint.pkl", "metrics.jsonl", "curves.png", "config.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
@@ -374,7 +374,7 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
 
     from engine.models.weights import read_file
 
-    ck = read_file(summary["checkpoint"])
+    ck = read_file(summary.checkpoint)
     assert ck["version"] == 2 and (ck["step"], ck["steps_per_epoch"]) == (2, 4)
     assert ck["config"]["arch"] == "resnet18" and ck["config"]["num_classes"] == 3
     assert ck["config"]["image_size"] == 32 and len(ck["config"]["classes"]) == 3
@@ -402,11 +402,11 @@ def test_resume_mid_epoch_and_at_epoch_end_equals_straight_run(data_root, tmp_pa
     resumed = train(_cfg(data_root, d, max_steps=6, evaluate=False, trace=False,
                          resume=os.path.join(d, "checkpoint.pkl")))
 
-    a, b = _train_losses(straight["save_dir"]), _train_losses(d)
+    a, b = _train_losses(straight.save_dir), _train_losses(d)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
-    pa = read_file(straight["checkpoint"])["state_dict"]
-    pb = read_file(resumed["checkpoint"])["state_dict"]
+    pa = read_file(straight.checkpoint)["state_dict"]
+    pb = read_file(resumed.checkpoint)["state_dict"]
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -446,9 +446,9 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     assert events.count("all_reduce_sum/3") == 1  # the one logged interval's loss, all ranks
     evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
     assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
-    assert summary["steps"] == 1 and summary["checkpoint"] is None
-    assert summary["world_size"] == 2 and summary["lr"] == pytest.approx(0.02)
-    assert summary["top1"] is not None  # rank 1 evaluates its shard too (sums are all-reduced)
+    assert summary.steps == 1 and summary.checkpoint is None
+    assert summary.world_size == 2 and summary.lr == pytest.approx(0.02)
+    assert summary.top1 is not None  # rank 1 evaluates its shard too (sums are all-reduced)
     assert not (tmp_path / "rank1").exists()
 
 
@@ -478,11 +478,11 @@ def test_traced_resume_mid_epoch_equals_the_straight_run(data_root, tmp_path):
     d = str(tmp_path / "b")
     train(_cfg(data_root, d, max_steps=2, evaluate=False))
     resumed = train(_cfg(data_root, d, max_steps=3, evaluate=False, resume=d))
-    a, b = _train_losses(straight["save_dir"]), _train_losses(d)
+    a, b = _train_losses(straight.save_dir), _train_losses(d)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
-    pa = read_file(straight["checkpoint"])["state_dict"]
-    pb = read_file(resumed["checkpoint"])["state_dict"]
+    pa = read_file(straight.checkpoint)["state_dict"]
+    pb = read_file(resumed.checkpoint)["state_dict"]
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -499,7 +499,7 @@ def test_a_version_1_checkpoint_still_resumes(data_root, tmp_path):
     old.update(version=1, epoch=0, step=2, loader={"epoch": 0, "position": 2})
     dump(old, str(d / "checkpoint.pkl"))
     out = train(_cfg(data_root, d, max_steps=3, evaluate=False, trace=False, resume=str(d)))
-    assert out["steps"] == 3 and [r["step"] for r in read_jsonl(str(d / "metrics.jsonl"))
+    assert out.steps == 3 and [r["step"] for r in read_jsonl(str(d / "metrics.jsonl"))
                                   if r["kind"] == "train"] == [1, 2, 3]
     newer = dict(read_file(str(d / "checkpoint.pkl")), version=99)
     dump(newer, str(d / "checkpoint.pkl"))

@@ -15,19 +15,32 @@ import json
 import os
 import shutil
 import time
+from dataclasses import MISSING, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
+from engine.cli import option
 from engine.data import shards
 from engine.data.verify import find_splits
 from engine.errors import UserError, disk_error_message
 from engine.locks import FileLock, Holder, acquire
 
-__all__ = ["StageError", "stage", "stage_split"]
+__all__ = ["StageConfig", "StageError", "stage", "stage_split"]
 
 LOCK = ".stage.lock"
 STAMP = ".staged.json"  # written after meta.json: what a finished stage left, for waiting ranks
 _CHUNK = 8 << 20
+
+
+@dataclass
+class StageConfig:
+    """tools/stage_shards.py's options (engine.cli derives its parser from these fields); the
+    defaults of stage() are theirs."""
+
+    src: str = option(MISSING, "packed split (OUT/train) or pack root (OUT)", "SRC")
+    dst: str = option(MISSING, "local folder (for a root: DST/<split>)", "DST")
+    stall_timeout: float = option(600.0, "a waiting rank gives up if the copying one makes no "
+                                         "progress for S seconds", metavar="S")
 
 
 class StageError(UserError, RuntimeError):
@@ -123,8 +136,8 @@ def _copy(src: str, dst: str, expected: Optional[str], progress: _Progress) -> N
         raise
 
 
-def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
-                log: Callable[[str], None] = print) -> Dict[str, Any]:
+def stage_split(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout,
+                poll: float = 0.2, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Copy packed split `src` to `dst`; returns counts of copied and already-correct shards."""
     meta_raw = _meta_bytes(src)
     meta = json.loads(meta_raw)
@@ -202,7 +215,7 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
                 "bytes": sum(sizes), "seconds": seconds}
 
 
-def stage(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
+def stage(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout, poll: float = 0.2,
           log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Stage a split (SRC has meta.json) to DST, or every split of a pack root to DST/<split>."""
     splits = find_splits(src)
