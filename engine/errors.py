@@ -19,12 +19,14 @@ def run_tool(body: Callable[[], Optional[int]], interrupted: str = "interrupted"
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
     keeps its traceback. MegEngine's cache folder is checked just before `body` first imports
-    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too."""
+    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too, and MegEngine's
+    CUDA-probing lines on a CPU machine are kept out of the output unless ENGINE_VERBOSE=1."""
     import sys
 
-    from engine.megengine_env import guard_import
+    from engine.megengine_env import guard_import, quiet_megengine
 
     guard_import(UserError)
+    quiet_megengine()
     try:
         status = body()
     except UserError as exc:

@@ -158,6 +158,9 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
                                              else (train_dir,))]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
         ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+        cfg, note = cfg.for_world_size(ngpus * layout.num_nodes)
+        if note and layout.node_rank == 0:
+            print(note, file=sys.stderr)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
