@@ -64,7 +64,7 @@ def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
 
 
 _SIGNAL_CAUSES = {
-    "SIGKILL": "usually the out-of-memory killer: lower the worker count or the batch size",
+    "SIGKILL": "usually the out-of-memory killer: %s",
     "SIGBUS": "a memory-mapped file was truncated or replaced under it, or its disk filled up: "
               "check the data with tools/verify_pack.py",
     "SIGSEGV": "a crash in native code",
@@ -72,10 +72,12 @@ _SIGNAL_CAUSES = {
 }
 
 
-def describe_exit(code: Optional[int]) -> str:
+def describe_exit(code: Optional[int],
+                  memory_fix: str = "lower the worker count or the batch size") -> str:
     """How a child process ended, from its exit code as multiprocessing reports it (negative:
     the signal that killed it), with what the user can do about a signal: 'was killed by signal
-    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'."""
+    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'.
+    `memory_fix` is the advice for the out-of-memory killer, in the caller's own terms."""
     import signal
 
     if code is None:
@@ -87,6 +89,8 @@ def describe_exit(code: Optional[int]) -> str:
     except ValueError:
         return "was killed by signal %d and exited unexpectedly with code %d" % (-code, code)
     cause = _SIGNAL_CAUSES.get(name)
+    if cause and "%s" in cause:
+        cause = cause % memory_fix
     return "was killed by signal %d and exited unexpectedly with code %d (%s)" % (
         -code, code, "%s: %s" % (name, cause) if cause else name)
 
