@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("train.py", "test.py", "inference.py", "pack_imagenet.py", "verify_pack.py",

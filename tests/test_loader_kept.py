@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from engine.data import Loader
 from engine.data.loader import KeptBatchWarning
 from engine.data.pack import pack_imagenet

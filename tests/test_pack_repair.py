@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.data import shards
 from engine.data.pack import PackError, pack_imagenet
 from engine.data.verify import verify

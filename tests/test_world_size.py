@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from engine.config import TrainConfig, config_from_argv
 from engine.errors import UserError
 

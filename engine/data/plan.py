@@ -415,9 +415,9 @@ def drop_damaged(dst: str, plan: Dict[str, Any], among: Iterable[int]) -> List[s
             continue
         path = os.path.join(dst, m["file"])
         size = os.path.getsize(path)
-        if "size" in m and size != m["size"]:
+        if size != m["size"]:
             why = "%d bytes, its marker says %d" % (size, m["size"])
-        elif m.get("checksum") and shards.file_checksum(path) != m["checksum"]:
+        elif shards.file_checksum(path) != m["checksum"]:
             why = "checksum differs from its marker"
         else:
             continue
