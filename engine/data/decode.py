@@ -58,13 +58,15 @@ def _tj():
     if _turbo is None or _turbo_pid != os.getpid():
         from turbojpeg import TurboJPEG
 
+        from engine import libjpeg
+
+        found = libjpeg.find_runtime()  # a user's own copy first (TURBOJPEG_LIB, conda, ...)
         try:
-            _turbo = TurboJPEG()
+            _turbo = TurboJPEG(found.path if found else None)
         except (OSError, RuntimeError) as exc:
             raise RuntimeError(
-                "libturbojpeg was not found (%s). Install it: apt-get install libturbojpeg0 "
-                "(Debian/Ubuntu), or run `make install`, which does it for you." % exc
-            ) from None
+                "libturbojpeg was not found or does not load (%s). Get it with %s"
+                % (exc, libjpeg.HOW_TO_GET)) from None
         _turbo_pid = os.getpid()
     return _turbo
 
