@@ -16,7 +16,9 @@ straight to file descriptor 2 the first times it looks for a GPU, and numpy then
 "the smallest subnormal ... is zero" (MegEngine's libraries set flush-to-zero). The tools keep
 that out of their output unless ENGINE_VERBOSE=1 (`quiet_megengine()`): MegEngine's first device
 queries run right after its import with descriptor 2 caught, and everything caught is written
-back except those lines.
+back except those lines. On such a machine the stub also prints a line in every forked child
+(its fork handler looks for a CUDA context), so descriptor 2 points to /dev/null for the instant
+of each fork (os.register_at_fork; no Python code runs in that window).
 
 This module imports neither MegEngine nor any of the engine, so the tools' runner
 (engine.errors.run_tool) can use it.
@@ -136,18 +138,48 @@ def _probe_devices(mge: types.ModuleType) -> None:
     """MegEngine's first device queries, which print the CUDA stub's lines on a CPU machine:
     the GPU count (a query, never a CUDA context: the launcher's children need none in the
     parent) and, once the stub has shown there is no driver, the default device's kind."""
+    global _quiet_noise
     noise = _caught(lambda: mge.device.get_device_count("gpu"))
     if b"failed to load cuda func" in noise:
         _caught(mge.device.what_is_xpu)
+    _quiet_noise = noise
 
 
 _quiet = {"armed": False, "probed": False}
+_quiet_noise = b""  # what the stub printed on the first query: it has no CUDA driver
+
+
+_fork_saved: List[int] = []
+
+
+def _before_fork() -> None:
+    """Descriptor 2 to /dev/null for the fork itself: the CUDA stub's fork handler prints
+    "failed to load cuda func: cuCtxGetCurrent" in every child a CPU machine forks (loader and
+    packing workers, ranks). Only native fork handlers run in this window: no Python code."""
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(null, 2)
+    os.close(null)
+    _fork_saved.append(saved)
+
+
+def _after_fork() -> None:
+    if _fork_saved:
+        saved = _fork_saved.pop()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _after_import(mge: types.ModuleType) -> None:
     if _quiet["armed"] and not _quiet["probed"]:
         _quiet["probed"] = True
         _probe_devices(mge)
+        if b"failed to load cuda func" in _quiet_noise:
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                                after_in_child=_after_fork)
 
 
 def quiet_megengine(environ: Optional[Mapping[str, str]] = None) -> None:
