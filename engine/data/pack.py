@@ -40,7 +40,7 @@ import numpy as np
 
 from engine.data import shards
 from engine.data.cpus import usable_cores
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
+from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message, signal_cause
 
@@ -96,7 +96,14 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     try:
         if fmt == "jpeg":
             info = jpeg_info(data)
-            bgr = decode_bgr(data, info=info)  # the strict full decode every kept image passes
+            if not info.needs_conversion and not (max_side and max(info.width, info.height)
+                                                  > max_side):
+                # Kept byte for byte: the scaled strict decode accepts exactly what the full
+                # one does (decode.validate_jpeg), and the pixels are not needed.
+                validate_jpeg(data, info)
+                return {"image": data, "height": info.height, "width": info.width,
+                        "kind": "gray" if info.grayscale else "jpeg"}
+            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
                 kind = "converted:cmyk"
             else:
@@ -310,8 +317,11 @@ def _disk_message(exc: BaseException, path: str, needed: int) -> str:
         path, text, "" if free is None else "; %.1f MB free there" % (free / 1e6))
 
 
-def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
+def _pack_shard(job: Dict[str, Any], on_records_done=None) -> Dict[str, Any]:
     """Write one complete shard (decode, validate, serialise, append), then its marker.
+
+    on_records_done() is called when every record is appended: what is left is short and mostly
+    waiting for the disk (the checksum runs meanwhile), so the next shard may start.
 
     Shards are independent, so workers (and nodes) write different shards concurrently and
     nothing but a small marker crosses a process boundary: piping every image back to one writer
@@ -344,11 +354,13 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
                 m["kinds"][r["kind"]] += 1
                 m["bytes"] += len(value)
             _count(1)
-        writer.close()
+        if on_records_done is not None:
+            on_records_done()
+        checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
         writer = None
         m["num_samples"] = sum(m["kinds"].values())
         m["size"] = os.path.getsize(path)
-        m["checksum"] = shards.file_checksum(path)
+        m["checksum"] = checksum
         shards.write_json_atomic(_marker_path(dst, k), m)
         return m
     except (lmdb.Error, OSError) as exc:
@@ -382,13 +394,16 @@ def _die_with_parent() -> None:
 
 def _worker(job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
+    # Ctrl-C is the packer's to handle. The packer blocks SIGINT while it forks, so one that
+    # arrives before this line waits, and is then discarded here rather than raised.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     if os.getppid() != parent:  # the packer died before the line above took effect
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the packer's to handle
     _progress_counter = counter
     try:
-        conn.send(("ok", _pack_shard(job)))
+        conn.send(("ok", _pack_shard(job, lambda: conn.send(("records_done", None)))))
         code = 0
     except UserError as exc:
         conn.send(("user", str(exc)))
@@ -423,20 +438,28 @@ def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
     killed and waits forever for its task. Here each worker holds the write end of a pipe, so
     its death is an end-of-file seen within one poll; the pack then stops the others, removes
     their partial shards and reports the shard that was lost. Finished shards keep their markers.
+    A worker that has appended all its records gives its core to the next shard while it
+    finishes (checksum, disk); at most `workers` such finishing workers run besides.
     """
     ctx = mp.get_context("fork")
     pending = list(jobs)
     running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
+    finishing: "set[int]" = set()  # finishing workers: records done, shard not yet published
     markers: Dict[int, Dict[str, Any]] = {}
     shards.close_all_envs()  # a child must not inherit an open LMDB environment
     try:
         while pending or running:
-            while pending and len(running) < workers:
+            while (pending and len(running) - len(finishing) < workers
+                   and len(running) < 2 * workers):
                 job = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_worker, args=(job, send, counter, os.getpid()),
                                    name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
-                proc.start()
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    proc.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 send.close()  # only the child holds the write end: its death is EOF here
                 running[job["k"]] = (proc, recv, job)
             ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
@@ -447,9 +470,13 @@ def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
                     kind, payload = recv.recv()
                 except (EOFError, OSError):
                     kind, payload = "lost", None
+                if kind == "records_done":
+                    finishing.add(k)
+                    continue
                 proc.join(10)
                 recv.close()
                 del running[k]
+                finishing.discard(k)
                 where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
                 if kind == "ok":
                     markers[k] = payload
