@@ -15,7 +15,8 @@ become numpy arrays), so it loads with or without MegEngine, of one dict::
      "steps_per_epoch": int,  # what `step` was counted in (epoch = step // steps_per_epoch)
      "state_dict": {...},     # model weights, the key official test.py/inference.py read too
      "optimizer": {...}, "scaler": {...} | None, "ema": {...} | None,
-     "config": {...},         # TrainConfig as a dict + num_classes, classes, world_size
+     "config": {...},         # TrainConfig as a dict + num_classes, classes, world_size,
+                              # command, versions, started (engine.config.RUN_RECORD_KEYS)
      "metrics": {...}}        # best top-1 so far
 
 A save dir holds one checkpoint, :data:`FILE_NAME` (the official train.py's name), always the
@@ -125,10 +126,14 @@ class Checkpoint:
 
 def run_config(config: TrainConfig, classes: Sequence[str], world_size: int) -> Dict[str, Any]:
     """What a checkpoint (and a save dir's config.json) records about its run: the TrainConfig,
-    and what test.py/inference.py and a resume need besides (class list, world size)."""
+    what test.py/inference.py and a resume need besides (class list, world size), and the
+    launch (engine.config.run_facts: command line, versions, start time)."""
+    from engine.config import run_facts
+
     out = dataclasses.asdict(config)
     out.update(num_classes=len(classes), classes=list(classes))
     out["world_size"] = int(world_size)
+    out.update(run_facts())
     return out
 
 
