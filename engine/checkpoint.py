@@ -32,7 +32,8 @@ refused with a message that says to update the engine.
 
 Weights only. Evaluation and inference need just the model and the run config, which every
 version keeps under ``"state_dict"`` and ``"config"``: :func:`config_of` recognises a checkpoint
-among other weight files without the checks a resume needs.
+among other weight files without the checks a resume needs, and :func:`ema_weights_of` finds its
+averaged weights.
 
 Reading is safe by default: the file is unpickled with the allow-list of
 :func:`engine.models.weights.unpickle` (containers, numbers, strings, numpy arrays, MegEngine
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["FILE_NAME", "FORMAT", "VERSION", "Checkpoint", "clean_temp_files", "config_of",
-           "dump", "file_in", "read", "resolve_resume", "run_config", "write"]
+           "dump", "ema_weights_of", "file_in", "read", "resolve_resume", "run_config", "write"]
 
 FORMAT = "engine-checkpoint"
 VERSION = 2
@@ -229,6 +230,16 @@ def config_of(obj: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     if obj.get("format") != FORMAT:
         return None
     return dict(obj.get("config") or {})
+
+
+def ema_weights_of(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The state dict of the moving average an engine checkpoint's dict holds (a run with an
+    EMA), or None when it holds none or ``obj`` is another weight file."""
+    if obj.get("format") != FORMAT:
+        return None
+    ema = obj.get("ema")
+    state = ema.get("state_dict") if isinstance(ema, Mapping) else None
+    return state if isinstance(state, Mapping) else None
 
 
 def dump(obj: Mapping[str, Any], path: str) -> str:

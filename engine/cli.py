@@ -18,7 +18,7 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
-__all__ = ["option", "is_option", "choices", "build_parser", "parse", "arch_option",
+__all__ = ["DEFAULT_ARCH", "option", "is_option", "choices", "build_parser", "parse", "arch_option",
            "model_arch_option", "model_option", "trust_pickle_option", "eval_size_option",
            "batch_size_option"]
 
@@ -47,15 +47,19 @@ def choices(cls: type) -> Dict[str, Sequence[Any]]:
 
 # ------------------------------------------------------------- options several tools share
 
+#: The architecture a run builds, and weights that do not name theirs are, unless --arch says.
+DEFAULT_ARCH = "resnet18"
+
+
 def arch_option() -> Any:
-    return option("resnet18", "model name (engine.models.ARCHS)", "-a", "--arch")
+    return option(DEFAULT_ARCH, "model name (engine.models.ARCHS)", "-a", "--arch")
 
 
 def model_arch_option() -> Any:
     """--arch of a tool that loads weights: an engine checkpoint names its own."""
     return option(None, "model name (engine.models.ARCHS); default: the one an engine checkpoint "
-                        "records, else resnet18. A different one than the checkpoint's is "
-                        "refused", "-a", "--arch")
+                        "records, else %s. A different one than the checkpoint's is "
+                        "refused" % DEFAULT_ARCH, "-a", "--arch")
 
 
 def model_option() -> Any:

@@ -7,6 +7,9 @@ way its run did: with the run's architecture, crop size and resize ratio (engine
 eval_transform), each overridable, and its live or, with --ema, its averaged weights. An image
 that does not decode is skipped and counted, never replaced by another (that would score one
 image twice); the counts are summed over the ranks like the scores.
+
+MegEngine is imported inside the functions that run a model, so that building the tool's parser
+(TestConfig) does not import it.
 """
 from __future__ import annotations
 
@@ -15,16 +18,12 @@ import os
 from dataclasses import MISSING, dataclass
 from typing import Any, Dict, Optional, Sequence
 
-import megengine as mge
 import numpy as np
 
 from engine import cli, dist
-from engine.cli import option
+from engine.cli import DEFAULT_ARCH, option
 from engine.config import eval_transform
 from engine.errors import UserError
-from engine.models import load_model
-from engine.models.load import DEFAULT_ARCH
-from engine.steps import EvalStep
 
 
 def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,
@@ -71,6 +70,8 @@ def run_eval(eval_step, loader, label_map: Optional[np.ndarray] = None,
     of batches, or none: every rank still makes exactly one all-reduce, at the end, and the
     totals count each image once.
     """
+    import megengine as mge
+
     stats = []
     n = 0
     skipped_before = getattr(loader, "num_skipped", 0)
@@ -174,6 +175,8 @@ def test(config: TestConfig) -> TestResult:
 
 def _test_worker(config: TestConfig, source: str) -> Dict[str, Any]:
     from engine.data import Loader
+    from engine.models import load_model
+    from engine.steps import EvalStep
 
     loaded = load_model(config.arch, config.model, trusted=config.trust_pickle or None,
                         ema=config.ema)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 
 def _modes(folder):

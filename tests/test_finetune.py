@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 
 @pytest.fixture(scope="module")

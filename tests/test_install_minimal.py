@@ -16,7 +16,7 @@ import sysconfig
 
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from test_install import checkout_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 FLAGS = ["-b", "4", "--image-size", "32", "-j", "0", "--epochs", "1", "--max-steps", "1",
          "--no-trace", "--no-progress"]

@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from engine import checkpoint
+from engine.cli import DEFAULT_ARCH
 from engine.errors import ConfigError, UserError
 from engine.imagenet_classes import imagenet_wnids
 from engine.models import hub, weights
 from engine.models.resnet import ResNet, get_model
 
 __all__ = ["DEFAULT_ARCH", "LoadedModel", "load_model"]
-
-#: The architecture of weights that do not name theirs (published, official files), unless given.
-DEFAULT_ARCH = "resnet18"
 
 
 @dataclass
@@ -90,11 +88,11 @@ def _from_file(arch: Optional[str], source: str, trusted: Optional[bool],
         if config is None:
             raise weights.WeightsError("--ema: %s is not an engine checkpoint; only those hold a "
                                        "moving average of the weights" % source)
-        averaged = obj.get("ema")
-        if not isinstance(averaged, dict) or not isinstance(averaged.get("state_dict"), dict):
+        averaged = checkpoint.ema_weights_of(obj)
+        if averaged is None:
             raise weights.WeightsError("--ema: %s holds no moving average of the weights (its run "
                                        "had no --ema-decay); evaluate it without --ema" % source)
-        found = weights.Unwrapped(averaged["state_dict"], found.kind)
+        found = weights.Unwrapped(averaged, found.kind)
     fc = found.state.get("fc.weight")
     if fc is None:
         raise weights.WeightsError("%s has no fc.weight: not a ResNet state dict or checkpoint "
