@@ -18,8 +18,9 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
-__all__ = ["option", "is_option", "choices", "build_parser", "parse", "arch_option", "model_option",
-           "trust_pickle_option", "eval_size_option", "batch_size_option"]
+__all__ = ["DEFAULT_ARCH", "option", "is_option", "choices", "build_parser", "parse", "arch_option",
+           "model_arch_option", "model_option", "trust_pickle_option", "eval_size_option",
+           "batch_size_option"]
 
 C = TypeVar("C")
 Help = typing.Union[str, Callable[[], str]]
@@ -46,8 +47,19 @@ def choices(cls: type) -> Dict[str, Sequence[Any]]:
 
 # ------------------------------------------------------------- options several tools share
 
+#: The architecture a run builds, and weights that do not name theirs are, unless --arch says.
+DEFAULT_ARCH = "resnet18"
+
+
 def arch_option() -> Any:
-    return option("resnet18", "model name (engine.models.ARCHS)", "-a", "--arch")
+    return option(DEFAULT_ARCH, "model name (engine.models.ARCHS)", "-a", "--arch")
+
+
+def model_arch_option() -> Any:
+    """--arch of a tool that loads weights: an engine checkpoint names its own."""
+    return option(None, "model name (engine.models.ARCHS); default: the one an engine checkpoint "
+                        "records, else %s. A different one than the checkpoint's is "
+                        "refused" % DEFAULT_ARCH, "-a", "--arch")
 
 
 def model_option() -> Any:
@@ -64,8 +76,9 @@ def trust_pickle_option(flag: str = "--model", files: str = "weight files") -> A
 
 
 def eval_size_option() -> Any:
-    return option(None, "center-crop size (default: an engine checkpoint's training size, else "
-                        "224)", "--image-size")
+    return option(None, "center-crop size (default: the size an engine checkpoint's run "
+                        "evaluated at, its val_image_size or training size; else 224)",
+                  "--image-size")
 
 
 def batch_size_option(default: int) -> Any:
@@ -121,7 +134,9 @@ def build_parser(cls: type, description: str = "", epilog: Optional[str] = None,
     --config for a recipe whose values become the defaults."""
     p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=_HelpFormatter)
-    if recipes:
+    # A class may hold --config as a field of its own (to record which recipe it came from).
+    own_config = any("--config" in f.metadata.get("flags", ()) for f in dataclasses.fields(cls))
+    if recipes and not own_config:
         p.add_argument("--config", metavar="RECIPE", default=None,
                        help="a recipe: the name of a shipped one (engine/recipes/NAME.json) or "
                             "a path to a .json file; its keys are these options' names (e.g. "

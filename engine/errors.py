@@ -61,6 +61,29 @@ def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
     return msg
 
 
+
+def read_error_message(exc: OSError, path: str) -> str:
+    """One line for an OSError met while reading `path`, naming it; for a permission problem,
+    whose file it is, its mode and what makes it readable (files another user packed or trained
+    are the usual case on shared storage)."""
+    import errno
+    import os
+    import stat
+
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return "cannot read %s: %s" % (path, exc.strerror or exc)
+    msg = "cannot read %s: permission denied" % path
+    try:
+        st = os.stat(path)
+    except OSError:  # not even stat-able: a folder above it is closed to this user
+        return msg + " (a folder above it does not let this user in); ask its owner to open " \
+                     "the folders on the way to it (chmod a+rx, or g+rx for a shared group)"
+    folder = stat.S_ISDIR(st.st_mode)
+    return ("%s (%s mode %04o, owner uid %d, group gid %d; this process runs as uid %d); ask "
+            "its owner to make it readable (chmod %s, or %s for a shared group)"
+            % (msg, "folder" if folder else "file", stat.S_IMODE(st.st_mode), st.st_uid,
+               st.st_gid, os.geteuid(), "a+rx" if folder else "a+r", "g+rx" if folder else "g+r"))
+
 _SIGNAL_CAUSES = {
     "SIGKILL": "usually the out-of-memory killer: lower the worker count or the batch size",
     "SIGBUS": "a memory-mapped file was truncated or replaced under it, or its disk filled up: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -140,14 +141,34 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
     return out
 
 
-def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "") -> str:
-    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG.
+#: What a run says, once, when it cannot draw curves.png.
+PLOT_HINT = ("curves.png is not drawn: it needs matplotlib (pip install matplotlib, or pip "
+             "install -e .[plot]); metrics.jsonl holds the same figures")
+_plot_noted = False
+
+
+def plot_curves(records: Iterable[Dict[str, Any]], png_path: str,
+                title: str = "") -> Optional[str]:
+    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG; returns its path,
+    or None where matplotlib is missing (or fails on import): the plot is optional, so a run
+    goes on, and says so once per process (PLOT_HINT).
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
     headless and never disturbs a caller's interactive backend.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    global _plot_noted
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except Exception as exc:  # noqa: BLE001 - missing, or an install that fails on import
+        if not _plot_noted:
+            _plot_noted = True
+            missing = isinstance(exc, ModuleNotFoundError) and \
+                (exc.name or "").split(".")[0] == "matplotlib"
+            detail = "" if missing else " (%s: %s)" % (
+                type(exc).__name__, " ".join(str(exc).split())[:200])
+            print("note: %s%s" % (PLOT_HINT, detail), file=sys.stderr)
+        return None
 
     records = list(records)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]

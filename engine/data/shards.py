@@ -30,7 +30,7 @@ import lmdb
 import msgpack
 
 from engine.atomic import atomic_write, fsync_dir
-from engine.errors import UserError
+from engine.errors import UserError, read_error_message
 
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
@@ -118,6 +118,8 @@ def _unreadable(path: str, exc: OSError) -> ShardError:
     about the bytes."""
     if isinstance(exc, FileNotFoundError):
         return ShardError("%s is missing; %s" % (path, _fix(os.path.dirname(os.path.abspath(path)))))
+    if isinstance(exc, PermissionError):
+        return ShardError(read_error_message(exc, path))
     return ShardError("cannot read %s (%s); check that the file is readable (its permissions, its "
                       "mount, its disk)" % (path, exc.strerror or exc))
 
@@ -205,8 +207,9 @@ class ShardWriter:
             if os.path.exists(stale):
                 os.remove(stale)
         # lock=False: one writer per file by construction, and no -lock file left behind.
+        # mode 0666: the umask decides, as for any other file (LMDB's default is 0755).
         self._env = lmdb.open(self.tmp_path, subdir=False, map_size=MAP_SIZE, lock=False,
-                              readahead=False, meminit=False, max_dbs=0)
+                              readahead=False, meminit=False, max_dbs=0, mode=0o666)
         self._txn = self._env.begin(write=True)
         self.num_samples = 0
 
@@ -241,8 +244,12 @@ class ShardWriter:
 def is_packed(split_dir: str) -> bool:
     """Whether a folder is a packed split (complete or not): it has meta.json or shard files.
     Readers then go through read_meta, which explains an incomplete or unknown split."""
-    return os.path.exists(os.path.join(split_dir, META_FILE)) or any(
-        f.startswith("shard-") for f in os.listdir(split_dir))
+    if os.path.exists(os.path.join(split_dir, META_FILE)):
+        return True
+    try:
+        return any(f.startswith("shard-") for f in os.listdir(split_dir))
+    except PermissionError as exc:  # another user's folder: say so, not a traceback
+        raise ShardError(read_error_message(exc, split_dir)) from None
 
 
 def read_meta(split_dir: str, check_files: bool = True) -> Dict[str, Any]:
@@ -263,6 +270,8 @@ def read_meta(split_dir: str, check_files: bool = True) -> Dict[str, Any]:
             meta = json.load(f)
     except ValueError as exc:
         raise ShardError("%s is not valid JSON (%s)" % (meta_path, exc)) from None
+    except OSError as exc:
+        raise ShardError(read_error_message(exc, meta_path)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ShardError("%s is not an %s meta file (format=%r)"
                          % (meta_path, FORMAT, meta.get("format") if isinstance(meta, dict) else None))
