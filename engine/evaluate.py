@@ -171,7 +171,7 @@ def test(config: TestConfig) -> Dict[str, float]:
         raise UserError("--batch-size must be >= 1")
     from engine.models import prefetch_weights
 
-    ngpus = dist.resolve_ngpus(config.ngpus, dist.gpu_count())
+    ngpus = dist.processes_per_node(config.ngpus)
     if ngpus > 1:
         # Download (and verify) once here, then every rank reads the same local file: ranks
         # fetching on their own would race on the cache file.

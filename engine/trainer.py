@@ -159,6 +159,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if config.dtr and config.trace:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
+    if dist.cpu_collectives():
+        print(dist.cpu_backend.NOTE, file=sys.stderr)
+        config = dataclasses.replace(config, trace=False)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
     # Each node runs these checks itself (paths may exist on one node and not another); in a
@@ -174,7 +177,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
                                              else (train_dir,))]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
-        ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+        ngpus = dist.processes_per_node(cfg.ngpus, layout.num_nodes)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
@@ -186,6 +189,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
         master_ip=layout.master_ip, master_port=layout.master_port,
         report=report, rendezvous_timeout=cfg.rendezvous_timeout,
+        heartbeat_timeout=cfg.heartbeat_timeout,
     )
 
 
