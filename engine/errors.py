@@ -18,9 +18,13 @@ class UserError(Exception):
 def run_tool(body: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
-    keeps its traceback."""
+    keeps its traceback. MegEngine's cache folder is checked just before `body` first imports
+    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too."""
     import sys
 
+    from engine.megengine_env import guard_import
+
+    guard_import(UserError)
     try:
         status = body()
     except UserError as exc:
@@ -66,17 +70,23 @@ _SIGNAL_CAUSES = {
 }
 
 
-def signal_cause(exitcode: int) -> str:
-    """'SIGKILL: usually the out-of-memory killer: ...' for a process that `exitcode` (negative,
-    as multiprocessing reports it) says died of a signal: what the user can do about it."""
+def describe_exit(code: Optional[int]) -> str:
+    """How a child process ended, from its exit code as multiprocessing reports it (negative:
+    the signal that killed it), with what the user can do about a signal: 'was killed by signal
+    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'."""
     import signal
 
+    if code is None:
+        return "stopped answering but has not exited"
+    if code >= 0:
+        return "exited unexpectedly with code %d" % code
     try:
-        name = signal.Signals(-exitcode).name
+        name = signal.Signals(-code).name
     except ValueError:
-        return "signal %d" % -exitcode
+        return "was killed by signal %d and exited unexpectedly with code %d" % (-code, code)
     cause = _SIGNAL_CAUSES.get(name)
-    return "%s: %s" % (name, cause) if cause else name
+    return "was killed by signal %d and exited unexpectedly with code %d (%s)" % (
+        -code, code, "%s: %s" % (name, cause) if cause else name)
 
 
 class ConfigError(UserError, ValueError):

@@ -11,24 +11,7 @@ import os
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
-
-class Meter:
-    """Running sum / count over a log interval (reset after each log line)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
+from engine.atomic import atomic_write
 
 
 class LossMeter:
@@ -131,11 +114,8 @@ class MetricsLog:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
 def _finite(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -201,9 +181,7 @@ def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)  # a viewer never sees a half-written image
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))  # never a half-written image
     return png_path
 
 

@@ -279,7 +279,7 @@ def test_memory_stays_flat_over_epochs(data):
     growth = np.array(rss[-1]) - np.array(rss[2])
     assert (growth < 8 * 2**20).all(), growth
     # shared memory is slots x batch bytes
-    assert ld.prefetch == 4
+    assert ld.slots == 4
 
 
 @pytest.mark.parametrize("use_roi", [True, False])

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
-from engine.data.pack import PackError, merge_pack, pack_imagenet, resolve_nodes
+from engine.data.pack import PackError, pack_imagenet, resolve_nodes
+from engine.data.plan import merge_pack
 
 TOOL = os.path.join(ROOT, "tools", "pack_imagenet.py")
 DEADLINE = 60

@@ -10,25 +10,37 @@ find the finished stamp and return without rereading anything.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import MISSING, dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
+from engine.cli import option
 from engine.data import shards
 from engine.data.verify import find_splits
 from engine.errors import UserError, disk_error_message
+from engine.locks import FileLock, Holder, acquire
 
-__all__ = ["StageError", "stage", "stage_split"]
+__all__ = ["StageConfig", "StageError", "stage", "stage_split"]
 
 LOCK = ".stage.lock"
 STAMP = ".staged.json"  # written after meta.json: what a finished stage left, for waiting ranks
 _CHUNK = 8 << 20
+
+
+@dataclass
+class StageConfig:
+    """tools/stage_shards.py's options (engine.cli derives its parser from these fields); the
+    defaults of stage() are theirs."""
+
+    src: str = option(MISSING, "packed split (OUT/train) or pack root (OUT)", "SRC")
+    dst: str = option(MISSING, "local folder (for a root: DST/<split>)", "DST")
+    stall_timeout: float = option(600.0, "a waiting rank gives up if the copying one makes no "
+                                         "progress for S seconds", metavar="S")
 
 
 class StageError(UserError, RuntimeError):
@@ -62,12 +74,10 @@ def _stamp_matches(dst: str, meta_raw: bytes, entries: List[Dict[str, Any]]) -> 
 
 
 class _Progress:
-    """The holder's note in the lock file: who, since when, bytes done (the waiters' liveness)."""
+    """Bytes done, published in the lock's note now and then: the waiting ranks' liveness."""
 
-    def __init__(self, fd: int):
-        self.fd, self.done, self.last = fd, 0, 0.0
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "bytes_done": 0}
+    def __init__(self, lock: FileLock):
+        self.lock, self.done, self.last = lock, 0, 0.0
         self.write()
 
     def add(self, n: int) -> None:
@@ -76,51 +86,24 @@ class _Progress:
             self.write()
 
     def write(self) -> None:
-        self.info["bytes_done"] = self.done
         self.last = time.time()
-        try:
-            data = json.dumps(self.info).encode()
-            os.pwrite(self.fd, data.ljust(256), 0)
-        except OSError:
-            pass
+        self.lock.note(bytes_done=self.done)
 
 
-def _read_note(fd: int) -> Dict[str, Any]:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode().strip() or "{}")
-    except (OSError, ValueError):
-        return {}
+def _acquire(dst: str, stall_timeout: float, poll: float, log) -> FileLock:
+    """The flock on DST/.stage.lock; its `waited` says whether another process held it first."""
 
+    def waiting(holder: Holder) -> None:
+        log("%s: another process (pid %s on %s) is staging it; waiting"
+            % (dst, holder.pid or "?", holder.host or "?"))
 
-def _acquire(dst: str, stall_timeout: float, poll: float, log) -> Tuple[int, bool]:
-    """(fd holding the flock, whether another process held it first)."""
-    path = os.path.join(dst, LOCK)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StageError(disk_error_message(exc, path)) from None
-    waited, seen, last_change = False, None, time.time()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd, waited
-        except BlockingIOError:
-            pass
-        note = _read_note(fd)
-        if not waited:
-            log("%s: another process (pid %s on %s) is staging it; waiting"
-                % (dst, note.get("pid", "?"), note.get("host", "?")))
-            waited = True
-        state = (note.get("pid"), note.get("bytes_done"))
-        if state != seen:
-            seen, last_change = state, time.time()
-        elif time.time() - last_change > stall_timeout:
-            os.close(fd)
-            raise StageError(
-                "staging into %s by pid %s on host %s made no progress for %.0f s; stop that "
+    def stalled(holder: Holder) -> str:
+        return ("staging into %s by pid %s on host %s made no progress for %.0f s; stop that "
                 "process (a killed one releases the lock by itself) and rerun"
-                % (dst, note.get("pid", "?"), note.get("host", "?"), stall_timeout))
-        time.sleep(poll)
+                % (dst, holder.pid or "?", holder.host or "?", stall_timeout))
+
+    return acquire(os.path.join(dst, LOCK), timeout=stall_timeout, poll=poll, error=StageError,
+                   refused=stalled, on_wait=waiting)
 
 
 def _copy(src: str, dst: str, expected: Optional[str], progress: _Progress) -> None:
@@ -128,7 +111,7 @@ def _copy(src: str, dst: str, expected: Optional[str], progress: _Progress) -> N
     copy whose checksum matches meta.json (a damaged source or a bad read never lands)."""
     folder = os.path.dirname(dst)
     tmp = os.path.join(folder, TMP_PREFIX + os.path.basename(dst))
-    h = hashlib.blake2b()
+    h = hashlib.new(shards.CHECKSUM_ALGO)
     try:
         with open(src, "rb") as fi, open(tmp, "wb") as fo:
             while True:
@@ -153,32 +136,39 @@ def _copy(src: str, dst: str, expected: Optional[str], progress: _Progress) -> N
         raise
 
 
-def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
-                log: Callable[[str], None] = print) -> Dict[str, Any]:
+def stage_split(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout,
+                poll: float = 0.2, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Copy packed split `src` to `dst`; returns counts of copied and already-correct shards."""
     meta_raw = _meta_bytes(src)
     meta = json.loads(meta_raw)
     entries = meta["shards"]
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise StageError("%s exists and is not a folder" % dst)
+    name = os.path.basename(os.path.abspath(dst))
+    if name in shards.SPLITS and name != meta["split"]:  # readers would refuse the copy
+        raise StageError("%s holds the %s split; stage it into a folder named %s, not %s"
+                         % (src, meta["split"], meta["split"], dst))
     try:
         os.makedirs(dst, exist_ok=True)
     except OSError as exc:
         raise StageError(disk_error_message(exc, dst)) from None
-    fd, waited = _acquire(dst, stall_timeout, poll, log)
-    try:
+    lock = _acquire(dst, stall_timeout, poll, log)
+    waited = lock.waited
+    with lock:
         if waited and _stamp_matches(dst, meta_raw, entries):
             log("%s: staged by another process, complete" % dst)
             return {"dst": dst, "copied": 0, "kept": len(entries), "waited": True, "bytes": 0}
-        progress = _Progress(fd)
+        progress = _Progress(lock)
         local_meta = os.path.join(dst, shards.META_FILE)
         try:
             with open(local_meta, "rb") as f:
                 stale = f.read() != meta_raw
         except OSError:
             stale = False
-        for old in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)]:
-            if os.path.exists(old):  # readers must not pair an old meta.json with new shards
+        # Readers must not pair an old meta.json with new shards, nor find shards it omits.
+        for old in ([local_meta] if stale else []) + [os.path.join(dst, STAMP)] + [
+                os.path.join(dst, f) for f in shards.unlisted_shards(dst, meta)]:
+            if os.path.exists(old):
                 os.remove(old)
         todo, kept = [], 0
         for e in entries:
@@ -223,11 +213,9 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
                sum(sizes) / 1e6 / seconds if seconds > 0 else 0.0, kept))
         return {"dst": dst, "copied": len(todo), "kept": kept, "waited": waited,
                 "bytes": sum(sizes), "seconds": seconds}
-    finally:
-        os.close(fd)
 
 
-def stage(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
+def stage(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout, poll: float = 0.2,
           log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Stage a split (SRC has meta.json) to DST, or every split of a pack root to DST/<split>."""
     splits = find_splits(src)

@@ -1,0 +1,379 @@
+"""The pack plan: which file goes to which shard, what each finished shard recorded, and the
+meta.json made from those records. The only module that knows plan.json and the markers.
+
+    <out>/<split>/plan.json                   the plan, written before any shard
+    <out>/<split>/.pack/shard-NNNNN.lmdb.json  a finished shard's marker (the merge removes .pack)
+    <out>/<split>/.pack/shard-NNNNN.lmdb.lock  held by the pack writing that shard
+
+The file list, its order and its split into shards are a pure function of the input listing and
+the arguments (the fingerprint: names, labels, sizes, modification times, seed, shard size, max
+side), so every node computes the same plan and any node can be rerun alone. A marker records a
+finished shard's counts, skipped files and checksum under the fingerprint it was packed for; a
+shard counts as done only when its marker matches the plan and its file is there. meta.json is
+written from the markers, in shard order, by whichever node finds them all present (or by the
+merge), so its content does not depend on which node packed what.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.data import shards
+from engine.data.folder import LayoutError, list_classes, scan_split
+from engine.errors import UserError, disk_error_message
+
+__all__ = ["PackError", "Scan", "input_classes", "scan", "prepare", "finished", "ShardTally",
+           "read_marker", "missing", "merge_split", "merge_pack", "shard_lock_path", "PLAN_FILE",
+           "PLAN_FORMAT", "PROGRESS_DIR"]
+
+PROGRESS_DIR = ".pack"
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = "engine-pack-plan"
+
+Log = Callable[[str], None]
+
+
+class PackError(UserError, ValueError):
+    """Bad input or arguments: the message says what was wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan and plan
+
+
+def _fingerprint(split: str, classes: Sequence[str], items: Sequence[Tuple[str, int]],
+                 stats: Sequence[Tuple[int, int]], seed: int, shard_size: int,
+                 max_side: Optional[int]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([shards.VERSION, split, classes, seed, shard_size, max_side]).encode())
+    for (rel, label), (size, mtime) in zip(items, stats):
+        h.update(("%s\0%d\0%d\0%d\n" % (rel, label, size, mtime)).encode())
+    return h.hexdigest()
+
+
+def _shard_digest(chunk: Sequence[Tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for rel, label in chunk:
+        h.update(("%s\0%d\n" % (rel, label)).encode())
+    return h.hexdigest()
+
+
+def _make_plan(split: str, classes: List[str], items: List[Tuple[str, int]], fp: str,
+               seed: int, shard_size: int, max_side: Optional[int]) -> Dict[str, Any]:
+    """Which files go to which shard: a pure function of the listing and the arguments, so every
+    node computes the same plan and any node can be rerun alone."""
+    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return {"format": PLAN_FORMAT, "version": 1, "split": split, "classes": classes,
+            "seed": seed, "shard_size": shard_size, "max_side": max_side,
+            "shuffled": split == "train", "num_files": len(items), "fingerprint": fp,
+            "shards": [{"file": shards.shard_name(k), "num_files": len(c),
+                        "files_sha256": _shard_digest(c)} for k, c in enumerate(chunks)]}
+
+
+@dataclass
+class Scan:
+    """A listed and planned split, before anything is written."""
+
+    split: str
+    src: str  # <data>/<split>
+    items: List[Tuple[str, int]]  # (path relative to src, label), in packing order
+    plan: Dict[str, Any]
+    source_bytes: List[int]  # bytes of input per shard (the disk-space estimate)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.plan["fingerprint"]
+
+    def shard_items(self, k: int) -> List[Tuple[str, int]]:
+        size = self.plan["shard_size"]
+        return self.items[k * size:(k + 1) * size]
+
+
+def input_classes(data: str, splits: Sequence[str], log: Log) -> List[str]:
+    """The class list of the input (label i is classes[i]): train's sorted class folders, or
+    val's own when only val is packed and there is no train."""
+    train_dir = os.path.join(data, "train")
+    if os.path.isdir(train_dir):
+        classes = list_classes(train_dir)
+    elif list(splits) == ["val"]:
+        classes = list_classes(os.path.join(data, "val"))
+        log("note: %s not found; labels follow val's own sorted class folders" % train_dir)
+    else:
+        raise PackError("%s does not exist; expected ROOT/train/<wnid>/*.JPEG" % train_dir)
+    if not classes:
+        raise PackError("%s has no class folders" % train_dir)
+    return classes
+
+
+def scan(data: str, split: str, classes: List[str], seed: int, shard_size: int,
+         max_side: Optional[int]) -> Scan:
+    """List a split, order it, fingerprint it and plan its shards (reads only)."""
+    src = os.path.join(data, split)
+    try:
+        items = scan_split(src, classes)
+    except LayoutError as exc:
+        raise PackError(str(exc)) from None
+    if not items:
+        raise PackError("%s has no image files under its class folders" % src)
+    if split == "train":  # each shard mixes classes; the loader shuffles again per epoch
+        order = np.random.default_rng(seed).permutation(len(items))
+        items = [items[i] for i in order]
+    stats = []
+    for rel, _ in items:
+        try:
+            st = os.stat(os.path.join(src, rel))
+        except OSError as exc:
+            raise PackError("cannot read %s (%s)" % (os.path.join(src, rel), exc.strerror))
+        stats.append((st.st_size, st.st_mtime_ns))
+    fp = _fingerprint(split, classes, items, stats, seed, shard_size, max_side)
+    plan = _make_plan(split, classes, items, fp, seed, shard_size, max_side)
+    sizes = [sum(s for s, _ in stats[i:i + shard_size]) for i in range(0, len(items), shard_size)]
+    return Scan(split, src, items, plan, sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan.json
+
+
+def _load_json(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None if it is absent or unreadable (a partial file)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    for key in ("split", "seed", "shard_size", "max_side"):
+        if old.get(key) != new[key]:
+            return "%s %r then, %r now" % (key, old.get(key), new[key])
+    if old.get("classes") != new["classes"]:
+        return "the class folders changed: %d then, %d now" % (len(old.get("classes") or []),
+                                                              len(new["classes"]))
+    if old.get("num_files") != new["num_files"]:
+        return "the input listing changed: %s files then, %d now" % (old.get("num_files"),
+                                                                    new["num_files"])
+    return "the input listing changed: file names, sizes or modification times"
+
+
+def _write_plan(dst: str, plan: Dict[str, Any]) -> None:
+    """Publish plan.json, or refuse if one made from other input or arguments is there.
+
+    Every node writes the same bytes (a pure function, written by atomic rename), so nodes may
+    race to write it; reading it back catches a concurrent pack of different arguments.
+    """
+    path = os.path.join(dst, PLAN_FILE)
+    for attempt in (0, 1):
+        old = _load_json(path)
+        if old is None and attempt == 0:
+            try:
+                shards.write_json_atomic(path, plan)
+            except OSError as exc:
+                raise PackError(disk_error_message(exc, path)) from None
+            continue
+        if old != plan:
+            raise PackError(
+                "%s was made for other input or arguments (%s). Rerun with the arguments it was "
+                "made with, or pack into another --out (or delete %s to start that split over)"
+                % (path, _plan_difference(old or {}, plan), dst))
+        return
+
+
+def prepare(dst: str, plan: Dict[str, Any]) -> None:
+    """Make the split folder ready for shards: its marker folder, then plan.json (or refuse)."""
+    try:
+        os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, dst)) from None
+    _write_plan(dst, plan)
+
+
+def finished(dst: str, fp: str) -> Optional[Dict[str, Any]]:
+    """The meta.json of a complete pack of this plan in `dst`, None if there is none; PackError
+    if `dst` holds a complete pack of other input or arguments."""
+    meta_path = os.path.join(dst, shards.META_FILE)
+    if not os.path.exists(meta_path):
+        return None
+    old = _load_json(meta_path) or {}
+    if old.get("fingerprint") == fp:
+        return old
+    raise PackError("%s already holds a complete pack of different input or arguments. Choose "
+                    "another --out, or delete %s to repack." % (dst, dst))
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers
+
+
+def _marker_path(dst: str, k: int) -> str:
+    return os.path.join(dst, PROGRESS_DIR, shards.shard_name(k) + ".json")
+
+
+def shard_lock_path(dst: str, k: int) -> str:
+    """The lock a pack holds while it writes shard k (beside the markers)."""
+    return os.path.join(dst, PROGRESS_DIR, shards.shard_name(k) + ".lock")
+
+
+def read_marker(dst: str, k: int, fp: str) -> Optional[Dict[str, Any]]:
+    """Shard k's marker if it was packed for fingerprint `fp` and its file is there, else None."""
+    m = _load_json(_marker_path(dst, k))
+    if m is None or m.get("fingerprint") != fp:
+        return None
+    if not os.path.exists(os.path.join(dst, shards.shard_name(k))):
+        return None
+    return m
+
+
+def missing(dst: str, plan: Dict[str, Any], among: Optional[Iterable[int]] = None) -> List[int]:
+    """The shards (of `among`, default all) without a marker matching the plan."""
+    ks = range(len(plan["shards"])) if among is None else among
+    return [k for k in ks if read_marker(dst, k, plan["fingerprint"]) is None]
+
+
+class ShardTally:
+    """The counts of one shard while it is written; `publish` writes them as its marker."""
+
+    def __init__(self, k: int, fp: str):
+        self.k = k
+        self.marker: Dict[str, Any] = {"file": shards.shard_name(k), "fingerprint": fp,
+                                       "seen": 0, "num_samples": 0, "kinds": Counter(),
+                                       "skipped": [], "bytes": 0}
+
+    def kept(self, kind: str, nbytes: int) -> None:
+        self.marker["seen"] += 1
+        self.marker["kinds"][kind] += 1
+        self.marker["bytes"] += nbytes
+
+    def skipped(self, rel: str, reason: str) -> None:
+        self.marker["seen"] += 1
+        self.marker["skipped"].append({"path": rel, "reason": reason})
+
+    def publish(self, dst: str) -> Dict[str, Any]:
+        """Record the finished shard file (size, checksum) and write the marker atomically."""
+        m = self.marker
+        path = os.path.join(dst, m["file"])
+        m["num_samples"] = sum(m["kinds"].values())
+        m["size"] = os.path.getsize(path)
+        m["checksum"] = shards.file_checksum(path)
+        shards.write_json_atomic(_marker_path(dst, self.k), m)
+        return m
+
+
+# ---------------------------------------------------------------------------------------------
+# meta.json from the markers
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.seen = self.kept = 0
+        self.kinds: Counter = Counter()
+        self.skipped: List[Dict[str, str]] = []
+        self.bytes = 0
+
+    def add_marker(self, m: Dict[str, Any]) -> None:
+        self.seen += m["seen"]
+        self.kept += m["num_samples"]
+        self.kinds.update(m["kinds"])
+        self.skipped.extend(m["skipped"])
+        self.bytes += m["bytes"]
+
+
+def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: str
+               ) -> Dict[str, Any]:
+    stats = _Stats()
+    entries = []
+    for k in range(len(plan["shards"])):  # in shard order, whoever packed them
+        m = markers[k]
+        stats.add_marker(m)
+        path = os.path.join(dst, m["file"])
+        size = m.get("size", os.path.getsize(path))
+        checksum = m.get("checksum") or shards.file_checksum(path)  # markers of older packs
+        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": size,
+                        "checksum": checksum})
+    return {
+        "format": shards.FORMAT,
+        "version": shards.VERSION,
+        "split": plan["split"],
+        "num_samples": stats.kept,
+        "classes": plan["classes"],
+        "shards": entries,
+        "skipped": stats.skipped,
+        "kinds": {k: v for k, v in sorted(stats.kinds.items())},
+        "bytes": stats.bytes,
+        "seen": stats.seen,
+        "seed": plan["seed"],
+        "shard_size": plan["shard_size"],
+        "max_side": plan["max_side"],
+        "shuffled": plan["shuffled"],
+        "fingerprint": plan["fingerprint"],
+    }
+
+
+def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, Any]]:
+    """Write meta.json from the markers if every shard is present; else return None.
+
+    Idempotent, and safe for several nodes at once: the content is a function of the markers,
+    and it is published by atomic rename.
+    """
+    meta_path = os.path.join(dst, shards.META_FILE)
+    old = _load_json(meta_path)
+    if old is not None and old.get("fingerprint") == plan["fingerprint"]:
+        return old
+    fp = plan["fingerprint"]
+    markers = {k: m for k in range(len(plan["shards"]))
+               for m in [read_marker(dst, k, fp)] if m is not None}
+    if len(markers) < len(plan["shards"]):
+        old = _load_json(meta_path)  # another node may have merged (and removed markers) meanwhile
+        return old if old is not None and old.get("fingerprint") == fp else None
+    meta = _meta_from(plan, markers, dst)
+    try:
+        shards.write_json_atomic(meta_path, meta)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, meta_path)) from None
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
+    return meta
+
+
+def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = print
+               ) -> Dict[str, Any]:
+    """Write meta.json of each split of a multi-node pack from its plan and shard markers.
+
+    Idempotent. Raises PackError naming the missing shards while any is absent (the split then
+    stays unreadable, as it has no meta.json).
+    """
+    if not os.path.isdir(out):
+        raise PackError("--out %s does not exist or is not a folder" % out)
+    if splits is None:
+        splits = [s for s in ("train", "val") if os.path.exists(os.path.join(out, s, PLAN_FILE))]
+        if not splits:
+            raise PackError("%s holds no split with a %s: nothing to merge (pack it first)"
+                            % (out, PLAN_FILE))
+    done = []
+    for split in splits:
+        dst = os.path.join(out, split)
+        plan = _load_json(os.path.join(dst, PLAN_FILE))
+        if plan is None or plan.get("format") != PLAN_FORMAT:
+            raise PackError("%s has no readable %s; pack it first" % (dst, PLAN_FILE))
+        meta = merge_split(dst, plan, log)
+        if meta is None:
+            absent = [shards.shard_name(k) for k in missing(dst, plan)]
+            raise PackError(
+                "cannot merge %s: %d of %d shards are missing (%s%s); rerun the node(s) that "
+                "own them (shard k belongs to node k mod --num-nodes), then merge again"
+                % (dst, len(absent), len(plan["shards"]), ", ".join(absent[:8]),
+                   " ..." if len(absent) > 8 else ""))
+        log("%s: merged, %d records in %d shards" % (split, meta["num_samples"],
+                                                    len(meta["shards"])))
+        done.append({"split": split, "num_samples": meta["num_samples"],
+                     "shards": len(meta["shards"])})
+    return {"out": os.path.abspath(out), "splits": done}
