@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
 from engine.config import TrainConfig
-from engine.dist import resolve_ngpus
 from engine.schedules import lr_at
 
 # --------------------------------------------------------------------------------------------

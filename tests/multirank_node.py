@@ -1,4 +1,4 @@
-"""One node of a multi-rank test run: tools/train.py's main, with three small hooks in its ranks.
+"""One node of a multi-rank test run: the train tool's main, with three small hooks in its ranks.
 
     python tests/multirank_node.py DUMP_DIR [train.py arguments...]
 
@@ -10,14 +10,12 @@ run; the hooks only observe or inject:
   checkpoint, and the tests compare every rank);
 - ENGINE_TEST_FAIL="RANK:STEP:KIND" makes that rank raise at that step: KIND "user" raises a
   UserError (as a full disk at a checkpoint would), "bug" a ZeroDivisionError.
-The node's exit status and stderr are train.py's own.
+The node's exit status and stderr are the train tool's own.
 """
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def install_hooks(dump: str) -> None:
@@ -62,6 +60,6 @@ if __name__ == "__main__":
     dump_dir = sys.argv[1]
     os.makedirs(dump_dir, exist_ok=True)
     install_hooks(dump_dir)
-    import train
+    from engine.tools.train import main
 
-    sys.exit(train.main(sys.argv[2:]))
+    sys.exit(main(sys.argv[2:]))

@@ -26,7 +26,7 @@ from engine.atomic import atomic_write
 from engine.dist import cpu_backend, group
 from engine.dist.cluster import resolve_ngpus
 from engine.dist.rendezvous import HEARTBEAT_TIMEOUT, RENDEZVOUS_TIMEOUT, NodeWatch, node_handshake, node_report
-from engine.errors import UserError, signal_cause
+from engine.errors import UserError, describe_exit
 
 __all__ = ["write_rank_error", "read_rank_error", "RankEntry", "RankFailed", "run_ranks",
            "gpu_count", "processes_per_node", "launch"]
@@ -181,12 +181,21 @@ def _start_server(port: int) -> Tuple[Any, int]:
     """MegEngine's rendezvous server on this node (node 0): (server, its port)."""
     from megengine.distributed.server import Server
 
+    # Its process inherits SIGINT ignored: Ctrl-C is this process's to report (once), and the
+    # server ends with it.
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave the handlers alone
+        previous = None
     try:
         server = Server(port)
     except OSError as exc:
         raise UserError("cannot start the rendezvous server on port %d: %s; pass another "
                         "--master-port (the same on every node)"
                         % (port, exc.strerror or exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return server, int(server.py_server_port)
 
 
@@ -213,12 +222,12 @@ def _failure(folder: str, exits: Mapping[int, Tuple[int, int]], where: str) -> T
     for rank, (code, seen) in exits.items():
         if rank in recorded:
             continue
-        cause = ("killed by %s" % signal_cause(code) if code < 0
-                 else "exited with status %d" % code)
-        events.append((seen, rank, "exit", cause))
+        events.append((seen, rank, "exit", describe_exit(code)))
     _, rank, kind, message = min(events)
     if kind == "bug":
         return True, "rank %d%s failed with %s" % (rank, where, message)
+    if kind == "exit":
+        return False, "rank %d%s %s" % (rank, where, message)
     return False, "rank %d%s: %s" % (rank, where, message)
 
 
@@ -250,6 +259,11 @@ def _supervise(procs: Sequence[Any], queue: Any, folder: str, rank_start: int,
             for i, p in enumerate(procs):
                 if p.exitcode not in (0, None) and rank_start + i not in exits:
                     exits[rank_start + i] = (p.exitcode, time.time_ns())
+            if exits and all(code == _EXIT_INTERRUPTED for code, _ in exits.values()) \
+                    and not _rank_errors(folder):
+                # Ctrl-C reaches the ranks with the parent (one process group); a rank may
+                # report it first.
+                raise KeyboardInterrupt
             if exits:
                 bug, message = _failure(folder, exits, where)
                 if watch is None:
