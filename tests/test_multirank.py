@@ -70,7 +70,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import make_imagenet
+    from helpers import make_imagenet
 
     # 24 train images: 12 per rank for 2 ranks, 6 for 4, 8 for 3 (no wrap-around, so the
     # ranks' batches together are exactly the one-rank global batch); 8 val images, which no

@@ -17,7 +17,7 @@ process group's state is what `init_process_group` would set (built directly, si
 function refuses the CPU), MegEngine's own rendezvous server carries the group barrier and the
 address of rank 0's exchange, and the data moves over TCP between each rank and rank 0 (a
 star; rank 0 adds the arrays in rank order, so every rank receives the same bits). Values are
-read on the host, so it works in eager mode only; `exchange` refuses a traced step.
+read on the host, so it works in eager mode only; a call inside a traced graph is refused.
 
 It is chosen by the environment variable named in `SWITCH`, which only the test suite sets;
 it is never on in a user's run, and it refuses to run where GPUs are visible (a GPU run needs
