@@ -136,6 +136,10 @@ class TrainConfig:
     rendezvous_timeout: float = _opt(
         600.0, "multi-node: how long nodes wait for each other at startup before stopping with "
                "an error that names the missing node", metavar="SECONDS")
+    heartbeat_timeout: float = _opt(
+        15.0, "multi-node: a node silent this long (no heartbeat through node 0's rendezvous "
+              "server: dead, stopped or cut off) stops the run on every node with an error that "
+              "names it", metavar="SECONDS")
     print_freq: int = _opt(20, "steps per metrics record and progress update",
                            "-p", "--print-freq")
     save_every: int = _opt(0, "also checkpoint every STEPS steps, for mid-epoch resume (0 = "
@@ -190,6 +194,7 @@ class TrainConfig:
             (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
             (c.print_freq >= 1, "--print-freq must be >= 1"),
             (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
+            (c.heartbeat_timeout > 0, "--heartbeat-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),

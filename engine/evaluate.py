@@ -162,7 +162,7 @@ def test(config: TestConfig) -> TestResult:
         raise UserError("--val-resize-ratio must be in (0, 1]")
     from engine.models import prefetch_weights
 
-    ngpus = dist.resolve_ngpus(config.ngpus, dist.gpu_count())
+    ngpus = dist.processes_per_node(config.ngpus)
     if ngpus > 1:
         # Download (and verify) once here, then every rank reads the same local file: ranks
         # fetching on their own would race on the cache file.

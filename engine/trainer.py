@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
 from engine.config import TrainConfig
-from engine.dist import resolve_ngpus
 from engine.schedules import lr_at
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +157,9 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
     if config.dtr and config.trace:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
+    if dist.cpu_collectives():
+        print(dist.cpu_backend.NOTE, file=sys.stderr)
+        config = dataclasses.replace(config, trace=False)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
     # Each node runs these checks itself (paths may exist on one node and not another); in a
@@ -171,7 +173,7 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         check_arch(cfg.arch)
         sources = [split_source(d) for d in _data_dirs(cfg) if d is not None]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
-        ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+        ngpus = dist.processes_per_node(cfg.ngpus, layout.num_nodes)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
@@ -183,6 +185,7 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
         master_ip=layout.master_ip, master_port=layout.master_port,
         report=report, rendezvous_timeout=cfg.rendezvous_timeout,
+        heartbeat_timeout=cfg.heartbeat_timeout,
     )
 
 
