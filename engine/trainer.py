@@ -144,13 +144,15 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
               "so --trace is off for this run", file=sys.stderr)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
+    dist.check_one_process_per_node(os.environ)
+    # This machine's own verdict, so given before any rendezvous: a CPU-only node of a
+    # multi-node run stops now with the reason instead of waiting for the other nodes.
+    dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
     problem, ngpus, resume, sources = None, None, None, []
     try:
-        if layout.num_nodes > 1:
-            dist.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
         train_dir, val_dir = resolve_data(cfg.data)

@@ -18,7 +18,7 @@ error relay are reached through their modules. Importing the package does not im
 the functions that need it import it.
 """
 from engine.dist.cluster import (Cluster, check_one_process_per_node, expand_nodelist,
-                                 is_loopback, resolve_cluster, resolve_ngpus)
+                                 is_loopback, require_gpus, resolve_cluster, resolve_ngpus)
 from engine.dist.group import (all_reduce_sum, allreduce_callback, broadcast_buffers,
                                broadcast_module, get_rank, get_world_size)
 from engine.dist.ranks import gpu_count, launch
@@ -26,7 +26,7 @@ from engine.dist.rendezvous import RENDEZVOUS_TIMEOUT, node_report
 
 __all__ = [
     "Cluster", "resolve_cluster", "resolve_ngpus", "expand_nodelist", "is_loopback",
-    "check_one_process_per_node",
+    "check_one_process_per_node", "require_gpus",
     "RENDEZVOUS_TIMEOUT", "node_report", "gpu_count", "launch",
     "get_rank", "get_world_size", "allreduce_callback", "broadcast_module", "broadcast_buffers",
     "all_reduce_sum",
