@@ -164,6 +164,8 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
+    if layout.num_nodes > 1:  # before the ranks are forked: they inherit the choice
+        print(dist.configure_interfaces(layout.master_ip, os.environ), file=sys.stderr)
     report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
                               resume=resume)
     return dist.launch(

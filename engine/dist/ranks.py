@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from engine.atomic import atomic_write
-from engine.dist import group
+from engine.dist import group, net
 from engine.dist.rendezvous import RENDEZVOUS_TIMEOUT, node_handshake, node_report
 from engine.errors import UserError
 
@@ -143,6 +143,8 @@ def launch(
         return fn(*args)
     if num_nodes > 1 and master_port == 0:
         raise UserError("multi-node runs need an explicit --master-port that every node uses")
+    if node_rank == 0:
+        net.check_master_port(master_port)  # before MegEngine's server fails on it
     import megengine.distributed as dist
 
     def start(entry: Callable[..., Any]) -> List[Any]:
