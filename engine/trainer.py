@@ -206,7 +206,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
-        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None, ema=ema)
     evals = {"": (model, steps.EvalStep(model, num_classes=len(classes),
                                                   trace=cfg.trace, amp=cfg.amp))}
     if ema is not None:  # the averaged weights are scored beside the live ones
@@ -243,6 +243,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
         model.train()
         return results[""]
 
+    if start < total:  # the largest sizes now, not hours in at the end of a resizing ramp
+        largest = cfg.max_train_size
+        note = steps.fail_early(
+            train_step, list(evals.values()), batch_size=cfg.batch_size,
+            train_size=largest if cfg.train_size_at(start // steps_per_epoch) < largest else None,
+            eval_size=cfg.eval_size if val_loader is not None else None)
+        if main and note:
+            print(note, file=sys.stderr)
     last_eval, checkpoint_path = None, None
     t_start = time.perf_counter()
     batches = train_loader.stream(start)
@@ -258,8 +266,6 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
         mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
         log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
                 train_step.last_step_skipped)
-        if ema is not None and not train_step.last_step_skipped:
-            ema.update(model)
         done = step + 1
         epoch_end, stop = done % steps_per_epoch == 0, done == total
         if done % cfg.print_freq == 0 or epoch_end or stop:
