@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 BENCH = os.path.join(ROOT, "benchmarks")
 

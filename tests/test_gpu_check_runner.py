@@ -8,8 +8,8 @@ import os
 import time
 
 import pytest
+from helpers import ROOT
 
-from conftest import ROOT
 from engine.tools import gpu_check as gc
 
 FAKES = "gpu_check_fakes"

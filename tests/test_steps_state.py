@@ -2,14 +2,13 @@
 its overflowing forward pass; the EMA folded into the step equals the EMA as a graph of its
 own; the fail-early probe at the largest size changes no weight, statistic, optimizer or EMA
 state (a run with it equals a run without); and the trainer probes before its first step."""
-import numpy as np
-import pytest
-
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
 import megengine.optimizer as optim
-from conftest import make_imagenet
+import numpy as np
+import pytest
+from helpers import make_imagenet
 from megengine.autodiff import GradManager
 
 from engine import steps
