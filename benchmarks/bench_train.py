@@ -16,8 +16,9 @@ With --ema DECAY each (arch, size, mode) is also timed with the weights' moving 
 (engine.ema.ModelEMA) updated after every step, two ways: "separate", the average as a graph of
 its own run after each step (how the trainer updated it before the update was folded into the
 step), and "folded", TrainStep(ema=...), the update inside the step's own graph (how the
-trainer runs it now). The EMA's cost per step is each variant's ms/step minus the same step's
-without EMA; the JSON's "ema_cost" lists it.
+trainer runs it now). The three are timed in interleaved rounds (one chunk of each per round),
+and the EMA's cost per step is the median over the rounds of each variant's time minus the
+plain step's in the same round; the JSON's "ema_cost" lists it.
 
 Defaults depend on the device: on a CUDA GPU resnet18,resnet50 at batch 128 and 160, 192 and
 224 px (the sizes of the sizing note in BENCHMARKS.md), 20 timed steps after 5 warm-up; on
@@ -113,24 +114,38 @@ def build_step(arch: str, mode: str, num_classes: int, ema: str = "none",
     return SeparateEMA(step, average) if ema == "separate" else step
 
 
-def time_steps(step, images, labels, *, steps: int, warmup: int, sync_every: int):
-    """Seconds per step for each timed chunk of `sync_every` steps (warm-up excluded)."""
-    for _ in range(warmup):
-        step(images, labels).numpy()
+def time_interleaved(built: Dict[str, Any], images, labels, *, steps: int, warmup: int,
+                     sync_every: int):
+    """Seconds per step of each timed chunk of `sync_every` steps (each ended by a full device
+    sync; the `warmup` steps first are untimed), for several variants of a step at once, in
+    rounds: each round times one chunk of each variant in turn, so a machine whose load drifts
+    (other jobs, thermal limits) shifts every variant alike. Returns ({variant: seconds per
+    step of each chunk}, {variant: last loss})."""
+    for step in built.values():
+        for _ in range(warmup):
+            step(images, labels).numpy()
     sync()
-    per_step = []
+    timings: Dict[str, List[float]] = {v: [] for v in built}
+    losses: Dict[str, float] = {}
     done = 0
     while done < steps:
         k = min(sync_every, steps - done)
-        t0 = time.perf_counter()
-        for _ in range(k):
-            loss = step(images, labels)
-        loss.numpy()
-        sync()
-        per_step.append((time.perf_counter() - t0) / k)
+        for variant, step in built.items():
+            t0 = time.perf_counter()
+            for _ in range(k):
+                loss = step(images, labels)
+            loss.numpy()
+            sync()
+            timings[variant].append((time.perf_counter() - t0) / k)
+            losses[variant] = float(loss.numpy())
         done += k
-    value = float(loss.numpy())
-    return per_step, value
+    return timings, losses
+
+
+def paired_cost(timings: Dict[str, List[float]], variant: str) -> float:
+    """ms per step that `variant` adds over "none": the median of the per-round differences
+    (each round's two timings saw the same machine load)."""
+    return statistics.median(a - b for a, b in zip(timings[variant], timings["none"])) * 1e3
 
 
 def main(argv=None):
@@ -193,16 +208,17 @@ def main(argv=None):
         labels = mge.tensor(rng.integers(0, a.num_classes, (bs,)).astype(np.int32))
         for arch in archs:
             for mode in modes:
-                ms = {}
+                built = {}
                 for variant in variants:
                     mge.random.seed(a.seed)
-                    step = build_step(arch, mode, a.num_classes, variant,
-                                      a.ema if a.ema is not None else 0.9999)
-                    per_step, loss = time_steps(step, images, labels, steps=steps,
-                                                warmup=warmup, sync_every=sync_every)
-                    med = statistics.median(per_step)
+                    built[variant] = build_step(arch, mode, a.num_classes, variant,
+                                                a.ema if a.ema is not None else 0.9999)
+                timings, losses = time_interleaved(built, images, labels, steps=steps,
+                                                   warmup=warmup, sync_every=sync_every)
+                ms = {v: statistics.median(t) * 1e3 for v, t in timings.items()}
+                for variant in variants:
+                    per_step, loss, med = timings[variant], losses[variant], ms[variant] / 1e3
                     img_s = bs / med
-                    ms[variant] = med * 1e3
                     label = mode if variant == "none" else "%s+ema %s" % (mode, variant)
                     log("%-10s %4d px %-20s %8.1f img/s  (%s ms/step, loss %.3f)"
                         % (arch, size, label, img_s,
@@ -211,20 +227,19 @@ def main(argv=None):
                               "batch_size": bs, "image_size": size,
                               "ms_per_step": round(med * 1e3, 2), "timed_steps": steps,
                               "loss_finite": bool(np.isfinite(loss))}
-                    if a.ema is not None:
-                        result["ema"] = variant
-                    results.append(result)
                     row = [arch, size, mode, img_s, med * 1e3]
                     if a.ema is not None:
+                        result["ema"] = variant
                         row[3:3] = [variant]
-                        row.append(ms[variant] - ms["none"])
+                        row.append(paired_cost(timings, variant))
+                    results.append(result)
                     rows.append(tuple(row))
-                    del step
+                del built
                 if a.ema is not None:
                     ema_cost.append({"arch": arch, "image_size": size, "mode": mode,
                                      "step_ms": round(ms["none"], 2),
-                                     "separate_ms": round(ms["separate"] - ms["none"], 2),
-                                     "folded_ms": round(ms["folded"] - ms["none"], 2)})
+                                     "separate_ms": round(paired_cost(timings, "separate"), 2),
+                                     "folded_ms": round(paired_cost(timings, "folded"), 2)})
     header = ["arch", "px", "mode", "img/s (median)", "ms/step"]
     figures = {"device": device, "cuda": gpu, "batch_size": bs, "image_sizes": sizes,
                "steps": steps, "warmup": warmup, "sync_every": sync_every,
