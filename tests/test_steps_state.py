@@ -2,6 +2,8 @@
 its overflowing forward pass; the EMA folded into the step equals the EMA as a graph of its
 own; the fail-early probe at the largest size changes no weight, statistic, optimizer or EMA
 state (a run with it equals a run without); and the trainer probes before its first step."""
+import dataclasses
+
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
@@ -220,3 +222,35 @@ def test_the_trainer_probes_the_largest_sizes_before_the_first_step(data_root, t
     err = capfd.readouterr().err
     assert "fail-early check: one forward and backward at 64 px and 1 eval batch(es) at 48 px" \
         in err
+
+
+def test_a_rank_other_than_0_copies_no_state_to_the_host_at_a_save(data_root, tmp_path,
+                                                                  monkeypatch):
+    """Only rank 0 writes the checkpoint, so only rank 0 may pay for the device-to-host copy of
+    the weights and optimizer state (the loop as rank 1 of 2, communication stubbed out)."""
+    import megengine.module as M
+    import megengine.optimizer as optim
+
+    from engine import dist
+    from engine.trainer import train
+
+    copies = []
+    real_module, real_opt = M.Module.state_dict, optim.Optimizer.state_dict
+    monkeypatch.setattr(M.Module, "state_dict",
+                        lambda self, *a, **k: copies.append("model") or real_module(self, *a, **k))
+    monkeypatch.setattr(optim.Optimizer, "state_dict",
+                        lambda self, *a, **k: copies.append("opt") or real_opt(self, *a, **k))
+    for name, value in (("get_rank", lambda: 1), ("get_world_size", lambda: 2),
+                        ("allreduce_callback", lambda: None),
+                        ("broadcast_module", lambda module: None),
+                        ("broadcast_buffers", lambda module: None),
+                        ("all_reduce_sum", lambda v: np.asarray(v, np.float64))):
+        monkeypatch.setattr(dist, name, value)
+    cfg = TrainConfig(data=data_root, batch_size=2, image_size=32, workers=0, trace=False,
+                      save_dir=str(tmp_path / "r1"), print_freq=1, progress=False, epochs=1,
+                      max_steps=2, save_every=1, evaluate=False)
+    assert train(cfg).checkpoint is None
+    assert copies == []
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    train(dataclasses.replace(cfg, save_dir=str(tmp_path / "r0")))
+    assert "model" in copies and copies.count("opt") == 2  # the saves at steps 1 and 2
