@@ -131,8 +131,9 @@ class TrainConfig:
         None, "address of node 0 as every node sees it (default: MASTER_ADDR, the first host of "
               "SLURM_JOB_NODELIST, else localhost for one node)")
     master_port: Optional[int] = _opt(
-        None, "rendezvous port on node 0 (default: MASTER_PORT, derived from SLURM_JOB_ID, else "
-              "any free port on one node)")
+        None, "rendezvous port on node 0 (default: MASTER_PORT; under Slurm 20000 + "
+              "SLURM_JOB_ID %% 10000, below Linux's ephemeral ports; else any free port on one "
+              "node)")
     rendezvous_timeout: float = _opt(
         600.0, "multi-node: how long nodes wait for each other at startup before stopping with "
                "an error that names the missing node", metavar="SECONDS")

@@ -162,13 +162,15 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         config = dataclasses.replace(config, trace=False)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
+    dist.check_one_process_per_node(os.environ)
+    # This machine's own verdict, so given before any rendezvous: a CPU-only node of a
+    # multi-node run stops now with the reason instead of waiting for the other nodes.
+    dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
     problem, ngpus, resume, sources = None, None, None, []
     try:
-        if layout.num_nodes > 1:
-            dist.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
         sources = [split_source(d) for d in _data_dirs(cfg) if d is not None]
@@ -178,6 +180,8 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
+    if layout.num_nodes > 1:  # before the ranks are forked: they inherit the choice
+        print(dist.configure_interfaces(layout.master_ip, os.environ), file=sys.stderr)
     report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
                               resume=resume)
     return dist.launch(
@@ -222,7 +226,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
-        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None, ema=ema)
     evals = {"": (model, steps.EvalStep(model, num_classes=len(classes),
                                                   trace=cfg.trace, amp=cfg.amp))}
     if ema is not None:  # the averaged weights are scored beside the live ones
@@ -259,6 +263,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
         model.train()
         return results[""]
 
+    if start < total:  # the largest sizes now, not hours in at the end of a resizing ramp
+        largest = cfg.max_train_size
+        note = steps.fail_early(
+            train_step, list(evals.values()), batch_size=cfg.batch_size,
+            train_size=largest if cfg.train_size_at(start // steps_per_epoch) < largest else None,
+            eval_size=cfg.eval_size if val_loader is not None else None)
+        if main and note:
+            print(note, file=sys.stderr)
     last_eval, checkpoint_path = None, None
     t_start = time.perf_counter()
     batches = train_loader.stream(start)
@@ -274,8 +286,6 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
         mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
         log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
                 train_step.last_step_skipped)
-        if ema is not None and not train_step.last_step_skipped:
-            ema.update(model)
         done = step + 1
         epoch_end, stop = done % steps_per_epoch == 0, done == total
         if done % cfg.print_freq == 0 or epoch_end or stop:

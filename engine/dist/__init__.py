@@ -9,6 +9,8 @@ integers. The package owns:
   the one-process-per-node check (pure functions, no MegEngine);
 - `rendezvous`: every node checks in with node 0 before any rank starts, with a deadline, and
   keeps a heartbeat through node 0's server while the run lasts (`NodeWatch`);
+- `net`: the master port (free on node 0, the engine's server on the others) and the network
+  interface the ranks use (MEGRAY_NET_DEVICE, NCCL_SOCKET_IFNAME from the route to node 0);
 - `ranks`: `launch` (forks one process per GPU and supervises them: a failed rank, or a node
   gone silent, stops every node) and the relay that brings a rank's error back as one line;
 - `group`: the process-group queries and collectives, the engine's one seam to
@@ -25,6 +27,7 @@ from engine.dist.cluster import (
     check_one_process_per_node,
     expand_nodelist,
     is_loopback,
+    require_gpus,
     resolve_cluster,
     resolve_ngpus,
 )
@@ -37,14 +40,15 @@ from engine.dist.group import (
     get_rank,
     get_world_size,
 )
+from engine.dist.net import configure_interfaces
 from engine.dist.ranks import gpu_count, launch, processes_per_node
 from engine.dist.rendezvous import HEARTBEAT_TIMEOUT, RENDEZVOUS_TIMEOUT, node_report
 
 __all__ = [
     "Cluster", "resolve_cluster", "resolve_ngpus", "expand_nodelist", "is_loopback",
-    "check_one_process_per_node",
+    "check_one_process_per_node", "require_gpus",
     "RENDEZVOUS_TIMEOUT", "HEARTBEAT_TIMEOUT", "node_report", "gpu_count", "processes_per_node",
-    "launch", "cpu_collectives",
+    "launch", "cpu_collectives", "configure_interfaces",
     "get_rank", "get_world_size", "allreduce_callback", "broadcast_module", "broadcast_buffers",
     "all_reduce_sum",
 ]

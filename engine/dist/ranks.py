@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.atomic import atomic_write
-from engine.dist import cpu_backend, group
+from engine.dist import cpu_backend, group, net
 from engine.dist.cluster import resolve_ngpus
 from engine.dist.rendezvous import HEARTBEAT_TIMEOUT, RENDEZVOUS_TIMEOUT, NodeWatch, node_handshake, node_report
 from engine.errors import UserError, describe_exit
@@ -331,6 +331,8 @@ def launch(
         return fn(*args)
     if num_nodes > 1 and master_port == 0:
         raise UserError("multi-node runs need an explicit --master-port that every node uses")
+    if node_rank == 0:
+        net.check_master_port(master_port)  # before MegEngine's server fails on it
     cpu = cpu_backend.enabled()
     multi = num_nodes > 1
     rank_start = node_rank * ngpus

@@ -107,6 +107,12 @@ def _call(addr: str, port: int, deadline: float, method: str, *args: Any) -> Any
             return getattr(proxy, method)(*args)
         except socket.timeout:
             raise
+        except (xmlrpc.client.ProtocolError, xmlrpc.client.Fault) as exc:
+            from engine.dist.net import foreign_server_message
+
+            what = ("HTTP %d %s" % (exc.errcode, exc.errmsg)
+                    if isinstance(exc, xmlrpc.client.ProtocolError) else "XML-RPC fault")
+            raise UserError(foreign_server_message(addr, port, what)) from None
         except (ConnectionError, OSError) as exc:
             if isinstance(exc, socket.gaierror):
                 raise UserError("cannot resolve the master address %r: %s" % (addr, exc)) from None

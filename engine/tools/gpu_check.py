@@ -1,10 +1,34 @@
-"""`make gpu-check`: does this machine's MegEngine build run this engine correctly on its GPUs?
-One PASS/FAIL line per check with its figures, exit status 1 if any check failed; a CPU machine
-has nothing to check and exits 0.
+"""`make gpu-check`: the ten-minute answer for the first GPU machine. Does this machine's
+MegEngine build run this engine correctly, on every GPU, through the engine's own launch and
+training path, and how fast?
 
-The decisions are pure functions (which build a compute capability needs, what counts as "close
-to eager", how a line is printed, the exit code), so they are tested on a CPU machine; the
-runners below them gather the figures from MegEngine and the GPUs.
+Every check prints one PASS/FAIL (or SKIP) line as it completes, then comes a summary table, a
+summary line and, as the last line, one JSON object with every figure; the exit status is 1 if
+any check failed. Nothing can hang or end in a bare traceback: each stage runs in a child
+process of its own (the parent never touches CUDA, so the engine's launcher can fork ranks
+from a clean process) with a deadline, after which its whole process group is killed and its
+checks FAIL with the reason; a stage that raises or dies (a CUDA error, a segfault) FAILs with
+its last words, and its full output stays in the log folder. A CPU machine has nothing to
+check and exits 0.
+
+The stages, in order (engine.tools.gpu_check_stages has the code that touches the GPUs):
+1. build: MegEngine's CUDA/cuDNN versions against the driver's CUDA version (`driver_check`),
+   the GPUs MegEngine sees against nvidia-smi, and every GPU's compute capability against the
+   build's kernels (`compute_capability_check`);
+2. device: a convolution on gpu0 against the CPU, and the engine's train step (eager, traced,
+   traced AMP) on ResNet-18 against eager float32;
+3. nccl: an all-reduce on all visible GPUs through the engine's launch path, exact on every
+   rank, and its bus bandwidth;
+4. engine: `engine.trainer.train` on all GPUs on a small generated and packed set: traced AMP
+   ResNet-50 steps whose weights are identical on every rank, an eval that counts every val
+   image exactly once, a retrace at a second resolution (progressive resizing), and a run
+   resumed from its mid-run checkpoint that equals the straight run;
+5. bench (unless --no-bench): the same training path for ResNet-18 and ResNet-50 at 224 px
+   with AMP: per-GPU img/s, the share of time waiting for data, and peak GPU memory.
+
+The decisions are pure functions (which build a compute capability needs, whether a driver runs
+a build, what counts as "close", how lines, the table and the JSON are written, the exit code)
+and the stage runner takes its plan as an argument, so both are tested on a CPU machine.
 
 Build facts (MegEngine's own build scripts, scripts/whl/manylinux2014/build_wheel_common.sh and
 CMakeLists.txt, at tags v1.13.0 and v1.13.4): the PyPI wheel is the cu101 build (CUDA 10.1,
@@ -12,25 +36,37 @@ cuDNN 7.6.3, kernels sm_52 sm_60 sm_61 sm_70 sm_75); cu111/cu112/cu114 add sm_80
 adds sm_89, and sm_90 only from v1.13.4. MegEngine refuses a GPU whose exact sm_XX is not among
 its kernels when it creates the device ("... with CUDA capability sm_90 is not compatible with
 the current MegEngine installation", src/core/impl/comp_node/cuda/comp_node.cpp), so PTX JIT
-never gets a chance: the check here uses the same rule.
+never gets a chance: the check here uses the same rule. The wheels bundle the CUDA runtime, so
+the driver must support that runtime's version: a newer major version always does; within CUDA
+11, NVIDIA's minor-version compatibility lets an older 11.x driver (>= 450.80.02) run a newer
+11.x runtime's compiled kernels; CUDA 10 has no such compatibility.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.cli import option, parse
 from engine.errors import UserError, run_tool
 
-__all__ = ["BUILDS", "Build", "Check", "GpuCheckConfig", "INDEX_URL", "compare_losses",
-           "compute_capability_check", "count_check", "describe_build", "exit_code",
-           "format_check", "format_cuda_version", "format_cudnn_version", "kernel_sms", "main",
-           "params_check", "required_builds", "run_all", "skip_check", "split_range", "summary",
-           "visibility_check"]
+__all__ = ["BUILDS", "Build", "Check", "GpuCheckConfig", "INDEX_URL", "Stage", "compare_losses",
+           "compute_capability_check", "count_check", "describe_build", "driver_check",
+           "exit_code", "format_check", "format_cuda_version", "format_cudnn_version",
+           "json_line", "kernel_sms", "main", "params_check", "plan", "required_builds",
+           "run_all", "run_stage", "run_stages", "skip_check", "split_range", "summary",
+           "summary_table", "visibility_check", "build_info", "driver_gpu_count", "step_losses",
+           "allreduce_check", "equality_check"]
 
 #: MegEngine's own wheel index (its README's install command uses it with `pip -f`).
 INDEX_URL = "https://www.megengine.org.cn/whl/mge.html"
@@ -60,6 +96,12 @@ BUILDS: Tuple[Build, ...] = (
     Build("cu118", "11.8", "8.6.0", (61, 70, 75, 80, 86, 89, 90), "1.13.4 at " + INDEX_URL),
 )
 
+#: The oldest Linux driver of each CUDA toolkit (NVIDIA's CUDA release notes, table 3).
+MIN_DRIVER = {"10.1": "418.39", "11.1": "455.23", "11.2": "460.27.03", "11.4": "470.42.01",
+              "11.8": "520.61.05"}
+#: The oldest driver with CUDA 11's minor-version compatibility.
+MINOR_COMPAT_DRIVER = "450.80.02"
+
 
 @dataclass
 class Check:
@@ -68,6 +110,24 @@ class Check:
     detail: str
     skipped: bool = False
     figures: Dict[str, Any] = field(default_factory=dict)
+    seconds: Optional[float] = None  # the stage's wall time, for the summary table
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.skipped else ("pass" if self.ok else "fail")
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"name": self.name, "status": self.status, "detail": self.detail}
+        if self.figures:
+            out["figures"] = self.figures
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 1)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Check":
+        return cls(str(d["name"]), d["status"] != "fail", str(d.get("detail", "")),
+                   skipped=d["status"] == "skip", figures=dict(d.get("figures") or {}))
 
 
 # ------------------------------------------------------------------------------------- builds
@@ -130,6 +190,45 @@ def compute_capability_check(device: int, name: str, cc: int, gencode: str) -> C
                  figures={"device": device, "name": name, "sm": cc, "kernels": sms})
 
 
+def _version_tuple(text: Optional[str]) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text or ""))
+
+
+def driver_check(build_cuda: int, driver_cuda: int,
+                 driver_version: Optional[str] = None) -> Check:
+    """Can this driver run the build's CUDA runtime? `build_cuda` and `driver_cuda` are
+    MegEngine's numbers (major*1000 + minor*10: get_cuda_version, get_cuda_driver_version);
+    `driver_version` is the driver's own (nvidia-smi), when known."""
+    build, drv = format_cuda_version(build_cuda), format_cuda_version(driver_cuda)
+    figures = {"build_cuda": build, "driver_cuda": drv, "driver": driver_version}
+    said = " (driver %s)" % driver_version if driver_version else ""
+    if build_cuda <= 0:
+        return Check("CUDA driver vs build", False, "this MegEngine build has no CUDA (%s): "
+                     "install a CUDA build (see compute capability below)" % build,
+                     figures=figures)
+    if driver_cuda <= 0:
+        return Check("CUDA driver vs build", False,
+                     "no CUDA driver answered (libcuda.so not found or not loadable): install the "
+                     "NVIDIA driver, at least %s for CUDA %s" % (MIN_DRIVER.get(build, "?"),
+                                                                   build), figures=figures)
+    b_major, b_minor = build_cuda // 1000, (build_cuda % 1000) // 10
+    d_major, d_minor = driver_cuda // 1000, (driver_cuda % 1000) // 10
+    head = "the driver supports CUDA %s%s, the build's runtime is CUDA %s" % (drv, said, build)
+    if (d_major, d_minor) >= (b_major, b_minor):
+        return Check("CUDA driver vs build", True, head + ": supported", figures=figures)
+    if d_major == b_major and b_major >= 11:
+        ok = not driver_version or _version_tuple(driver_version) >= _version_tuple(
+            MINOR_COMPAT_DRIVER)
+        return Check("CUDA driver vs build", ok, head + (
+            ": runs through CUDA 11 minor-version compatibility (compiled kernels only, no PTX "
+            "JIT)" if ok else ": CUDA 11 minor-version compatibility needs driver >= %s; "
+            "update the driver" % MINOR_COMPAT_DRIVER), figures=figures)
+    return Check("CUDA driver vs build", False, head + (
+        ": too old; update the driver to >= %s (CUDA %s), or install a MegEngine build for CUDA "
+        "<= %s" % (MIN_DRIVER.get(build, "the CUDA %s driver" % build), build, drv)),
+        figures=figures)
+
+
 def visibility_check(megengine_gpus: int, driver_gpus: Optional[int]) -> Optional[Check]:
     """None when there is nothing to check (no GPU anywhere); else whether MegEngine sees them.
 
@@ -183,14 +282,16 @@ def compare_losses(name: str, reference: Sequence[float], candidate: Sequence[fl
                                             "max_rel_diff": worst})
 
 
-def params_check(digests: Sequence[Optional[str]], steps: int) -> Check:
+def params_check(digests: Sequence[Optional[str]], steps: int, name: str = "ranks in sync"
+                 ) -> Check:
     """Data-parallel ranks must hold bit-identical parameters after the same steps."""
     ok = len(digests) >= 2 and None not in digests and len(set(digests)) == 1
     detail = "%d ranks, %d steps: parameter sha256 %s" % (
         len(digests), steps, " ".join((d or "missing")[:12] for d in digests))
     if not ok:
-        detail += " differ" if None not in digests else " (a rank returned nothing)"
-    return Check("ranks in sync", ok, detail, figures={"digests": list(digests)})
+        detail += " differ" if None not in digests and len(digests) >= 2 else \
+            " (a rank returned nothing, or only one rank ran)"
+    return Check(name, ok, detail, figures={"digests": list(digests)})
 
 
 def split_range(n: int, world: int, rank: int) -> Tuple[int, int]:
@@ -203,19 +304,51 @@ def split_range(n: int, world: int, rank: int) -> Tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def count_check(counts: Sequence[Optional[int]], expected: int) -> Check:
-    """Each rank's all-reduced image count of a sharded val pass must be exactly `expected`."""
+def count_check(counts: Sequence[Optional[int]], expected: int,
+                name: str = "val pass counts") -> Check:
+    """Each all-reduced image count of a sharded val pass must be exactly `expected`."""
     ok = len(counts) >= 1 and all(c == expected for c in counts)
-    return Check("val pass counts", ok, "all-reduced image count per rank %s, expected %d"
-                 % (list(counts), expected), figures={"counts": list(counts),
-                                                      "expected": expected})
+    return Check(name, ok, "all-reduced image count %s, expected %d" % (list(counts), expected),
+                 figures={"counts": list(counts), "expected": expected})
+
+
+def allreduce_check(world: int, wrong_ranks: int, max_err: float, busbw_gbs: Optional[float],
+                    size_mb: float, min_busbw_gbs: Optional[float]) -> List[Check]:
+    """The all-reduce's verdicts: exact on every rank, and a bus bandwidth above the floor that
+    a working peer-to-peer/NVLink path clears (None: no floor, e.g. the CPU test backend)."""
+    exact = Check("NCCL all-reduce exact", wrong_ranks == 0 and world >= 2,
+                  "%d ranks: %s (max abs error %.3g)" % (
+                      world, "every rank got the exact sum" if wrong_ranks == 0 else
+                      "%d rank(s) got a wrong sum" % wrong_ranks, max_err),
+                  figures={"world": world, "wrong_ranks": wrong_ranks, "max_err": max_err})
+    if busbw_gbs is None:
+        return [exact, Check("NCCL all-reduce bandwidth", False, "no timing came back")]
+    ok = min_busbw_gbs is None or busbw_gbs >= min_busbw_gbs
+    detail = "%.1f GB/s bus bandwidth, %.0f MB float32 across %d GPUs" % (busbw_gbs, size_mb,
+                                                                        world)
+    if min_busbw_gbs is not None and not ok:
+        detail += ("; below %.0f GB/s: the GPUs talk through the host or sockets (check "
+                   "nvidia-smi topo -m, NCCL_P2P_DISABLE, NCCL_SHM_DISABLE)" % min_busbw_gbs)
+    return [exact, Check("NCCL all-reduce bandwidth", ok, detail,
+                         figures={"busbw_gbs": round(busbw_gbs, 2), "size_mb": size_mb})]
+
+
+def equality_check(name: str, worst: Optional[float], tolerance: float, what: str) -> Check:
+    """Two runs that must agree: `worst` is the largest relative difference found (None: one
+    run is missing)."""
+    if worst is None:
+        return Check(name, False, "%s: nothing to compare (a run wrote no checkpoint)" % what)
+    ok = math.isfinite(worst) and worst <= tolerance
+    return Check(name, ok, "%s: max relative difference %.2e (tolerance %.0e)" % (what, worst,
+                                                                               tolerance),
+                 figures={"max_rel_diff": worst, "tolerance": tolerance})
 
 
 # ---------------------------------------------------------------------------------- reporting
 
 
 def format_check(c: Check) -> str:
-    return "%s  %s: %s" % ("SKIP" if c.skipped else ("PASS" if c.ok else "FAIL"), c.name, c.detail)
+    return "%s  %s: %s" % (c.status.upper(), c.name, c.detail)
 
 
 def exit_code(checks: Sequence[Check]) -> int:
@@ -234,10 +367,211 @@ def skip_check(name: str, why: str) -> Check:
     return Check(name, True, why, skipped=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Runners: the only code here that touches MegEngine and the GPUs (exercised by `make gpu-check`
-# on a GPU machine; a CPU machine stops at "nothing to check").
-# --------------------------------------------------------------------------------------------
+def _headline(c: Check, width: int) -> str:
+    text = c.detail if len(c.detail) <= width else c.detail[:width - 3] + "..."
+    return text
+
+
+def summary_table(checks: Sequence[Check], width: int = 72) -> str:
+    """The table after the check lines: one row per check (status, stage seconds, detail)."""
+    rows = [("check", "status", "s", "detail")]
+    rows += [(c.name, c.status.upper(), "-" if c.seconds is None else "%.0f" % c.seconds,
+              _headline(c, width)) for c in checks]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["%s  %s  %s  %s" % (r[0].ljust(widths[0]), r[1].ljust(widths[1]),
+                                 r[2].rjust(widths[2]), r[3]) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    return "\n".join(lines)
+
+
+def json_line(checks: Sequence[Check], **extra: Any) -> str:
+    """The last line: every check with its figures, and `extra` (the build, the log folder)."""
+    return json.dumps({"checks": [c.to_json() for c in checks],
+                       "passed": sum(c.ok and not c.skipped for c in checks),
+                       "failed": sum(not c.ok and not c.skipped for c in checks),
+                       "exit_code": exit_code(checks), **extra}, default=str, sort_keys=True)
+
+
+# ------------------------------------------------------------------- stages, with deadlines
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One child process: `target` ("module:function") called with `kwargs`, returning a list
+    of Check; `names` are the checks it answers for, which FAIL with the reason when it dies
+    or runs past `deadline` seconds."""
+
+    name: str
+    target: str
+    deadline: float
+    names: Tuple[str, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+_KILL_GRACE_S = 5.0
+_CRASH = "stage %s"  # the one check of a stage function that raised
+
+
+def _engine_root() -> str:
+    import engine
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
+
+
+def _last_words(log_path: str, limit: int = 300) -> str:
+    """The last line of a stage's output that says something (MegEngine's CUDA-loading notes
+    and blank lines skipped), shortened to `limit` characters."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read().splitlines()[-200:]]
+    except OSError:
+        return ""
+    said = [ln for ln in lines if ln and not ln.startswith(("debug:", "info:", "warning:"))]
+    text = said[-1] if said else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(_KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_stage(stage: Stage, log_dir: str) -> List[Check]:
+    """Run `stage` in a child process (its own process group, so the ranks it forks go with
+    it) and return its checks; a stage past its deadline is killed, and one that dies or
+    returns nothing FAILs every check it answers for, naming the cause and its log file."""
+    out_path = os.path.join(log_dir, "%s.json" % stage.name)
+    log_path = os.path.join(log_dir, "%s.log" % stage.name)
+    code = ("import sys; from engine.tools.gpu_check import run_stage_child; "
+            "sys.exit(run_stage_child(sys.argv[1:]))")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_engine_root()] + [p for p in env.get(
+        "PYTHONPATH", "").split(os.pathsep) if p])
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code, stage.target, json.dumps(
+            dict(stage.kwargs)), out_path], stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+        try:
+            status = proc.wait(stage.deadline)
+            why = None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status, why = None, "no answer within its %.0f s deadline: killed" % stage.deadline
+        except BaseException:  # Ctrl-C: take the stage's processes down with this one
+            _kill_group(proc)
+            raise
+    if status is not None:
+        _kill_group(proc)  # ranks or servers the stage left behind
+    seconds = time.monotonic() - t0
+    checks: List[Check] = []
+    if why is None:
+        try:
+            with open(out_path) as f:
+                checks = [Check.from_json(d) for d in json.load(f)]
+        except (OSError, ValueError, KeyError):
+            checks = []
+        if not checks:
+            if status is not None and status < 0:
+                why = "died with signal %s" % signal.Signals(-status).name
+            else:
+                why = "exited with status %s and no result" % status
+    if why is not None:
+        words = _last_words(log_path)
+        reason = "stage %s %s%s (log: %s)" % (stage.name, why, "; last output: " + words
+                                              if words else "", log_path)
+        answered = {c.name for c in checks}
+        checks += [Check(n, False, reason) for n in stage.names if n not in answered]
+    crash = next((c for c in checks if c.name == _CRASH % stage.target.partition(":")[2]), None)
+    if crash is not None and stage.names:
+        # The stage raised: each check it answers for fails with the exception's line.
+        checks = [Check(n, False, crash.detail) for n in stage.names]
+    for c in checks:
+        c.seconds = seconds
+    return checks
+
+
+def run_stage_child(argv: Sequence[str]) -> int:
+    """The child's side of `run_stage`: call the target, write its checks as JSON. An exception
+    is one FAIL check (its traceback goes to the stage's log)."""
+    import importlib
+    import traceback
+
+    target, kwargs, out_path = argv[0], json.loads(argv[1]), argv[2]
+    module, _, name = target.partition(":")
+    try:
+        checks = list(getattr(importlib.import_module(module), name)(**kwargs))
+    except BaseException as exc:  # noqa: BLE001 - everything becomes a FAIL line
+        traceback.print_exc()
+        label = "" if isinstance(exc, UserError) else type(exc).__name__ + ": "
+        checks = [Check(_CRASH % name, False, "%s%s" % (label, " ".join(str(exc).split())
+                                                       or repr(exc)))]
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump([c.to_json() for c in checks], f, default=str)
+    os.replace(tmp, out_path)
+    return 0
+
+
+def run_stages(stages: Sequence[Stage], log_dir: str, emit: Callable[[str], None] = print,
+               checks: Optional[List[Check]] = None) -> List[Check]:
+    """Run each stage in turn, printing each check's line as its stage completes."""
+    out = [] if checks is None else checks
+    for stage in stages:
+        for c in run_stage(stage, log_dir):
+            out.append(c)
+            emit(format_check(c))
+    return out
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+STAGES = "engine.tools.gpu_check_stages"
+
+
+def plan(n_gpus: int, usable: bool, config: "GpuCheckConfig", work_dir: str,
+         factor: float = 1.0) -> Tuple[List[Stage], List[Check]]:
+    """The stages after the build stage, and the checks skipped up front (with the reason)."""
+    skipped: List[Check] = []
+    gpu_names = ("conv forward+backward", "traced float32 step", "traced AMP step")
+    engine_names = ("engine: ranks in sync", "engine: val pass counts",
+                    "engine: retrace at a second resolution", "engine: resume equals straight run")
+    bench_names = tuple("bench %s %d px AMP" % (a, config.bench_size)
+                        for a in ("resnet18", "resnet50"))
+    if not usable:
+        why = "skipped: MegEngine cannot use these GPUs (see above)"
+        names = gpu_names + ("NCCL all-reduce exact", "NCCL all-reduce bandwidth") + \
+            engine_names + (bench_names if config.bench else ())
+        return [], [skip_check(n, why) for n in names]
+    stages = [Stage("device", STAGES + ":device_stage", 240 * factor, gpu_names)]
+    if n_gpus >= 2:
+        stages.append(Stage("nccl", STAGES + ":nccl_stage", 180 * factor,
+                            ("NCCL all-reduce exact", "NCCL all-reduce bandwidth"),
+                            {"ngpus": n_gpus}))
+    else:
+        skipped += [skip_check(n, "skipped: needs 2 GPUs, this machine has 1")
+                    for n in ("NCCL all-reduce exact", "NCCL all-reduce bandwidth")]
+    stages.append(Stage("engine", STAGES + ":engine_stage", 480 * factor, engine_names,
+                        {"ngpus": n_gpus, "work_dir": os.path.join(work_dir, "engine")}))
+    if config.bench:
+        for arch, name in zip(("resnet18", "resnet50"), bench_names):
+            stages.append(Stage("bench-" + arch, STAGES + ":bench_stage", 240 * factor, (name,),
+                                {"ngpus": n_gpus, "arch": arch, "batch": config.bench_batch,
+                                 "size": config.bench_size, "steps": config.bench_steps,
+                                 "warmup": config.bench_warmup,
+                                 "work_dir": os.path.join(work_dir, "bench")}))
+    return stages, skipped
+
+
+# ------------------------------------------------------------------------------ the whole run
 
 
 def build_info() -> Dict[str, Any]:
@@ -251,301 +585,114 @@ def build_info() -> Dict[str, Any]:
             "driver_cuda": int(dev.get_cuda_driver_version())}
 
 
-def driver_gpu_count() -> Optional[int]:
-    """GPUs nvidia-smi lists, or None without nvidia-smi."""
-    import shutil
-    import subprocess
-
+def _nvidia_smi(*args: str) -> Optional[str]:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    return out.stdout if out.returncode == 0 else None
 
 
-def _device_props(n: int) -> List[Tuple[str, int]]:
-    import megengine as mge
-
-    # cuDeviceGetAttribute via MegEngine's fork-safe path: the launcher can still fork later.
-    out = []
-    for i in range(n):
-        p = mge.device.get_cuda_device_property(i)
-        out.append((str(p.name), int(p.major) * 10 + int(p.minor)))
-    return out
+def driver_gpu_count() -> Optional[int]:
+    """GPUs nvidia-smi lists, or None without nvidia-smi."""
+    out = _nvidia_smi("-L")
+    return None if out is None else sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
 
 
-def run_conv_check() -> Check:
-    """A 3x3 convolution forward and backward on gpu0, against the same on MegEngine's CPU."""
-    import time
-
-    import megengine as mge
-    import megengine.functional as F
-    import numpy as np
-    from megengine.autodiff import GradManager
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 64, 56, 56)).astype(np.float32)
-    w = rng.normal(scale=0.05, size=(64, 64, 3, 3)).astype(np.float32)
-    results = {}
-    for dev in ("gpu0", "cpu0"):
-        xt, wt = mge.tensor(x, device=dev), mge.Parameter(w, device=dev)
-        gm = GradManager().attach([wt])
-        t0 = time.perf_counter()
-        with gm:
-            y = F.conv2d(xt, wt, padding=1)
-            gm.backward((y * y).mean())
-        results[dev] = (y.numpy(), wt.grad.numpy(), time.perf_counter() - t0)
-    (yg, gg, tg), (yc, gc, _) = results["gpu0"], results["cpu0"]
-    ey = float(np.abs(yg - yc).max() / max(np.abs(yc).max(), 1e-6))
-    eg = float(np.abs(gg - gc).max() / max(np.abs(gc).max(), 1e-6))
-    # cuDNN may use TF32 on Ampere and later (10-bit mantissa): 1e-2 of the largest value.
-    ok = bool(np.isfinite(yg).all() and np.isfinite(gg).all() and ey < 1e-2 and eg < 1e-2)
-    return Check("conv forward+backward", ok,
-                 "gpu0 vs CPU: output max rel err %.1e, weight grad %.1e (tolerance 1e-2); "
-                 "first call %.2f s" % (ey, eg, tg),
-                 figures={"out_rel_err": ey, "grad_rel_err": eg, "first_call_s": tg})
-
-
-def train_step(arch: str, mode: str, num_classes: int, state: Optional[Dict[str, Any]] = None,
-               lr: float = 0.01) -> Any:
-    """engine.steps.TrainStep (the trainer's own step) in mode eager | trace | amp, on a fresh
-    `arch` (with the weights `state`, if given), a GradManager and SGD as the trainer uses."""
-    import megengine.optimizer as optim
-    from megengine.autodiff import GradManager
-
-    from engine.models import get_model, load_weights
-    from engine.steps import TrainStep
-
-    model = get_model(arch, num_classes=num_classes)
-    if state is not None:
-        load_weights(model, state, strict=True)
-    model.train()
-    gm = GradManager().attach(model.parameters())
-    opt = optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    return TrainStep(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+def driver_version() -> Optional[str]:
+    out = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
+    return out.splitlines()[0].strip() if out and out.strip() else None
 
 
 def step_losses(mode: str, state: Dict[str, Any], images: Any, labels: Any, steps: int,
                 arch: str = "resnet18", num_classes: int = 1000) -> Tuple[List[float], List[bool]]:
     """Losses of `steps` training steps from the weights `state`, in mode eager | trace | amp;
-    plus whether AMP skipped each update."""
-    import megengine as mge
+    plus whether AMP skipped each update (engine.tools.gpu_check_stages.step_losses)."""
+    from engine.tools import gpu_check_stages
 
-    step = train_step(arch, mode, num_classes, state)
-    x, y = mge.tensor(images), mge.tensor(labels)
-    losses, skips = [], []
-    for _ in range(steps):
-        losses.append(float(step(x, y).numpy()))
-        skips.append(bool(step.last_step_skipped))
-    return losses, skips
-
-
-def run_step_checks(steps: int = 3, batch: int = 16, size: int = 112,
-                    modes: Sequence[str] = ("trace", "amp")) -> List[Check]:
-    import numpy as np
-
-    from engine.models import get_model
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
-    labels = rng.integers(0, 1000, (batch,)).astype(np.int32)
-    state = get_model("resnet18").state_dict()
-    eager, _ = step_losses("eager", state, images, labels, steps)
-    out = []
-    for mode in modes:
-        losses, skips = step_losses(mode, state, images, labels, steps)
-        name = "traced float32 step" if mode == "trace" else "traced AMP step"
-        out.append(compare_losses(name, eager, losses, FP32_RTOL if mode == "trace" else AMP_RTOL,
-                                  skips))
-    return out
-
-
-def _dist_worker(n_val: int, steps: int) -> Dict[str, Any]:
-    """One rank: the engine's traced step with its gradients all-reduced through the engine's
-    process-group seam (engine.dist.group), then a sharded val pass."""
-    import hashlib
-
-    import megengine as mge
-    import megengine.optimizer as optim
-    import numpy as np
-    from megengine.autodiff import GradManager
-
-    from engine.dist import group
-    from engine.models import get_model
-    from engine.steps import TrainStep
-
-    rank, world = group.get_rank(), group.get_world_size()
-    model = get_model("resnet18", num_classes=10)
-    group.broadcast_module(model)
-    gm = GradManager().attach(model.parameters(), callbacks=group.allreduce_callback())
-    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    step = TrainStep(model, gm, opt, trace=True)
-    rng = np.random.default_rng(1000 + rank)  # each rank its own batches, as in training
-    for _ in range(steps):
-        x = mge.tensor(rng.integers(0, 256, (8, 3, 64, 64), dtype=np.uint8))
-        y = mge.tensor(rng.integers(0, 10, (8,)).astype(np.int32))
-        step(x, y).numpy()
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.numpy().tobytes())
-    model.eval()
-    start, stop = split_range(n_val, world, rank)
-    seen = 0
-    for i in range(start, stop, 8):
-        k = min(8, stop - i)
-        logits = model(mge.tensor(rng.normal(size=(k, 3, 64, 64)).astype(np.float32)))
-        seen += int(logits.shape[0])
-    total = group.all_reduce_sum([seen])
-    return {"rank": rank, "digest": h.hexdigest(), "count": int(total[0])}
-
-
-def run_distributed_checks(ngpus: int, n_val: int = 37, steps: int = 3) -> List[Check]:
-    """2 processes (gpu0, gpu1) through MegEngine's launcher; the parent must not have created a
-    CUDA context yet. n_val is odd on purpose: an even split would hide padding."""
-    import megengine.distributed as dist
-
-    world = min(ngpus, 2)
-    try:
-        results = dist.launcher(_dist_worker, n_gpus=world, world_size=world)(n_val, steps)
-    except Exception as exc:  # noqa: BLE001 - a rank failed; its traceback is printed above
-        msg = "the %d-process run failed: %s: %s" % (world, type(exc).__name__, exc)
-        return [Check("ranks in sync", False, msg), Check("val pass counts", False, msg)]
-    return [params_check([r and r["digest"] for r in results], steps),
-            count_check([r and r["count"] for r in results], n_val)]
-
-
-def step_seconds(step: Any, images: Any, labels: Any, steps: int,
-                 warmup: int) -> Tuple[List[float], float]:
-    """Seconds of each of `steps` steps, each ended by a full device sync (the first `warmup`
-    steps, which compile the trace, untimed), and the last loss."""
-    import time
-
-    import megengine as mge
-
-    def sync() -> None:  # every queued device operation, the optimizer update included
-        if hasattr(mge, "_full_sync"):
-            mge._full_sync()
-
-    for _ in range(warmup):
-        step(images, labels).numpy()
-    sync()
-    per_step = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step(images, labels)
-        loss.numpy()
-        sync()
-        per_step.append(time.perf_counter() - t0)
-    return per_step, float(loss.numpy())
-
-
-def run_bench(archs: Sequence[str], modes: Sequence[str], batch: int, size: int, steps: int,
-              warmup: int) -> List[Check]:
-    """img/s of the engine's train step per (arch, mode), the input already on the device."""
-    import statistics
-
-    import megengine as mge
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    images = mge.tensor(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
-    labels = mge.tensor(rng.integers(0, 1000, (batch,)).astype(np.int32))
-    out = []
-    for arch in archs:
-        for mode in modes:
-            name = "bench %s %s" % (arch, "float32" if mode == "trace" else mode)
-            try:
-                step = train_step(arch, mode, 1000, lr=0.0125)
-                per_step, loss = step_seconds(step, images, labels, steps, warmup)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, go on
-                out.append(Check(name, False, "%s: %s" % (type(exc).__name__, exc)))
-                continue
-            img_s = batch / statistics.median(per_step)
-            ok = math.isfinite(loss)
-            out.append(Check(name, ok, "%.0f img/s (batch %d, %d px, median of %d steps), loss "
-                             "%.3f" % (img_s, batch, size, steps, loss),
-                             figures={"arch": arch, "mode": mode, "img_s": round(img_s, 1),
-                                      "batch": batch, "image_size": size}))
-            del step
-    return out
+    return gpu_check_stages.step_losses(mode, state, images, labels, steps, arch, num_classes)
 
 
 @dataclass
 class GpuCheckConfig:
     """The tool's options (engine.cli derives its parser from these fields)."""
 
-    bench: bool = option(True, "also measure resnet18/resnet50 img/s (--no-bench skips it)")
-    bench_batch: int = option(128, "images per step")
+    bench: bool = option(True, "also measure resnet18/resnet50 img/s, data-wait and peak "
+                               "memory through the training path (--no-bench skips it)")
+    bench_batch: int = option(128, "images per GPU per step")
     bench_size: int = option(224, "image size (pixels)")
     bench_steps: int = option(20, "timed steps per measurement")
     bench_warmup: int = option(5, "untimed steps first")
+    log_dir: Optional[str] = option(None, "folder for each stage's full output and results "
+                                          "(default: a new temporary folder, printed at the end)",
+                                    metavar="DIR")
+    deadline_factor: float = option(1.0, "multiply every stage's deadline (slow machines, "
+                                         "first-time CUDA kernel caches)", metavar="X")
 
 
 def run_all(*, bench: bool = GpuCheckConfig.bench, bench_batch: int = GpuCheckConfig.bench_batch,
             bench_size: int = GpuCheckConfig.bench_size,
             bench_steps: int = GpuCheckConfig.bench_steps,
-            bench_warmup: int = GpuCheckConfig.bench_warmup, emit=print) -> int:
-    """Run every check, printing one line each as it completes; returns the exit code."""
-    import json
-
-    import megengine as mge
-
-    info = build_info()
-    build = describe_build(info["version"], info["cuda"], info["cudnn"], info["gencode"])
-    n = int(mge.device.get_device_count("gpu"))
-    vis = visibility_check(n, driver_gpu_count())
-    if vis is None:
-        emit("gpu-check: no CUDA GPU on this machine, nothing to check (installed: %s)" % build)
-        return 0
-    emit("installed: %s" % build)
+            bench_warmup: int = GpuCheckConfig.bench_warmup,
+            log_dir: Optional[str] = None, deadline_factor: float = 1.0,
+            emit: Callable[[str], None] = print,
+            build_stage: Optional[Stage] = None,
+            stages: Optional[Sequence[Stage]] = None) -> int:
+    """Run every check, printing one line each as it completes, then the summary table, the
+    summary line and the JSON line; returns the exit code. `build_stage` and `stages` replace
+    the default plan (the tests give their own)."""
+    config = GpuCheckConfig(bench, bench_batch, bench_size, bench_steps, bench_warmup, log_dir,
+                            deadline_factor)
+    folder = log_dir or tempfile.mkdtemp(prefix="gpu-check-")
+    os.makedirs(folder, exist_ok=True)
+    work_dir = os.path.join(folder, "work")
+    t0 = time.monotonic()
     checks: List[Check] = []
-
-    def record(c: Check) -> None:
-        checks.append(c)
-        emit(format_check(c))
-
-    record(vis)
-    usable = vis.ok
-    if n:
-        for i, (name, cc) in enumerate(_device_props(n)):
-            c = compute_capability_check(i, name, cc, info["gencode"])
-            record(c)
-            usable = usable and c.ok
-    gpu_checks = ["conv forward+backward", "traced float32 step", "traced AMP step"]
-    if not usable:
-        for name in gpu_checks + ["ranks in sync", "val pass counts"]:
-            record(skip_check(name, "skipped: MegEngine cannot use these GPUs (see above)"))
-    else:
-        # Before any tensor exists in this process: the launcher's children need a CUDA-free
-        # parent.
-        if n >= 2:
-            for c in run_distributed_checks(n):
-                record(c)
-        else:
-            for name in ("ranks in sync", "val pass counts"):
-                record(skip_check(name, "skipped: needs 2 GPUs, this machine has 1"))
-        record(run_conv_check())
-        for c in run_step_checks():
-            record(c)
-        if bench:
-            for c in run_bench(("resnet18", "resnet50"), ("trace", "amp"), bench_batch,
-                               bench_size, bench_steps, bench_warmup):
-                record(c)
-    emit(summary(checks))
-    emit(json.dumps({"build": info, "checks": [
-        {"name": c.name, "status": "skip" if c.skipped else ("pass" if c.ok else "fail"),
-         "detail": c.detail, **({"figures": c.figures} if c.figures else {})} for c in checks]},
-        default=str))
+    build = build_stage or Stage("build", STAGES + ":build_stage", 90 * deadline_factor,
+                                 ("GPUs visible", "CUDA driver vs build"))
+    first = run_stage(build, folder)
+    info = next((c.figures for c in first if c.name == "build"), {})
+    if any(c.name == "build" and c.figures.get("nothing_to_check") for c in first):
+        emit("gpu-check: no CUDA GPU on this machine, nothing to check (installed: %s)"
+             % info.get("described", "?"))
+        if log_dir is None:  # nothing worth keeping
+            shutil.rmtree(folder, ignore_errors=True)
+        emit(json_line([], build=info, nothing_to_check=True,
+                       log_dir=folder if log_dir else None))
+        return 0
+    if info.get("described"):
+        emit("installed: %s" % info["described"])
+    for c in first:
+        if c.name != "build":
+            checks.append(c)
+            emit(format_check(c))
+    try:
+        if stages is None:
+            usable = bool(first) and all(c.ok for c in first if c.name != "build")
+            stages, skipped = plan(int(info.get("megengine_gpus", 0)), usable, config, work_dir,
+                                   deadline_factor)
+            for c in skipped:
+                checks.append(c)
+                emit(format_check(c))
+        run_stages(stages, folder, emit, checks)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # data and checkpoints; the logs stay
+    emit("")
+    for line in summary_table(checks).splitlines():
+        emit(line)
+    emit("%s in %.0f s; logs in %s" % (summary(checks), time.monotonic() - t0, folder))
+    emit(json_line(checks, build=info, log_dir=folder, seconds=round(time.monotonic() - t0, 1)))
     return exit_code(checks)
 
 
 # ---------------------------------------------------------------------------------- the tool
 
-DESCRIPTION = ("Check that the installed MegEngine runs this engine on this machine's GPUs: one "
-               "PASS/FAIL line per check with its figures, exit status 1 if any check failed. A "
-               "CPU machine: nothing to check, exit 0.")
+DESCRIPTION = ("Check that the installed MegEngine runs this engine on this machine's GPUs, "
+               "through the engine's own launch and training path: one PASS/FAIL line per check "
+               "(each stage has a deadline), a summary table and a JSON last line; exit status "
+               "1 if any check failed. A CPU machine: nothing to check, exit 0.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -555,7 +702,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if c.bench_batch < 1 or c.bench_size < 32 or c.bench_steps < 1 or c.bench_warmup < 0:
             raise UserError("need --bench-batch >= 1, --bench-size >= 32, --bench-steps >= 1, "
                             "--bench-warmup >= 0")
-        return run_all(**dataclasses.asdict(c))
+        if not c.deadline_factor > 0:
+            raise UserError("--deadline-factor must be > 0")
+        try:
+            return run_all(**dataclasses.asdict(c))
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must still end in the contract
+            failed = Check("gpu-check", False, "the check itself failed: %s: %s"
+                           % (type(exc).__name__, " ".join(str(exc).split())))
+            print(format_check(failed))
+            print(summary([failed]))
+            print(json_line([failed]))
+            return 1
 
     return run_tool(run)
 
