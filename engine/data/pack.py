@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
@@ -35,6 +35,7 @@ import numpy as np
 from engine.data import plan, shards
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
+from engine.data.forking import DeferredInterrupt, ignore_sigint, start_process
 from engine.data.plan import PackError, Scan
 from engine.dist.env import EnvError, group_nodes, launcher_nodes, slurm_array, slurm_nodes
 from engine.errors import UserError, describe_exit, disk_error_message
@@ -257,10 +258,10 @@ def _die_with_parent() -> None:
 
 def _worker(job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
+    ignore_sigint()  # Ctrl-C is the packer's to handle: it stops the workers
     _die_with_parent()
     if os.getppid() != parent:  # the packer died before the line above took effect
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the packer's to handle
     _progress_counter = counter
     try:
         conn.send(("ok", _pack_shard(job)))
@@ -285,6 +286,21 @@ def _remove_partial(dst: str, k: int) -> None:
             pass
 
 
+def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
+    """Stop the workers still running and remove their partial shards."""
+    for proc, recv, job in running:
+        if proc.pid is not None and proc.is_alive():
+            proc.terminate()
+    for proc, recv, job in running:
+        if proc.pid is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        recv.close()
+        _remove_partial(job["dst"], job["k"])
+
+
 def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
                  ) -> Dict[int, Dict[str, Any]]:
     """Pack `jobs` in up to `workers` forked processes, one process per shard.
@@ -299,51 +315,49 @@ def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
     running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
     markers: Dict[int, Dict[str, Any]] = {}
     shards.close_all_envs()  # a child must not inherit an open LMDB environment
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker, args=(job, send, counter, os.getpid()),
-                                   name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
-                proc.start()
-                send.close()  # only the child holds the write end: its death is EOF here
-                running[job["k"]] = (proc, recv, job)
-            ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
-            for k, (proc, recv, job) in list(running.items()):
-                if recv not in ready:
-                    continue
-                try:
-                    kind, payload = recv.recv()
-                except (EOFError, OSError):
-                    kind, payload = "lost", None
-                proc.join(10)
-                recv.close()
-                del running[k]
-                where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
-                if kind == "ok":
-                    markers[k] = payload
-                elif kind == "user":
-                    raise PackError(payload)
-                elif kind == "bug":
-                    raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
-                else:
-                    raise PackError(
-                        "the worker packing %s (pid %s) %s; the other workers were stopped. "
-                        "Rerun the same command to resume (finished shards are kept)"
-                        % (where, proc.pid, describe_exit(proc.exitcode)))
-            on_progress()
-    finally:
-        for proc, recv, job in running.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc, recv, job in running.values():
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-            recv.close()
-            _remove_partial(job["dst"], job["k"])
+    # Ctrl-C is noted and raised at the checks below, never inside a fork or the cleanup (see
+    # engine.data.forking); the wait's timeout bounds how long it takes to be acted on.
+    with DeferredInterrupt() as interrupt:
+        try:
+            while pending or running:
+                while pending and len(running) < workers:
+                    interrupt.check()
+                    job = pending.pop(0)
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_worker, args=(job, send, counter, os.getpid()),
+                                       name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
+                    running[job["k"]] = (proc, recv, job)
+                    try:
+                        start_process(proc)
+                    finally:
+                        send.close()  # only the child holds the write end: its death is EOF
+                ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
+                interrupt.check()
+                for k, (proc, recv, job) in list(running.items()):
+                    if recv not in ready:
+                        continue
+                    try:
+                        kind, payload = recv.recv()
+                    except (EOFError, OSError):
+                        kind, payload = "lost", None
+                    proc.join(10)
+                    recv.close()
+                    del running[k]
+                    where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
+                    if kind == "ok":
+                        markers[k] = payload
+                    elif kind == "user":
+                        raise PackError(payload)
+                    elif kind == "bug":
+                        raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
+                    else:
+                        raise PackError(
+                            "the worker packing %s (pid %s) %s; the other workers were stopped. "
+                            "Rerun the same command to resume (finished shards are kept)"
+                            % (where, proc.pid, describe_exit(proc.exitcode)))
+                on_progress()
+        finally:
+            _stop(running.values())
     return markers
 
 
@@ -367,6 +381,17 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
     n_nodes, rank = nodes
     mine = [k for k in range(len(sc.plan["shards"])) if k % n_nodes == rank]
     todo = plan.missing(dst, sc.plan, among=mine)
+    # A shard on disk without its marker is finished (shards appear only when complete): its
+    # marker is rebuilt from it rather than the shard repacked. One that does not match the plan
+    # is packed again.
+    rebuilt, unusable = plan.rebuild_markers(
+        dst, sc.plan, todo, log, items_of=sc.shard_items,
+        reason=lambda rel: process_file(os.path.join(sc.src, rel), sc.plan["max_side"]).get(
+            "skip", "skipped when packed"))
+    if unusable:
+        log("%s: %d shard(s) on disk without a marker cannot be used as they are (%s); packing "
+            "them again" % (split, len(unusable), unusable[0]))
+    todo = [k for k in todo if k not in rebuilt]
     if len(todo) < len(mine) and todo:
         log("%s: resuming, %d of %d shards already complete"
             % (split, len(mine) - len(todo), len(mine)))

@@ -28,10 +28,12 @@ import numpy as np
 from engine.data import shards
 from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message
+from engine.locks import LockError, acquire
 
-__all__ = ["PackError", "Scan", "input_classes", "scan", "prepare", "finished", "ShardTally",
-           "read_marker", "missing", "merge_split", "merge_pack", "shard_lock_path", "PLAN_FILE",
-           "PLAN_FORMAT", "PROGRESS_DIR"]
+__all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "finished",
+           "ShardTally", "read_marker", "missing", "rebuild_marker", "rebuild_markers",
+           "merge_split", "merge_pack", "shard_lock_path", "PLAN_FILE", "PLAN_FORMAT",
+           "PROGRESS_DIR"]
 
 PROGRESS_DIR = ".pack"
 PLAN_FILE = "plan.json"
@@ -205,6 +207,7 @@ def finished(dst: str, fp: str) -> Optional[Dict[str, Any]]:
         return None
     old = _load_json(meta_path) or {}
     if old.get("fingerprint") == fp:
+        _drop_progress(dst)  # left by a merge interrupted after it wrote meta.json
         return old
     raise PackError("%s already holds a complete pack of different input or arguments. Choose "
                     "another --out, or delete %s to repack." % (dst, dst))
@@ -268,6 +271,127 @@ class ShardTally:
         return m
 
 
+class Unrecoverable(PackError):
+    """A shard file whose marker cannot be rebuilt from it (the message says why)."""
+
+
+def rebuild_marker(dst: str, k: int, plan: Dict[str, Any],
+                   items: Optional[Sequence[Tuple[str, int]]] = None,
+                   reason: Optional[Callable[[str], str]] = None) -> Optional[Dict[str, Any]]:
+    """Write shard k's marker again from the shard file itself; None if there is no file.
+
+    A finished shard without its marker is what a pack killed between publishing the shard and
+    its marker leaves, and what a finished pack that lost meta.json is (the merge removes the
+    markers). Its records must be exactly the files the plan assigns to the shard, in order,
+    minus those skipped: with `items` (that shard's planned (path, label) list, from a scan of
+    the input) the skipped ones are those missing from the shard, each with `reason(path)`;
+    without, the shard must hold every planned file, as the plan's digest of the file list is
+    all there is to compare with. The counts per kind of image are not in the shard: the marker
+    records them as "unrecorded". Raises Unrecoverable if the file is damaged, does not match
+    the plan, or had skipped files and `items` is None.
+    """
+    name = shards.shard_name(k)
+    path = os.path.join(dst, name)
+    if not os.path.exists(path):
+        return None
+    planned = plan["shards"][k]
+    try:
+        shards.check_shard_file(path)
+        kept: List[Tuple[str, int]] = []
+        nbytes = 0
+        with shards.open_env(path).begin(buffers=True) as txn:
+            n = txn.stat()["entries"]
+            for i in range(n):
+                value = txn.get(shards.record_key(i))
+                if value is None:
+                    raise Unrecoverable("%s has %d entries but no record %d: it is damaged"
+                                        % (path, n, i))
+                rec = shards.unpack_record(value)
+                kept.append((rec["path"], int(rec["label"])))
+                nbytes += len(value)
+    except shards.ShardError as exc:
+        raise Unrecoverable(str(exc).split("; ")[0]) from None
+    except (KeyError, TypeError, ValueError):
+        raise Unrecoverable("%s holds records that are not this engine's" % path) from None
+    finally:
+        # The pack may rewrite this very file next (or fork): no environment of it may stay.
+        shards.close_all_envs()
+    mismatch = Unrecoverable(
+        "%s does not hold the files %s assigns to it (%d records, %d files planned): it is "
+        "from another pack" % (path, PLAN_FILE, len(kept), planned["num_files"]))
+    skipped: List[Dict[str, str]] = []
+    if items is None:
+        if len(kept) < planned["num_files"]:
+            raise Unrecoverable(
+                "%s holds %d of the %d files planned for it: the names of the %d skipped "
+                "file(s) and why were recorded only in its marker and meta.json, which are gone"
+                % (path, len(kept), planned["num_files"], planned["num_files"] - len(kept)))
+        if _shard_digest(kept) != planned["files_sha256"]:
+            raise mismatch
+    else:
+        if _shard_digest(items) != planned["files_sha256"]:
+            raise PackError("the input listing of %s differs from %s" % (name, PLAN_FILE))
+        left = iter(kept)
+        want = next(left, None)
+        for rel, label in items:  # the records are the planned files in order, minus skips
+            if want == (rel, label):
+                want = next(left, None)
+            else:
+                skipped.append({"path": rel, "reason": reason(rel) if reason else
+                                "skipped when packed"})
+        if want is not None:
+            raise mismatch
+    m = {"file": name, "fingerprint": plan["fingerprint"], "seen": planned["num_files"],
+         "num_samples": len(kept), "kinds": {"unrecorded": len(kept)} if kept else {},
+         "skipped": skipped, "bytes": nbytes, "size": os.path.getsize(path),
+         "checksum": shards.file_checksum(path)}
+    shards.write_json_atomic(_marker_path(dst, k), m)
+    return m
+
+
+def rebuild_markers(dst: str, plan: Dict[str, Any], among: Iterable[int], log: Log,
+                    items_of: Optional[Callable[[int], Sequence[Tuple[str, int]]]] = None,
+                    reason: Optional[Callable[[str], str]] = None
+                    ) -> Tuple[List[int], List[str]]:
+    """Rebuild the markers of the shards of `among` whose file is there but whose marker is not
+    (see rebuild_marker; `items_of(k)` gives shard k's planned files when the input was scanned).
+
+    Returns (the shards whose marker was rebuilt, a problem line for each one that could not
+    be). A shard another pack is writing right now is left alone (it is a problem line).
+    """
+    fp = plan["fingerprint"]
+    done: List[int] = []
+    problems: List[str] = []
+    among = list(among)
+    if any(os.path.exists(os.path.join(dst, shards.shard_name(k))) for k in among):
+        try:  # the merge removed the folder of the markers and locks
+            os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
+        except OSError as exc:
+            raise PackError(disk_error_message(exc, os.path.join(dst, PROGRESS_DIR))) from None
+    for k in among:
+        path = os.path.join(dst, shards.shard_name(k))
+        if not os.path.exists(path):
+            continue
+        try:
+            with acquire(shard_lock_path(dst, k), refused=lambda holder: (
+                    "%s is being written by another pack right now (%s)" % (path, holder))):
+                if read_marker(dst, k, fp) is not None:  # written meanwhile by its pack
+                    done.append(k)
+                    continue
+                if rebuild_marker(dst, k, plan, items_of(k) if items_of else None,
+                                  reason) is not None:
+                    done.append(k)
+        except (LockError, Unrecoverable) as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            raise PackError(disk_error_message(exc, _marker_path(dst, k))) from None
+    if done:
+        log("%s: %d finished shard(s) had lost their markers; rebuilt them from the shard "
+            "files (the counts per kind of image are not in a shard: 'unrecorded')"
+            % (dst, len(done)))
+    return done, problems
+
+
 # ---------------------------------------------------------------------------------------------
 # meta.json from the markers
 
@@ -318,6 +442,11 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
     }
 
 
+def _drop_progress(dst: str) -> None:
+    """Remove the markers and shard locks of a split whose meta.json is written."""
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+
+
 def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, Any]]:
     """Write meta.json from the markers if every shard is present; else return None.
 
@@ -327,6 +456,7 @@ def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, 
     meta_path = os.path.join(dst, shards.META_FILE)
     old = _load_json(meta_path)
     if old is not None and old.get("fingerprint") == plan["fingerprint"]:
+        _drop_progress(dst)
         return old
     fp = plan["fingerprint"]
     markers = {k: m for k in range(len(plan["shards"]))
@@ -339,9 +469,32 @@ def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, 
         shards.write_json_atomic(meta_path, meta)
     except OSError as exc:
         raise PackError(disk_error_message(exc, meta_path)) from None
-    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    _drop_progress(dst)
     log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
     return meta
+
+
+def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:
+    """Why the split `dst` cannot be merged: its absent shards and the unusable ones."""
+    n = len(plan["shards"])
+    absent = [shards.shard_name(k) for k in missing(dst, plan)
+              if not os.path.exists(os.path.join(dst, shards.shard_name(k)))]
+    parts = []
+    if absent:
+        parts.append("%d of %d shards are missing (%s%s); rerun the node(s) that own them "
+                     "(shard k belongs to node k mod --num-nodes), then merge again"
+                     % (len(absent), n, ", ".join(absent[:8]), " ..." if len(absent) > 8 else ""))
+    if problems:
+        what = problems[0] + (" (and %d more shard(s) like it)" % (len(problems) - 1)
+                              if len(problems) > 1 else "")
+        if any("were recorded only in" in p for p in problems):
+            what += ("; rerun the pack with --data and the arguments it was packed with: it "
+                     "rebuilds what was lost from the input listing, without repacking")
+        else:
+            what += "; rerun the pack with the arguments it was packed with to rewrite them"
+        parts.append("%d of %d shards are on disk without their marker and cannot be taken as "
+                     "they are: %s" % (len(problems), n, what))
+    return "cannot merge %s: %s" % (dst, "; ".join(parts))
 
 
 def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = print
@@ -365,13 +518,15 @@ def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = prin
         if plan is None or plan.get("format") != PLAN_FORMAT:
             raise PackError("%s has no readable %s; pack it first" % (dst, PLAN_FILE))
         meta = merge_split(dst, plan, log)
+        problems: List[str] = []
         if meta is None:
-            absent = [shards.shard_name(k) for k in missing(dst, plan)]
-            raise PackError(
-                "cannot merge %s: %d of %d shards are missing (%s%s); rerun the node(s) that "
-                "own them (shard k belongs to node k mod --num-nodes), then merge again"
-                % (dst, len(absent), len(plan["shards"]), ", ".join(absent[:8]),
-                   " ..." if len(absent) > 8 else ""))
+            # Shards on disk without a marker: finished, but their markers were lost (a kill
+            # between shard and marker, or a finished pack that lost meta.json).
+            rebuilt, problems = rebuild_markers(dst, plan, missing(dst, plan), log)
+            if rebuilt:
+                meta = merge_split(dst, plan, log)
+        if meta is None:
+            raise PackError(_merge_refusal(dst, plan, problems))
         log("%s: merged, %d records in %d shards" % (split, meta["num_samples"],
                                                     len(meta["shards"])))
         done.append({"split": split, "num_samples": meta["num_samples"],
