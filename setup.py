@@ -51,6 +51,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8,<3.11",
     packages=find_packages(include=["engine", "engine.*"]),
+    # the training recipes, found by name from any folder (engine.recipes)
+    package_data={"engine.recipes": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[

@@ -1,8 +1,8 @@
 """The training configuration: one dataclass is the only place a default or a help text lives.
 
-`build_parser()` derives tools/train.py's flags from the fields' metadata, recipe files
-(`--config recipes/NAME.json`) supply values whose keys are the field names, and flags given on
-the command line win over both: dataclass default < recipe < flag. `TrainConfig.finalized()`
+tools/train.py's flags are derived from the fields (engine.cli), recipe files (`--config NAME`,
+engine/recipes/NAME.json, or a path) supply values whose keys are the field names, and flags given
+on the command line win over both: dataclass default < recipe < flag. `TrainConfig.finalized()`
 validates everything that can be checked without touching data or devices.
 """
 from __future__ import annotations
@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from engine import dist
+from engine import cli, dist
+from engine.cli import option as _opt
 from engine.errors import UserError
 
 __all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
@@ -22,11 +23,6 @@ __all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "build_parser
 
 SCHEDULES = ("step", "cosine", "linear", "poly")
 OPTIMIZERS = ("sgd", "lars")
-
-
-def _opt(default: Any, help: str, *flags: str, **argparse_kw: Any) -> Any:
-    """A field with its command-line spelling and help text beside its default."""
-    return field(default=default, metadata=dict(help=help, flags=flags, kw=argparse_kw))
 
 
 class NodeLayout(NamedTuple):
@@ -40,11 +36,10 @@ class NodeLayout(NamedTuple):
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata=dict(
-        help="ROOT with train/ and val/: packed shards (meta.json) or raw <wnid>/*.JPEG "
-             "folders", flags=("-d", "--data"), kw=dict(metavar="DIR")))
-    arch: str = _opt("resnet18", "model name (engine.models.ARCHS)", "-a", "--arch")
-    batch_size: int = _opt(32, "images per GPU per step", "-b", "--batch-size")
+    data: str = _opt(MISSING, "ROOT with train/ and val/: packed shards (meta.json) or raw "
+                              "<wnid>/*.JPEG folders", "-d", "--data", metavar="DIR")
+    arch: str = cli.arch_option()
+    batch_size: int = cli.batch_size_option(32)
     ngpus: Optional[int] = _opt(
         None, "GPUs (processes) per node; default: SLURM_GPUS_ON_NODE under Slurm, else all "
               "visible; 1 process on CPU", "-n", "--ngpus")
@@ -94,9 +89,7 @@ class TrainConfig:
               "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
     resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
                                        "latest checkpoint", metavar="PATH")
-    trust_pickle: bool = _opt(False, "load --resume without the allow-list of what checkpoints "
-                                     "hold: only for files you trust (unpickling runs whatever a "
-                                     "file names)")
+    trust_pickle: bool = cli.trust_pickle_option("--resume", "checkpoints")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
     # None = resolved from the environment (torchrun-style, Slurm) by dist.resolve_cluster
     num_nodes: Optional[int] = _opt(None, "machines in a multi-node run (default: from NNODES / "
@@ -127,8 +120,7 @@ class TrainConfig:
         c = dataclasses.replace(self)
         if not c.data:
             raise UserError("--data is required: ROOT holding train/ and val/")
-        if c.save_dir is None:
-            c.save_dir = os.path.join("output", c.arch)
+        c.save_dir = c.out_dir
         checks = [
             (c.batch_size >= 1, "--batch-size must be >= 1"),
             (c.epochs >= 1, "--epochs must be >= 1"),
@@ -179,13 +171,13 @@ class TrainConfig:
                                    master_ip=cl.master_addr, master_port=cl.master_port,
                                    ngpus=cl.gpus_per_node)
 
-    # Typed views of fields that are Optional on the command line but always set once
-    # finalized() (save_dir) and with_cluster() (the node layout) have resolved them.
     @property
     def out_dir(self) -> str:
-        """save_dir as finalized() resolved it (output/<arch> by default)."""
-        assert self.save_dir is not None, "finalized() resolves save_dir"
-        return self.save_dir
+        """The save dir: --save-dir, by default output/<arch>."""
+        return self.save_dir if self.save_dir is not None else os.path.join("output", self.arch)
+
+    # A typed view of fields that are Optional on the command line but always set once
+    # with_cluster() has resolved them.
 
     def node_layout(self) -> NodeLayout:
         """This node's place in the run, as with_cluster() filled it in."""
@@ -231,68 +223,21 @@ class TrainConfig:
 # ------------------------------------------------------------------------------ recipe files
 
 def load_recipe(path_or_name: str) -> Dict[str, Any]:
-    """A recipe file's values by option name (recipes/NAME.json for a bare name), checked
+    """A recipe's values by option name (a shipped recipe by name, or a .json path), checked
     against TrainConfig's fields and choices. Keys starting with "_" are its documentation."""
     from engine import recipes
 
-    choices = {f.name: f.metadata["kw"]["choices"] for f in dataclasses.fields(TrainConfig)
-               if "choices" in f.metadata.get("kw", {})}
-    return recipes.load_recipe(path_or_name, typing.get_type_hints(TrainConfig), choices)
-
-
-# ---------------------------------------------------------------------------- the parser
-
-def _arg_type(hint: Any):
-    """(type for argparse, is_bool) of a field's annotation, Optional[...] unwrapped."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-    return base, base is bool
+    return recipes.load_recipe(path_or_name, typing.get_type_hints(TrainConfig),
+                               cli.choices(TrainConfig))
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """tools/train.py's parser, derived from TrainConfig (flags, help, defaults), plus
-    --config for a recipe file whose values become the defaults."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", metavar="RECIPE", default=None,
-                   help="a recipe: recipes/NAME.json or a path; its keys are these options' "
-                        "names (e.g. batch_size) and flags given here override them")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        flags = meta.get("flags") or ("--" + f.name.replace("_", "-"),)
-        kw: Dict[str, Any] = dict(dest=f.name, help=meta.get("help", ""), **meta.get("kw", {}))
-        base, is_bool = _arg_type(hints[f.name])
-        if f.default is dataclasses.MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = f.default
-        if is_bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif "const" not in kw:
-            kw["type"] = base
-        elif base is not str:
-            kw["type"] = base
-        p.add_argument(*flags, **kw)
-    return p
+    """tools/train.py's parser: TrainConfig's options plus --config RECIPE."""
+    return cli.build_parser(TrainConfig, description, recipes=True)
 
 
 def config_from_argv(argv: Optional[Sequence[str]] = None,
                      description: str = "") -> TrainConfig:
     """Parse the command line: defaults < --config recipe < flags. Bad values exit 2 through
     argparse; a bad recipe raises ConfigError (a UserError)."""
-    p = build_parser(description)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        recipe = load_recipe(known.config)
-        p.set_defaults(**recipe)
-        # A recipe may set --data; the flag is then no longer required.
-        for action in p._actions:
-            if action.dest in recipe:
-                action.required = False
-    args = vars(p.parse_args(argv))
-    args.pop("config")
-    return TrainConfig(**args)
-
+    return cli.parse(TrainConfig, argv, description, recipes=load_recipe)

@@ -18,9 +18,13 @@ class UserError(Exception):
 def run_tool(body: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
-    keeps its traceback."""
+    keeps its traceback. MegEngine's cache folder is checked just before `body` first imports
+    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too."""
     import sys
 
+    from engine.megengine_env import guard_import
+
+    guard_import(UserError)
     try:
         status = body()
     except UserError as exc:

@@ -1,75 +1,24 @@
-"""Evaluation: building a model from a weights source, the eval loop, and what tools/test.py
-runs (single-image inference is engine/inference.py).
+"""Evaluation: the eval loop (the trainer's per-epoch eval and tools/test.py share it), how a
+data set's labels index a model's outputs, and what tools/test.py runs.
 
-Both accept the same weight sources: None (MegEngine's published weights for --arch), a path
-or URL to an official bare state dict, an official train.py checkpoint ({"state_dict": ...}),
-or an engine checkpoint (which also records the architecture and the class list).
+The model comes from engine.models.load_model, as single-image inference's (engine/inference.py)
+does: the same weight sources, the same checks.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import MISSING, dataclass
+from typing import Dict, Optional, Sequence
 
 import megengine as mge
 import numpy as np
 
-from engine import dist
+from engine import cli, dist
+from engine.cli import option
 from engine.errors import UserError
-from engine.imagenet_classes import imagenet_wnids
+from engine.models import load_model
 from engine.steps import EvalStep
-
-# --------------------------------------------------------------------------------------------
-# Building a model from a weights source
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    model: Any                      # the megengine Module, in eval mode
-    arch: str
-    num_classes: int
-    classes: Optional[List[str]]    # WNIDs in label order when known
-    source: str                     # what was loaded, for messages
-    image_size: int = 224           # the crop size it was trained at (engine checkpoints)
-
-
-def _one_line(text: str) -> str:
-    """Multi-line library messages -> one line, for the tools' `error: ...` output."""
-    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
-    out = parts[0] if parts else ""
-    for prev, nxt in zip(parts, parts[1:]):
-        glue = " " if prev.endswith((":", " at")) or nxt.startswith(("(", "/")) else "; "
-        out += glue + nxt
-    return out
-
-
-def load_model(arch: str, source: Optional[str], trusted: Optional[bool] = None) -> LoadedModel:
-    """Build `arch` and load weights from `source` (None, "none" or "published" = published
-    weights; a URL is fetched once per node into the cache by engine.models.weights.fetch).
-
-    Files are unpickled with engine.models.weights' allow-list unless `trusted` (None =
-    $ENGINE_TRUST_PICKLE). A checkpoint of another architecture or class count is a UserError
-    that names both sides.
-    """
-    from engine.models import load_model
-
-    try:
-        loaded = load_model(arch, source, trusted=trusted)
-    except (UserError, ValueError) as exc:  # ValueError: an unknown arch from engine.models
-        raise UserError(_one_line(str(exc))) from None
-    classes: Optional[List[str]] = None
-    if loaded.config.get("classes"):
-        classes = list(loaded.config["classes"])
-        if len(classes) != loaded.num_classes:
-            raise UserError("%s is inconsistent: it lists %d classes but fc has %d outputs"
-                            % (source, len(classes), loaded.num_classes))
-    elif loaded.num_classes == 1000:
-        classes = imagenet_wnids()  # official weights: labels are the sorted ImageNet WNIDs
-    loaded.model.eval()
-    return LoadedModel(loaded.model, arch, loaded.num_classes, classes, loaded.source,
-                       int(loaded.config.get("image_size") or 224))
 
 
 def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,
@@ -149,20 +98,34 @@ def val_folder(data: str) -> str:
 
 @dataclass
 class TestConfig:
-    data: str
-    arch: str = "resnet18"
-    model: Optional[str] = None       # path or URL; None = published weights
-    trust_pickle: bool = False        # unpickle --model without the allow-list (trusted files)
-    ngpus: Optional[int] = None
-    batch_size: int = 100             # per GPU, as the official test.py
-    workers: Optional[int] = None
-    image_size: Optional[int] = None  # None = the checkpoint's training size, else 224
-    trace: bool = True
-    progress: bool = True
+    """tools/test.py's options (engine.cli derives its parser from these fields)."""
+
+    data: str = option(MISSING, "ROOT (its val/ is used) or a val split folder: packed or raw",
+                       "-d", "--data", metavar="DIR")
+    arch: str = cli.arch_option()
+    model: Optional[str] = cli.model_option()
+    trust_pickle: bool = cli.trust_pickle_option()
+    ngpus: Optional[int] = option(None, "GPUs to use; default: all visible (CPU: 1 process)",
+                                  "-n", "--ngpus")
+    batch_size: int = cli.batch_size_option(100)  # as the official test.py
+    workers: Optional[int] = option(None, "loader processes", "-j", "--workers")
+    image_size: Optional[int] = cli.eval_size_option()
+    progress: bool = option(True, "progress bar")
+    trace: bool = True  # not a flag: compile the eval step (callers may run it eagerly)
 
 
-def test(config: TestConfig) -> Dict[str, float]:
-    """Evaluate a model on a val set; returns {"top1", "top5", "loss", "images"} (rank 0's)."""
+@dataclass
+class TestResult:
+    """Top-1 / top-5 (percent) and mean loss over `images` validation images."""
+
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+
+def test(config: TestConfig) -> TestResult:
+    """Evaluate a model on a val set; returns rank 0's result (the sums are over all ranks)."""
     source = val_folder(config.data)
     if config.model is not None and config.model.lower() != "none" and not (
             os.path.exists(config.model) or "://" in config.model):
@@ -179,7 +142,7 @@ def test(config: TestConfig) -> Dict[str, float]:
         local = prefetch_weights(wanted, config.arch)
         if wanted != "published":
             config = dataclasses.replace(config, model=local)
-    return dist.launch(_test_worker, config, source, ngpus=ngpus)
+    return TestResult(**dist.launch(_test_worker, config, source, ngpus=ngpus))
 
 
 def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:

@@ -6,21 +6,23 @@ a prediction sees exactly the pixels an evaluation of the same file would.
 from __future__ import annotations
 
 import os
+from dataclasses import MISSING, dataclass
 from typing import List, Optional, Tuple
 
 import cv2
 import megengine as mge
 import numpy as np
 
+from engine import cli
+from engine.cli import option
 from engine.data.transforms import ValTransform
 from engine.errors import UserError
-from engine.evaluate import LoadedModel, load_model
 from engine.imagenet_classes import imagenet_names, imagenet_wnids
+from engine.models import LoadedModel, load_model
 from engine.steps import PredictStep
 
-__all__ = ["read_image", "resize_center_crop", "preprocess", "class_names", "predict",
-           "format_prediction"]
-
+__all__ = ["InferenceConfig", "read_image", "resize_center_crop", "preprocess", "class_names",
+           "predict", "format_prediction"]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -61,7 +63,19 @@ def class_names(loaded: LoadedModel) -> List[str]:
     return ["class_%d" % i for i in range(loaded.num_classes)]
 
 
-def predict(arch: str, model: Optional[str], image: str, topk: int = 5,
+@dataclass
+class InferenceConfig:
+    """tools/inference.py's options (engine.cli derives its parser from these fields)."""
+
+    image: str = option(MISSING, "image file (anything OpenCV reads)", "-i", "--image")
+    arch: str = cli.arch_option()
+    model: Optional[str] = cli.model_option()
+    trust_pickle: bool = cli.trust_pickle_option()
+    topk: int = option(5, "how many classes to print")
+    image_size: Optional[int] = cli.eval_size_option()
+
+
+def predict(arch: str, model: Optional[str], image: str, topk: int = InferenceConfig.topk,
             image_size: Optional[int] = None,
             trusted: Optional[bool] = None) -> List[Tuple[int, str, float]]:
     """Top-k (class index, name, probability) for one image, most probable first.

@@ -30,10 +30,7 @@ from megengine.module import Module
 from megengine.optimizer import Optimizer
 
 from engine.errors import UserError
-
-# BGR, 0..255 scale: the values the official MegEngine ResNet weights were trained with.
-MEAN_BGR = (103.530, 116.280, 123.675)
-STD_BGR = (57.375, 57.120, 58.395)
+from engine.models.specs import MEAN_BGR, STD_BGR
 
 AMP_CPU_MESSAGE = (
     "--amp needs a CUDA GPU: MegEngine's CPU backend computes float16 incorrectly (the loss "

@@ -1,16 +1,16 @@
-"""ImageNet training: `train(TrainConfig(...)) -> summary dict`.
+"""ImageNet training: `train(TrainConfig(...)) -> TrainResult`.
 
 Read `_train_worker` top to bottom: it is the whole algorithm (data, model, optimizer, resume,
 then `for step in range(start, total)` with the per-step LR, logging, eval and checkpoints at
 the boundaries). One global step is the only position; the epoch, the LR, the image size and
-the mixing plan are functions of it. The pure pieces it uses (resume position, LR scaling,
+the mixing plan are functions of it. The pure pieces it uses (LR scaling,
 data paths, loader arguments) are small functions tested without a GPU.
 
 The defaults (engine/config.py) follow the MegEngine 0.x train.py that produced the published
 weights: 32 images and lr 0.0125 per GPU (lr x world size), SGD momentum 0.9, wd 1e-4 on all
 parameters, x0.1 at epochs 30/60/80, no warmup, no label smoothing. The modern options (EMA,
 Mixup/CutMix, LARS, no decay on norms, progressive resizing, test resolution) are off unless a
-flag or a recipe (recipes/*.json) turns them on.
+flag or a recipe (engine/recipes/*.json) turns them on.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -104,50 +104,33 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
     )
 
 
-def checkpoint_config(config: TrainConfig, num_classes: int, classes: List[str]) -> Dict[str, Any]:
-    """What a checkpoint records about its run (inference/test need arch, classes, size)."""
-    out = dataclasses.asdict(config)
-    out.update(num_classes=int(num_classes), classes=list(classes))
-    return out
-
-
-def resume_step(state: Mapping[str, Any], config: TrainConfig, classes: List[str],
-                world_size: int, steps_per_epoch: int) -> int:
-    """The global step a checkpoint continues at, counted in this run's steps per epoch.
-
-    A resume must continue the same run: same model and classes. Checkpoint version 2 stores
-    the step and the steps per epoch it was counted in; version 1 stored the loader's (epoch,
-    position). At an epoch boundary the global batch may change (the epoch is re-counted in
-    this run's steps); mid-epoch it may not: the rest of the epoch's batches would differ.
-    """
-    saved = state["config"]
-    if saved.get("arch") != config.arch:
-        raise UserError("--resume: the checkpoint is a %s run but --arch is %s"
-                        % (saved.get("arch"), config.arch))
-    if list(saved.get("classes", [])) != list(classes):
-        raise UserError(
-            "--resume: the checkpoint was trained on %d classes, --data has %d (or in another "
-            "order); resume with the same data" % (len(saved.get("classes", [])), len(classes)))
-    if int(state.get("version", 1)) >= 2:
-        epoch, position = divmod(int(state["step"]), int(state["steps_per_epoch"]))
-    else:
-        epoch, position = int(state["loader"]["epoch"]), int(state["loader"]["position"])
-    saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
-    if position and saved_batch != config.batch_size * world_size:
-        raise UserError(
-            "--resume: the checkpoint stopped mid-epoch with a global batch of %d, this run has "
-            "%d; the remaining batches would differ. Use the same --batch-size/--ngpus."
-            % (saved_batch, config.batch_size * world_size))
-    return epoch * steps_per_epoch + position
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Train (one process per GPU, or one CPU process) and return rank 0's summary dict.
+@dataclasses.dataclass
+class TrainResult:
+    """How a run ended, as one rank saw it (the accuracies are over the whole val set)."""
+
+    save_dir: str
+    checkpoint: Optional[str]   # the last one written (None on ranks that write none)
+    epoch: int                  # the epoch a resume would continue in
+    steps: int                  # global steps done
+    loss: Optional[float]       # mean of the last logged interval
+    top1: Optional[float]       # the last evaluation's, percent (None without one)
+    top5: Optional[float]
+    best_top1: Optional[float]
+    img_s: Optional[float]      # mean of the logged intervals (None before the first)
+    seconds: float
+    world_size: int
+    num_classes: int
+    lr: float                   # the run's base LR (per-GPU LR x world size)
+
+
+def train(config: TrainConfig) -> Optional[TrainResult]:
+    """Train (one process per GPU, or one CPU process) and return rank 0's result (None on
+    nodes other than rank 0's).
 
     Everything that can be checked without building a model is checked here, in the parent,
     before any process is launched or tensor created (the launcher's children must not inherit
@@ -189,11 +172,12 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     )
 
 
-def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, Any]:
+def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     """One rank's run. The position is one number, the global step; everything else (epoch,
     LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
 
+    from engine import checkpoint as ckpt
     from engine import steps
     from engine.metrics import TrainLog, plot_curves, read_jsonl
 
@@ -206,7 +190,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     steps_per_epoch, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
     ema = _make_ema(cfg, model)
-    run_config = dict(checkpoint_config(cfg, len(classes), classes), world_size=world)
+    run_config = ckpt.run_config(cfg, classes, world)
     start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, steps_per_epoch) \
         if cfg.resume else (0, None)
     if main:
@@ -232,12 +216,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     png = os.path.join(cfg.out_dir, "curves.png")
 
     def save(step: int) -> Optional[str]:
-        state = {"step": step, "steps_per_epoch": steps_per_epoch, "state_dict": model.state_dict(),
-                 "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "ema": ema.state_dict() if ema is not None else None,
-                 "config": run_config, "metrics": {"best_top1": best_top1}}
-        return _save_checkpoint(cfg, state) if main else None
+        if not main:
+            return None
+        return ckpt.write(ckpt.Checkpoint(
+            step=step, steps_per_epoch=steps_per_epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            ema=ema.state_dict() if ema is not None else None,
+            config=run_config, metrics={"best_top1": best_top1}),
+            os.path.join(cfg.out_dir, ckpt.FILE_NAME))
 
     def evaluate(step: int) -> Optional[Dict[str, float]]:
         if val_loader is None:
@@ -287,16 +273,12 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
     if val_loader is not None:
         val_loader.close()
     done = max(start, total)
-    return {
-        "save_dir": cfg.save_dir, "checkpoint": checkpoint_path,
-        "epoch": done // steps_per_epoch,  # the epoch a resume would continue in
-        "steps": done, "loss": log.last_loss,
-        "top1": last_eval["top1"] if last_eval else None,
-        "top5": last_eval["top5"] if last_eval else None,
-        "best_top1": best_top1, "img_s": log.mean_img_s(),
-        "seconds": time.perf_counter() - t_start, "world_size": world,
-        "num_classes": len(classes), "lr": base_lr,
-    }
+    return TrainResult(
+        save_dir=cfg.out_dir, checkpoint=checkpoint_path, epoch=done // steps_per_epoch, steps=done,
+        loss=log.last_loss, top1=last_eval["top1"] if last_eval else None,
+        top5=last_eval["top5"] if last_eval else None, best_top1=best_top1,
+        img_s=log.mean_img_s(), seconds=time.perf_counter() - t_start, world_size=world,
+        num_classes=len(classes), lr=base_lr)
 
 
 def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
@@ -364,34 +346,12 @@ def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world
             steps_per_epoch: int) -> Tuple[int, Optional[float]]:
     """Load weights, optimizer, scaler and EMA state; returns (global step, best top-1)."""
     from engine import checkpoint as ckpt
-    from engine.models import load_weights
 
     assert cfg.resume is not None  # called only for a run with --resume
-    path = ckpt.resolve_resume(cfg.resume)
-    state = ckpt.load_checkpoint(path, trusted=cfg.trust_pickle or None)
-    if not ckpt.is_engine_checkpoint(state):
-        raise UserError("--resume %s: not a checkpoint written by tools/train.py (an official "
-                        "weight file has no optimizer or loader state to resume)" % path)
-    if int(state.get("version", 1)) > ckpt.VERSION:
-        raise UserError("--resume %s: checkpoint version %s was written by a newer engine (this "
-                        "one reads up to %d); update the engine" % (path, state.get("version"),
-                                                                    ckpt.VERSION))
-    step = resume_step(state, cfg, classes, world, steps_per_epoch)
-    try:
-        load_weights(model, state["state_dict"], strict=True, source=path)
-    except ValueError as exc:
-        raise UserError(" ".join(str(exc).split())) from None
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except Exception as exc:  # noqa: BLE001 - MegEngine raises bare errors for a group mismatch
-        raise UserError("--resume %s: the optimizer state does not fit this run (%s); resume "
-                        "with the same --optimizer and --no-wd-norm-bias"
-                        % (path, " ".join(str(exc).split()))) from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None and state.get("ema"):
-        ema.load_state_dict(state["ema"])
-    return step, state.get("metrics", {}).get("best_top1")
+    saved = ckpt.read(ckpt.resolve_resume(cfg.resume), trusted=cfg.trust_pickle or None)
+    step = saved.resume_step(cfg, classes, world, steps_per_epoch)
+    saved.restore(model, opt, scaler, ema)
+    return step, saved.metrics.get("best_top1")
 
 
 def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> None:
@@ -402,7 +362,7 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
     from engine.atomic import atomic_write
 
     ckpt.clean_temp_files(cfg.out_dir)
-    if not cfg.resume and ckpt.find_latest(cfg.out_dir):
+    if not cfg.resume and ckpt.file_in(cfg.out_dir):
         print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
               "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
               file=sys.stderr)
@@ -415,15 +375,3 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
         atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as exc:
         raise UserError(disk_error_message(exc, path)) from None
-
-
-def _save_checkpoint(cfg: TrainConfig, state: Dict[str, Any]) -> str:
-    from engine import checkpoint as ckpt
-
-    path = os.path.join(cfg.out_dir, ckpt.LATEST)
-    try:
-        return ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": ckpt.VERSION, **state},
-                                    path)
-    except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
-        raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if any, is "
-                        "unchanged)") from None

@@ -48,7 +48,7 @@ def test_round_trip_keeps_bytes_labels_and_order(tiny_imagenet, tmp_path):
     assert labels != sorted(labels)
     val = records(out / "val")
     assert [r["path"] for r in val] == sorted(r["path"] for r in val)
-    assert res["splits"][0]["kept"] == 18 and res["splits"][1]["kept"] == 6
+    assert res.splits[0].kept == 18 and res.splits[1].kept == 6
 
 
 def test_same_input_and_seed_give_same_records(tiny_imagenet, tmp_path):
@@ -141,8 +141,8 @@ def test_every_quirk(quirky, tmp_path):
     assert by_path["tiny.JPEG"]["height"] == 1 and by_path["large.JPEG"]["width"] == 2400
     kinds = meta["kinds"]
     assert kinds["converted:png"] == 2 and kinds["converted:cmyk"] == 1 and kinds["gray"] == 1
-    s = res["splits"][0]
-    assert s["seen"] == 4 + 12 and s["kept"] == 12 and s["skipped"] == 4
+    s = res.splits[0]
+    assert s.seen == 4 + 12 and s.kept == 12 and s.skipped == 4
 
 
 def test_cmyk_and_png_colours_are_right(quirky, tmp_path):
@@ -211,7 +211,7 @@ def test_rerun_is_a_no_op_and_different_input_is_refused(tiny_imagenet, tmp_path
     pack(tiny_imagenet, tmp_path / "p")
     before = os.stat(tmp_path / "p" / "train" / "shard-00000.lmdb").st_mtime_ns
     res = pack(tiny_imagenet, tmp_path / "p")
-    assert all(s["done_before"] for s in res["splits"])
+    assert all(s.done_before for s in res.splits)
     assert os.stat(tmp_path / "p" / "train" / "shard-00000.lmdb").st_mtime_ns == before
     with pytest.raises(PackError, match="different input"):
         pack(tiny_imagenet, tmp_path / "p", seed=9)

@@ -22,27 +22,26 @@ import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import shutil
-import signal
 import sys
 import time
-import traceback
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
 import numpy as np
 
-from engine.data import plan, shards
+from engine.cli import option
+from engine.data import plan, pool, shards
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
-from engine.data.forking import DeferredInterrupt, ignore_sigint, start_process
 from engine.data.plan import PackError, Scan
-from engine.dist.env import EnvError, group_nodes, launcher_nodes, slurm_array, slurm_nodes
-from engine.errors import UserError, describe_exit, disk_error_message
+from engine.dist import env as dist_env
+from engine.errors import disk_error_message
 from engine.locks import FileLock, acquire
 
-__all__ = ["PackError", "pack_imagenet", "resolve_nodes", "process_file", "pack_workers",
-           "LOCK_FILE"]
+__all__ = ["PackError", "PackConfig", "PackResult", "PackedSplit", "pack_imagenet",
+           "resolve_nodes", "process_file", "pack_workers", "LOCK_FILE"]
 
 JPEG_QUALITY = 95
 LOCK_FILE = ".pack.lock"
@@ -112,52 +111,9 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
 
 def resolve_nodes(num_nodes: Optional[int], node_rank: Optional[int],
                   env: Mapping[str, str]) -> Tuple[int, int, str]:
-    """(number of nodes, this node's rank, where that came from) for a multi-node pack.
-
-    Explicit flags win; else a Slurm array (SLURM_ARRAY_TASK_COUNT + SLURM_ARRAY_TASK_ID, minus
-    SLURM_ARRAY_TASK_MIN), a Slurm allocation (SLURM_NNODES or SLURM_JOB_NUM_NODES, +
-    SLURM_NODEID), a launcher's NNODES + NODE_RANK, or torchrun's GROUP_RANK (with NNODES or
-    GROUP_WORLD_SIZE); else one node. The variables are read as the trainer reads them
-    (engine.dist.env, Slurm's "8(x2)" included). A pure function of its arguments, so it is
-    tested with plain dicts.
-    """
-    if num_nodes is not None or node_rank is not None:
-        if num_nodes is None or node_rank is None:
-            raise PackError("--num-nodes and --node-rank go together (got only %s)"
-                            % ("--num-nodes" if node_rank is None else "--node-rank"))
-        return _check_nodes(num_nodes, node_rank, "--num-nodes/--node-rank")
-    try:
-        count, task = slurm_array(env)
-        if count is not None and task is not None:
-            return _check_nodes(count, task,
-                                "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (use --array=0-%d)"
-                                % (count - 1))
-        # One source at a time: the variables of the sources after the one that applies are
-        # never read, so a stray value there cannot fail the pack.
-        for source, read in (("SLURM_NNODES/SLURM_NODEID", slurm_nodes),
-                             ("NNODES/NODE_RANK", launcher_nodes)):
-            n, r = read(env)
-            if n is not None and r is not None:
-                return _check_nodes(n, r, source)
-        group_size, group = group_nodes(env)
-        if group is not None:
-            n = launcher_nodes(env)[0]
-            n = group_size if n is None else n
-            if n is None:
-                raise PackError("GROUP_RANK is set but neither NNODES nor GROUP_WORLD_SIZE is; "
-                                "pass --num-nodes and --node-rank")
-            return _check_nodes(n, group, "GROUP_RANK")
-    except EnvError as exc:
-        raise PackError("%s; pass --num-nodes and --node-rank instead" % exc) from None
-    return 1, 0, "single node"
-
-
-def _check_nodes(n: int, r: int, source: str) -> Tuple[int, int, str]:
-    if n < 1:
-        raise PackError("the number of nodes must be at least 1 (got %d from %s)" % (n, source))
-    if not 0 <= r < n:
-        raise PackError("node rank %d is outside 0..%d (from %s)" % (r, n - 1, source))
-    return n, r, source
+    """(number of nodes, this node's rank, where that came from) for a multi-node pack: see
+    engine.dist.env.resolve_nodes; a bad layout is a PackError."""
+    return dist_env.resolve_nodes(num_nodes, node_rank, env, error=PackError)
 
 
 def _lock(path: str, what: str) -> FileLock:
@@ -172,10 +128,6 @@ def _lock(path: str, what: str) -> FileLock:
 
 # ---------------------------------------------------------------------------------------------
 # Packing one shard
-
-
-# Files processed, shared with the forked workers so the progress bar moves per file.
-_progress_counter = None
 
 
 def _disk_message(exc: BaseException, path: str, needed: int) -> str:
@@ -211,7 +163,7 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
         try:
             done = plan.read_marker(dst, k, fp)  # finished by another pack since this one looked
             if done is not None:
-                _count(len(items))
+                pool.count(len(items))
                 return done
             tally = plan.ShardTally(k, fp)
             writer = shards.ShardWriter(path)
@@ -223,7 +175,7 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
                     value = shards.pack_record(r["image"], label, r["height"], r["width"], rel)
                     writer.append(value)
                     tally.kept(r["kind"], len(value))
-                _count(1)
+                pool.count(1)
             writer.close()
             writer = None
             return tally.publish(dst)
@@ -239,143 +191,21 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 
-def _count(n: int) -> None:
-    if _progress_counter is not None:
-        with _progress_counter.get_lock():
-            _progress_counter.value += n
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker if the packer dies (kill -9, OOM): an orphan would hold its
-    shard's lock and keep writing after the user believes the pack has stopped."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker(job: Dict[str, Any], conn, counter, parent: int) -> None:
-    global _progress_counter
-    ignore_sigint()  # Ctrl-C is the packer's to handle: it stops the workers
-    _die_with_parent()
-    if os.getppid() != parent:  # the packer died before the line above took effect
-        os._exit(1)
-    _progress_counter = counter
-    try:
-        conn.send(("ok", _pack_shard(job)))
-        code = 0
-    except UserError as exc:
-        conn.send(("user", str(exc)))
-        code = 2
-    except BaseException:
-        conn.send(("bug", traceback.format_exc()))
-        code = 1
-    conn.close()
-    sys.exit(code)
-
-
-
-def _remove_partial(dst: str, k: int) -> None:
-    tmp = os.path.join(dst, shards.shard_name(k)) + ".tmp"
-    for f in (tmp, tmp + "-lock"):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
-
-
-def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
-    """Stop the workers still running and remove their partial shards."""
-    for proc, recv, job in running:
-        if proc.pid is not None and proc.is_alive():
-            proc.terminate()
-    for proc, recv, job in running:
-        if proc.pid is not None:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-        recv.close()
-        _remove_partial(job["dst"], job["k"])
-
-
-def _run_workers(jobs: List[Dict[str, Any]], workers: int, counter, on_progress
-                 ) -> Dict[int, Dict[str, Any]]:
-    """Pack `jobs` in up to `workers` forked processes, one process per shard.
-
-    Self-managed rather than a multiprocessing.Pool: a Pool silently replaces a worker that was
-    killed and waits forever for its task. Here each worker holds the write end of a pipe, so
-    its death is an end-of-file seen within one poll; the pack then stops the others, removes
-    their partial shards and reports the shard that was lost. Finished shards keep their markers.
-    """
-    ctx = mp.get_context("fork")
-    pending = list(jobs)
-    running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
-    markers: Dict[int, Dict[str, Any]] = {}
-    shards.close_all_envs()  # a child must not inherit an open LMDB environment
-    # Ctrl-C is noted and raised at the checks below, never inside a fork or the cleanup (see
-    # engine.data.forking); the wait's timeout bounds how long it takes to be acted on.
-    with DeferredInterrupt() as interrupt:
-        try:
-            while pending or running:
-                while pending and len(running) < workers:
-                    interrupt.check()
-                    job = pending.pop(0)
-                    recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_worker, args=(job, send, counter, os.getpid()),
-                                       name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
-                    running[job["k"]] = (proc, recv, job)
-                    try:
-                        start_process(proc)
-                    finally:
-                        send.close()  # only the child holds the write end: its death is EOF
-                ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
-                interrupt.check()
-                for k, (proc, recv, job) in list(running.items()):
-                    if recv not in ready:
-                        continue
-                    try:
-                        kind, payload = recv.recv()
-                    except (EOFError, OSError):
-                        kind, payload = "lost", None
-                    proc.join(10)
-                    recv.close()
-                    del running[k]
-                    where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
-                    if kind == "ok":
-                        markers[k] = payload
-                    elif kind == "user":
-                        raise PackError(payload)
-                    elif kind == "bug":
-                        raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
-                    else:
-                        raise PackError(
-                            "the worker packing %s (pid %s) %s; the other workers were stopped. "
-                            "Rerun the same command to resume (finished shards are kept)"
-                            % (where, proc.pid, describe_exit(proc.exitcode)))
-                on_progress()
-        finally:
-            _stop(running.values())
-    return markers
-
-
 # ---------------------------------------------------------------------------------------------
 # A split: plan, pack this node's shards, merge
 
 
 def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
-                counter, progress: bool, log) -> Dict[str, Any]:
+                counter, progress: bool, log) -> "PackedSplit":
     split, fp = sc.split, sc.fingerprint
     dst = os.path.join(out, split)
     old = plan.finished(dst, fp)
     if old is not None:
         log("%s: already packed (%d records in %s), nothing to do"
             % (split, old["num_samples"], dst))
-        return {"split": split, "seen": len(sc.items), "seconds": 0.0, "done_before": True,
-                "kept": old["num_samples"], "skipped": len(old["skipped"]),
-                "kinds": old.get("kinds", {}), "bytes": old.get("bytes", 0)}
+        return PackedSplit(split, seen=len(sc.items), kept=old["num_samples"],
+                           skipped=len(old["skipped"]), kinds=old.get("kinds", {}),
+                           bytes=old.get("bytes", 0), seconds=0.0, done_before=True)
 
     plan.prepare(dst, sc.plan)
     n_nodes, rank = nodes
@@ -415,26 +245,26 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
                 bar.update(now - shown[0])
                 shown[0] = now
 
-            _run_workers(jobs, workers, counter, show)
+            pool.run(_pack_shard, jobs, workers, counter, show)
     finally:
         bar.close()
     seconds = time.time() - t0
 
     meta = plan.merge_split(dst, sc.plan, log)
-    summary = {"split": split, "seconds": seconds, "processed": todo_files, "done_before": False,
-               "node": rank, "num_nodes": n_nodes, "shards_packed": len(todo)}
+    ran: Dict[str, Any] = dict(seconds=seconds, processed=todo_files, done_before=False, node=rank,
+                               num_nodes=n_nodes, shards_packed=len(todo))
     if meta is None:
         absent = plan.missing(dst, sc.plan)
         log("%s: node %d of %d packed its %d shards; %d shard(s) of other nodes still missing "
             "(e.g. %s). The last node to finish writes meta.json, or run --merge."
             % (split, rank, n_nodes, len(mine), len(absent),
                shards.shard_name(absent[0]) if absent else "-"))
-        summary.update(merged=False, seen=todo_files, kept=None, skipped=0, kinds={}, bytes=0)
-        return summary
-    summary.update(merged=True, seen=meta.get("seen", len(sc.items)), kept=meta["num_samples"],
-                   skipped=len(meta["skipped"]), kinds=meta.get("kinds", {}),
-                   bytes=meta.get("bytes", 0), skipped_list=meta["skipped"])
-    return summary
+        return PackedSplit(split, merged=False, seen=todo_files, kept=None, skipped=0, kinds={},
+                           bytes=0, **ran)
+    return PackedSplit(split, merged=True, seen=meta.get("seen", len(sc.items)),
+                       kept=meta["num_samples"], skipped=len(meta["skipped"]),
+                       kinds=meta.get("kinds", {}), bytes=meta.get("bytes", 0),
+                       skipped_list=meta["skipped"], **ran)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -444,12 +274,70 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
                 mininterval=0.5, file=sys.stderr, disable=not enabled)
 
 
+@dataclass
+class PackConfig:
+    """tools/pack_imagenet.py's options (engine.cli derives its parser from these fields); the
+    defaults of pack_imagenet() are theirs."""
+
+    out: str = option(MISSING, "output folder", "--out", metavar="OUT")
+    data: Optional[str] = option(None, "ImageNet root folder (not needed with --merge)",
+                                 "--data", metavar="ROOT")
+    splits: Optional[str] = option(None, "comma-separated (default: train,val; with --merge: "
+                                         "every split that has a plan.json)")
+    workers: Optional[int] = option(
+        None, lambda: "decoding processes (default: every usable core, %d here)" % pack_workers())
+    shard_size: int = option(5000, "files per shard")
+    max_side: Optional[int] = option(None, "re-encode images whose long side exceeds this "
+                                           "(default: keep all)")
+    seed: int = option(0, "train record order")
+    strict: bool = option(False, "exit non-zero if any file had to be skipped")
+    num_nodes: Optional[int] = option(None, "machines packing into one shared --out (default: "
+                                            "from SLURM_* / NNODES / GROUP_RANK, else 1)")
+    node_rank: Optional[int] = option(None, "this machine's rank, 0..N-1")
+    merge: bool = option(False, "only write meta.json from the shards all nodes packed")
+    quiet: bool = option(False, "no progress bar")
+
+    def split_list(self) -> Optional[List[str]]:
+        """--splits as a list; None when not given."""
+        return [s for s in self.splits.split(",") if s] if self.splits is not None else None
+
+
+@dataclass
+class PackedSplit:
+    """What pack_imagenet() did for one split. `kept` is None while other nodes' shards are
+    missing (`merged` False: meta.json is not written yet)."""
+
+    split: str
+    seen: int                # files listed (this node's share while not merged)
+    kept: Optional[int]
+    skipped: int
+    kinds: Dict[str, int]    # "gray", "converted:<kind>", ... -> count
+    bytes: int
+    seconds: float
+    done_before: bool        # already packed with the same input and arguments
+    merged: bool = True
+    processed: int = 0       # files this run decoded
+    node: int = 0
+    num_nodes: int = 1
+    shards_packed: int = 0
+    skipped_list: List[Dict[str, Any]] = field(default_factory=list)  # {path, reason}
+
+
+@dataclass
+class PackResult:
+    out: str                 # absolute
+    workers: int
+    num_nodes: int
+    node_rank: int
+    splits: List[PackedSplit]
+
+
 def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
-                  workers: Optional[int] = None, shard_size: int = 5000,
-                  max_side: Optional[int] = None, seed: int = 0, strict: bool = False,
-                  progress: bool = True, log=print, num_nodes: Optional[int] = None,
-                  node_rank: Optional[int] = None,
-                  env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+                  workers: Optional[int] = None, shard_size: int = PackConfig.shard_size,
+                  max_side: Optional[int] = None, seed: int = PackConfig.seed,
+                  strict: bool = False, progress: bool = True, log=print,
+                  num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
+                  env: Optional[Mapping[str, str]] = None) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
@@ -495,25 +383,24 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         counter = mp.get_context("fork").Value("q", 0) if workers > 0 else None
         summaries = [_pack_split(sc, out, workers, (n_nodes, rank), counter, progress, log)
                      for sc in scans]
-    result = {"out": os.path.abspath(out), "workers": workers, "num_nodes": n_nodes,
-              "node_rank": rank, "splits": summaries}
+    result = PackResult(os.path.abspath(out), workers, n_nodes, rank, summaries)
     for s in summaries:
-        if s.get("merged", True):
+        if s.merged:
             log(_summary_line(s, out))
-        for item in s.get("skipped_list", [])[:20]:
+        for item in s.skipped_list[:20]:
             log("  skipped %s: %s" % (item["path"], item["reason"]))
-    skipped = sum(s["skipped"] for s in summaries)
+    skipped = sum(s.skipped for s in summaries)
     if strict and skipped:
         raise PackError("--strict: %d file(s) were skipped (listed in meta.json 'skipped')"
                         % skipped)
     return result
 
 
-def _summary_line(s: Dict[str, Any], out: str) -> str:
-    converted = {k.split(":", 1)[1]: v for k, v in s["kinds"].items() if k.startswith("converted")}
+def _summary_line(s: PackedSplit, out: str) -> str:
+    converted = {k.split(":", 1)[1]: v for k, v in s.kinds.items() if k.startswith("converted")}
     conv = ", ".join("%s %d" % kv for kv in sorted(converted.items())) or "none"
-    rate = s.get("processed", 0) / s["seconds"] if s["seconds"] > 0 else 0.0
+    rate = s.processed / s.seconds if s.seconds > 0 else 0.0
     return ("%s: %d files seen, %d kept (%d grayscale), converted: %s; %d skipped; "
             "%.0f img/s; %.1f MB written to %s"
-            % (s["split"], s["seen"], s["kept"], s["kinds"].get("gray", 0), conv, s["skipped"],
-               rate, s["bytes"] / 1e6, os.path.join(os.path.abspath(out), s["split"])))
+            % (s.split, s.seen, s.kept or 0, s.kinds.get("gray", 0), conv, s.skipped,
+               rate, s.bytes / 1e6, os.path.join(os.path.abspath(out), s.split)))

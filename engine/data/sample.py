@@ -40,15 +40,17 @@ import json
 import os
 import shutil
 import time
+from dataclasses import MISSING, dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple, TypedDict
 
 import numpy as np
 
 from engine.atomic import atomic_write
+from engine.cli import option
 from engine.errors import ConfigError, UserError
 
-__all__ = ["make_sample_imagenet", "max_classes", "class_specs", "MARKER", "ForeignFolderError",
-           "SampleSourceError"]
+__all__ = ["SampleConfig", "make_sample_imagenet", "max_classes", "class_specs", "MARKER",
+           "ForeignFolderError", "SampleSourceError"]
 
 MARKER = "sample_imagenet.json"
 _MARKER_FORMAT = "engine-sample-imagenet"
@@ -359,12 +361,28 @@ def _write_images(out: str, specs: List[ClassSpec], splits: List[Tuple[str, int,
     return counts, total_bytes
 
 
+@dataclass
+class SampleConfig:
+    """tools/make_sample_imagenet.py's options (engine.cli derives its parser from these
+    fields); the defaults of make_sample_imagenet() are theirs."""
+
+    out: str = option(MISSING, "output folder", "--out")
+    classes: int = option(10, lambda: "number of classes, 1..%d" % max_classes())
+    train_per_class: int = option(100, "train images per class")
+    val_per_class: int = option(20, "val images per class, 0 for no val/")
+    seed: int = option(0, "random seed")
+    imagenet_like: bool = option(False, "files with ImageNet's statistics (~100-110 KB mean, "
+                                        "long side 450-500 px: high quality plus sensor-like "
+                                        "grain) instead of the smooth ~35 KB default; use it for "
+                                        "loader and packer figures")
+
+
 def make_sample_imagenet(
     out: str,
-    classes: int = 10,
-    train_per_class: int = 100,
-    val_per_class: int = 20,
-    seed: int = 0,
+    classes: int = SampleConfig.classes,
+    train_per_class: int = SampleConfig.train_per_class,
+    val_per_class: int = SampleConfig.val_per_class,
+    seed: int = SampleConfig.seed,
     imagenet_like: bool = False,
 ) -> dict:
     """Write a small ImageNet-layout folder of real photos and return a summary.

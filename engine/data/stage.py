@@ -15,19 +15,32 @@ import json
 import os
 import shutil
 import time
+from dataclasses import MISSING, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
+from engine.cli import option
 from engine.data import shards
 from engine.data.verify import find_splits
 from engine.errors import UserError, disk_error_message
 from engine.locks import FileLock, Holder, acquire
 
-__all__ = ["StageError", "stage", "stage_split"]
+__all__ = ["StageConfig", "StageError", "stage", "stage_split"]
 
 LOCK = ".stage.lock"
 STAMP = ".staged.json"  # written after meta.json: what a finished stage left, for waiting ranks
 _CHUNK = 8 << 20
+
+
+@dataclass
+class StageConfig:
+    """tools/stage_shards.py's options (engine.cli derives its parser from these fields); the
+    defaults of stage() are theirs."""
+
+    src: str = option(MISSING, "packed split (OUT/train) or pack root (OUT)", "SRC")
+    dst: str = option(MISSING, "local folder (for a root: DST/<split>)", "DST")
+    stall_timeout: float = option(600.0, "a waiting rank gives up if the copying one makes no "
+                                         "progress for S seconds", metavar="S")
 
 
 class StageError(UserError, RuntimeError):
@@ -221,14 +234,18 @@ def _check_in_place(src: str, dst: str, meta_raw: bytes, entries: List[Dict[str,
     return {"dst": dst, "copied": 0, "kept": len(entries), "waited": False, "bytes": 0}
 
 
-def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
-                log: Callable[[str], None] = print) -> Dict[str, Any]:
+def stage_split(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout,
+                poll: float = 0.2, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Copy packed split `src` to `dst`; returns counts of copied and already-correct shards."""
     meta_raw = _meta_bytes(src)
     meta = json.loads(meta_raw)
     entries = meta["shards"]
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise StageError("%s exists and is not a folder" % dst)
+    name = os.path.basename(os.path.abspath(dst))
+    if name in shards.SPLITS and name != meta["split"]:  # readers would refuse the copy
+        raise StageError("%s holds the %s split; stage it into a folder named %s, not %s"
+                         % (src, meta["split"], meta["split"], dst))
     if _same_file(src, dst):
         raise StageError("%s is the source itself; stage into another (node-local) folder"
                          % dst)
@@ -269,9 +286,11 @@ def stage_split(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 
                     stale = f.read() != meta_raw
             except OSError:
                 stale = False
-            # Readers must not pair a meta.json with shards that are not (yet) its own: while
-            # anything is copied the destination has none, as after a killed stage.
-            for old in ([local_meta] if stale or todo else []) + [os.path.join(dst, STAMP)]:
+            # Readers must not pair a meta.json with shards that are not (yet) its own (while
+            # anything is copied the destination has none, as after a killed stage), nor find
+            # shards it omits.
+            for old in ([local_meta] if stale or todo else []) + [os.path.join(dst, STAMP)] + [
+                    os.path.join(dst, f) for f in shards.unlisted_shards(dst, meta)]:
                 if os.path.exists(old):
                     os.remove(old)
             for e in todo:  # a wrong copy is worthless, and its space counts as free below
@@ -314,7 +333,7 @@ def _read_only(path: str) -> bool:
         return False
 
 
-def stage(src: str, dst: str, stall_timeout: float = 600.0, poll: float = 0.2,
+def stage(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout, poll: float = 0.2,
           log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Stage a split (SRC has meta.json) to DST, or every split of a pack root to DST/<split>."""
     splits = find_splits(src)

@@ -1,8 +1,10 @@
 """`make gpu-check`: does this machine's MegEngine build run this engine correctly on its GPUs?
+One PASS/FAIL line per check with its figures, exit status 1 if any check failed; a CPU machine
+has nothing to check and exits 0.
 
-The decisions live here as pure functions (which build a compute capability needs, what counts
-as "close to eager", how a line is printed, the exit code), so they are tested on a CPU machine;
-tools/gpu_check.py only gathers figures from MegEngine and the GPUs and calls them.
+The decisions are pure functions (which build a compute capability needs, what counts as "close
+to eager", how a line is printed, the exit code), so they are tested on a CPU machine; the
+runners below them gather the figures from MegEngine and the GPUs.
 
 Build facts (MegEngine's own build scripts, scripts/whl/manylinux2014/build_wheel_common.sh and
 CMakeLists.txt, at tags v1.13.0 and v1.13.4): the PyPI wheel is the cu101 build (CUDA 10.1,
@@ -14,33 +16,21 @@ never gets a chance: the check here uses the same rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = [
-    "BUILDS",
-    "Build",
-    "Check",
-    "INDEX_URL",
-    "compare_losses",
-    "compute_capability_check",
-    "count_check",
-    "describe_build",
-    "exit_code",
-    "format_check",
-    "format_cuda_version",
-    "format_cudnn_version",
-    "kernel_sms",
-    "params_check",
-    "required_builds",
-    "run_all",
-    "skip_check",
-    "split_range",
-    "summary",
-    "visibility_check",
-]
+from engine.cli import option, parse
+from engine.errors import UserError, run_tool
+
+__all__ = ["BUILDS", "Build", "Check", "GpuCheckConfig", "INDEX_URL", "compare_losses",
+           "compute_capability_check", "count_check", "describe_build", "exit_code",
+           "format_check", "format_cuda_version", "format_cudnn_version", "kernel_sms", "main",
+           "params_check", "required_builds", "run_all", "skip_check", "split_range", "summary",
+           "visibility_check"]
 
 #: MegEngine's own wheel index (its README's install command uses it with `pip -f`).
 INDEX_URL = "https://www.megengine.org.cn/whl/mge.html"
@@ -318,11 +308,10 @@ def run_conv_check() -> Check:
                  figures={"out_rel_err": ey, "grad_rel_err": eg, "first_call_s": tg})
 
 
-def step_losses(mode: str, state: Dict[str, Any], images: Any, labels: Any, steps: int,
-                arch: str = "resnet18", num_classes: int = 1000) -> Tuple[List[float], List[bool]]:
-    """Losses of `steps` training steps from the weights `state`, in mode eager | trace | amp,
-    through engine.steps (the trainer's own step); plus whether AMP skipped each update."""
-    import megengine as mge
+def train_step(arch: str, mode: str, num_classes: int, state: Optional[Dict[str, Any]] = None,
+               lr: float = 0.01) -> Any:
+    """engine.steps.TrainStep (the trainer's own step) in mode eager | trace | amp, on a fresh
+    `arch` (with the weights `state`, if given), a GradManager and SGD as the trainer uses."""
     import megengine.optimizer as optim
     from megengine.autodiff import GradManager
 
@@ -330,11 +319,21 @@ def step_losses(mode: str, state: Dict[str, Any], images: Any, labels: Any, step
     from engine.steps import TrainStep
 
     model = get_model(arch, num_classes=num_classes)
-    load_weights(model, state, strict=True)
+    if state is not None:
+        load_weights(model, state, strict=True)
     model.train()
     gm = GradManager().attach(model.parameters())
-    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    step = TrainStep(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+    opt = optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    return TrainStep(model, gm, opt, trace=mode != "eager", amp=mode == "amp")
+
+
+def step_losses(mode: str, state: Dict[str, Any], images: Any, labels: Any, steps: int,
+                arch: str = "resnet18", num_classes: int = 1000) -> Tuple[List[float], List[bool]]:
+    """Losses of `steps` training steps from the weights `state`, in mode eager | trace | amp;
+    plus whether AMP skipped each update."""
+    import megengine as mge
+
+    step = train_step(arch, mode, num_classes, state)
     x, y = mge.tensor(images), mge.tensor(labels)
     losses, skips = [], []
     for _ in range(steps):
@@ -417,21 +416,38 @@ def run_distributed_checks(ngpus: int, n_val: int = 37, steps: int = 3) -> List[
             count_check([r and r["count"] for r in results], n_val)]
 
 
+def step_seconds(step: Any, images: Any, labels: Any, steps: int,
+                 warmup: int) -> Tuple[List[float], float]:
+    """Seconds of each of `steps` steps, each ended by a full device sync (the first `warmup`
+    steps, which compile the trace, untimed), and the last loss."""
+    import time
+
+    import megengine as mge
+
+    def sync() -> None:  # every queued device operation, the optimizer update included
+        if hasattr(mge, "_full_sync"):
+            mge._full_sync()
+
+    for _ in range(warmup):
+        step(images, labels).numpy()
+    sync()
+    per_step = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step(images, labels)
+        loss.numpy()
+        sync()
+        per_step.append(time.perf_counter() - t0)
+    return per_step, float(loss.numpy())
+
+
 def run_bench(archs: Sequence[str], modes: Sequence[str], batch: int, size: int, steps: int,
               warmup: int) -> List[Check]:
-    """img/s of the engine's train step per (arch, mode), via benchmarks/bench_train.py."""
-    import os
+    """img/s of the engine's train step per (arch, mode), the input already on the device."""
     import statistics
-    import sys
 
     import megengine as mge
     import numpy as np
-
-    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "benchmarks")
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
-    from bench_train import build_step, time_steps
 
     rng = np.random.default_rng(0)
     images = mge.tensor(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8))
@@ -441,9 +457,8 @@ def run_bench(archs: Sequence[str], modes: Sequence[str], batch: int, size: int,
         for mode in modes:
             name = "bench %s %s" % (arch, "float32" if mode == "trace" else mode)
             try:
-                step = build_step(arch, mode, 1000)
-                per_step, loss = time_steps(step, images, labels, steps=steps, warmup=warmup,
-                                            sync_every=1)
+                step = train_step(arch, mode, 1000, lr=0.0125)
+                per_step, loss = step_seconds(step, images, labels, steps, warmup)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, go on
                 out.append(Check(name, False, "%s: %s" % (type(exc).__name__, exc)))
                 continue
@@ -457,8 +472,21 @@ def run_bench(archs: Sequence[str], modes: Sequence[str], batch: int, size: int,
     return out
 
 
-def run_all(*, bench: bool = True, bench_batch: int = 128, bench_size: int = 224,
-            bench_steps: int = 20, bench_warmup: int = 5, emit=print) -> int:
+@dataclass
+class GpuCheckConfig:
+    """The tool's options (engine.cli derives its parser from these fields)."""
+
+    bench: bool = option(True, "also measure resnet18/resnet50 img/s (--no-bench skips it)")
+    bench_batch: int = option(128, "images per step")
+    bench_size: int = option(224, "image size (pixels)")
+    bench_steps: int = option(20, "timed steps per measurement")
+    bench_warmup: int = option(5, "untimed steps first")
+
+
+def run_all(*, bench: bool = GpuCheckConfig.bench, bench_batch: int = GpuCheckConfig.bench_batch,
+            bench_size: int = GpuCheckConfig.bench_size,
+            bench_steps: int = GpuCheckConfig.bench_steps,
+            bench_warmup: int = GpuCheckConfig.bench_warmup, emit=print) -> int:
     """Run every check, printing one line each as it completes; returns the exit code."""
     import json
 
@@ -511,3 +539,26 @@ def run_all(*, bench: bool = True, bench_batch: int = 128, bench_size: int = 224
          "detail": c.detail, **({"figures": c.figures} if c.figures else {})} for c in checks]},
         default=str))
     return exit_code(checks)
+
+
+# ---------------------------------------------------------------------------------- the tool
+
+DESCRIPTION = ("Check that the installed MegEngine runs this engine on this machine's GPUs: one "
+               "PASS/FAIL line per check with its figures, exit status 1 if any check failed. A "
+               "CPU machine: nothing to check, exit 0.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    c = parse(GpuCheckConfig, argv, DESCRIPTION)
+
+    def run() -> int:
+        if c.bench_batch < 1 or c.bench_size < 32 or c.bench_steps < 1 or c.bench_warmup < 0:
+            raise UserError("need --bench-batch >= 1, --bench-size >= 32, --bench-steps >= 1, "
+                            "--bench-warmup >= 0")
+        return run_all(**dataclasses.asdict(c))
+
+    return run_tool(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

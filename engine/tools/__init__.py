@@ -1,0 +1,13 @@
+"""The command-line tools. Each module is one tool: a parser derived from a dataclass (engine.cli)
+and one engine call, run as `python -m engine.tools.<name>` from any folder once the package is
+installed; in a checkout, tools/<name>.py runs the same `main`.
+
+- train, test, inference: train a classifier, score it on a val set, classify one image;
+- pack_imagenet, verify_pack, stage_shards: LMDB shards from an ImageNet folder, checked
+  against their meta.json, copied to a node-local disk;
+- make_sample_imagenet, demo: the real-photo sample set, and every stage run on it;
+- gpu_check: does the installed MegEngine build run this engine on this machine's GPUs?
+
+Every tool reports a user error as one `error: ...` line with exit status 2, and Ctrl-C as one
+line with 130 (engine.errors.run_tool).
+"""
