@@ -2,6 +2,7 @@
 resumes to the same pack. Each run is a subprocess with a deadline (a hang is a failure)."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,37 @@ def left_in_group(pgid):
     return alive
 
 
+# The modules a tool program runs before it defers Ctrl-C (engine.tools, first thing).
+STARTUP = ("tools/pack_imagenet.py", "engine/__init__.py", "engine/tools/__init__.py",
+           "engine/errors.py")
+
+
+def before_the_tool(code, stderr):
+    """Whether the interrupt came before the tool could answer it, while CPython started: killed
+    by SIGINT before Python installs its handler (the shell reports 130, nothing is printed),
+    Python's fatal error for an interrupted import of its site module, or a KeyboardInterrupt
+    raised before the first engine module had finished loading."""
+    if code == -signal.SIGINT and stderr == "":
+        return True
+    if code == 1 and "Fatal Python error: init_import_site" in stderr:
+        return True
+    if code == -signal.SIGINT and stderr.rstrip().endswith("KeyboardInterrupt"):
+        files = re.findall(r'File "([^"]+)"', stderr)
+        return all(f.startswith("<frozen") or f.endswith(STARTUP)
+                   or re.search(r"__editable__.*_finder\.py$", f) for f in files)
+    return False
+
+
+def interpreter_start():
+    """Seconds this interpreter takes to start and exit doing nothing (the fastest of 3)."""
+    times = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=DEADLINE)
+        times.append(time.monotonic() - t0)
+    return min(times)
+
+
 def interrupt_once(cmd, delay, whole_group):
     """Start the pack, send SIGINT after `delay` s (to its process group, as a terminal's Ctrl-C
     does, or to the packer alone), and check how it ended. Returns its exit status."""
@@ -75,10 +107,8 @@ def interrupt_once(cmd, delay, whole_group):
     what = "SIGINT to the %s after %.2f s" % ("group" if whole_group else "packer", delay)
     if proc.returncode == 0:  # the pack was over before the interrupt
         assert stderr.strip() == "", (what, stderr)
-    elif proc.returncode == -signal.SIGINT:
-        # Python dies of SIGINT itself before its handler is installed and after it is removed,
-        # around any program; the shell reports 130, and nothing is printed.
-        assert stderr == "", (what, stderr)
+    elif before_the_tool(proc.returncode, stderr):
+        pass
     else:
         assert proc.returncode == 130, (what, proc.returncode, stderr)
         assert stderr.strip() == INTERRUPTED, (what, stderr)
@@ -95,8 +125,9 @@ def interrupted_chain(data, reference, out, seed, trials):
     ref, span = reference
     rng = random.Random(seed)
     cmd = pack_cmd(data, out)
-    codes = [interrupt_once(cmd, rng.uniform(0, span * 1.1), whole_group=rng.random() < 0.7)
-             for _ in range(trials)]
+    start = interpreter_start()  # moments before that fall into CPython, not into the tool
+    codes = [interrupt_once(cmd, rng.uniform(start, span * 1.1),
+                            whole_group=rng.random() < 0.7) for _ in range(trials)]
     assert 130 in codes  # the moments did fall inside packs
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE)
     assert r.returncode == 0, r.stderr
@@ -104,17 +135,13 @@ def interrupted_chain(data, reference, out, seed, trials):
         assert records(os.path.join(out, split)) == records(os.path.join(ref, split))
         left = os.listdir(os.path.join(out, split))
         assert not [f for f in left if ".tmp" in f or f == ".pack"], left
-    assert all(not rep["mismatches"] for rep in _reports(out))
-
-
-def _reports(out):
-    return [r if isinstance(r, dict) else vars(r) for r in verify(str(out))]
+    assert [rep.mismatches for rep in verify(str(out))] == [[], []]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_ctrl_c_at_random_moments_is_one_line_and_the_rerun_resumes(data, reference, tmp_path,
                                                                     seed):
-    interrupted_chain(data, reference, tmp_path / "p", seed, trials=12)
+    interrupted_chain(data, reference, tmp_path / "p", seed, trials=10)
 
 
 @pytest.mark.slow
