@@ -118,6 +118,7 @@ class TrainConfig:
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
         c = dataclasses.replace(self)
+        cli.check_numbers(TrainConfig, vars(c))  # a NaN would pass every check below
         if not c.data:
             raise UserError("--data is required: ROOT holding train/ and val/")
         c.save_dir = c.out_dir

@@ -17,28 +17,28 @@ class UserError(Exception):
     """A problem the user can fix; the message says what was wrong and what to do."""
 
 
-# Ctrl-C while a tool program starts: [deferred by defer_startup_interrupts, pressed since].
-_startup = [False, False]
+# A tool program's Ctrl-C outside run_tool: [deferred (defer_startup_interrupts), pressed since].
+_deferred = [False, False]
 
 
-def _note_startup_interrupt(signum: int, frame: object) -> None:
-    _startup[1] = True
+def _note_interrupt(signum: int, frame: object) -> None:
+    _deferred[1] = True
 
 
 def defer_startup_interrupts() -> None:
-    """For a tool started as a program, before its imports (engine.tools does this): Ctrl-C is
-    noted rather than raised until run_tool begins, which then answers it like any other, and
-    once run_tool has answered, a Ctrl-C while the interpreter exits is ignored.
+    """For a tool started as a program, before its imports (engine.tools does this): outside
+    run_tool, Ctrl-C is noted rather than raised. The next run_tool answers a noted one like any
+    other (one line, 130); one noted after the last, while the interpreter exits, is dropped.
 
     Raised inside an import, a KeyboardInterrupt can come out as an ImportError of a half-
-    initialised extension or a traceback before any handler exists; raised while the
+    initialised extension, or a traceback before any handler exists; raised while the
     interpreter exits (joining worker processes), as "Exception ignored" tracebacks.
     """
     import signal
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _note_startup_interrupt)
-        _startup[0] = True
+        signal.signal(signal.SIGINT, _note_interrupt)
+        _deferred[0] = True
 
 
 def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -> int:
@@ -51,11 +51,12 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
 
     from engine.megengine_env import guard_import
 
-    program = _startup[0]
+    program = _deferred[0] and signal.getsignal(signal.SIGINT) is _note_interrupt
     try:
-        if program and signal.getsignal(signal.SIGINT) is _note_startup_interrupt:
+        if program:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if _startup[1]:  # pressed while the tool started
+            if _deferred[1]:  # pressed before this call
+                _deferred[1] = False
                 raise KeyboardInterrupt
         guard_import(UserError)
         status = body()
@@ -63,13 +64,13 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
         print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if program:  # the answer is given: another Ctrl-C must not cut into it
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if program:  # the answer is being given: another Ctrl-C must not cut into it
+            signal.signal(signal.SIGINT, _note_interrupt)
         print(interrupted, file=sys.stderr)
         return 130
     finally:
         if program:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, _note_interrupt)
     return status or 0
 
 

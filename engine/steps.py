@@ -17,6 +17,7 @@ Two MegEngine 1.13 facts shape the code:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import megengine as mge
@@ -91,7 +92,9 @@ def parse_bytes(text: str) -> int:
     try:
         value = float(num) * mult
     except ValueError:
-        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text) from None
+        value = float("nan")
+    if not math.isfinite(value):  # float() also reads "nan" and "inf"
+        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text)
     if value <= 0:
         raise UserError("memory size must be positive, got %r" % text)
     return int(value)
