@@ -309,10 +309,15 @@ def rebuild_marker(dst: str, k: int, plan: Dict[str, Any],
                 rec = shards.unpack_record(value)
                 kept.append((rec["path"], int(rec["label"])))
                 nbytes += len(value)
+    except Unrecoverable:
+        raise
     except shards.ShardError as exc:
         raise Unrecoverable(str(exc).split("; ")[0]) from None
     except (KeyError, TypeError, ValueError):
         raise Unrecoverable("%s holds records that are not this engine's" % path) from None
+    except Exception as exc:  # noqa: BLE001 - LMDB's errors of a damaged file, not imported here
+        raise Unrecoverable("%s cannot be read (%s)" % (path, " ".join(str(exc).split()))) \
+            from None
     finally:
         # The pack may rewrite this very file next (or fork): no environment of it may stay.
         shards.close_all_envs()

@@ -3,10 +3,17 @@
 Per split: the shards are copied first (each to a hidden temporary name, checked against the
 checksum in meta.json while copying, then renamed), meta.json last, so a destination without
 meta.json is visibly incomplete and readers refuse it. A rerun skips every local shard whose size
-and checksum already match, and re-copies a damaged one. Several ranks of one node may run this
-at once: one copies under an flock on DST/.stage.lock, the others wait (the holder reports its
-progress in the lock file; a holder that makes none for `stall_timeout` seconds is an error), then
-find the finished stamp and return without rereading anything.
+and checksum already match, and re-copies a damaged one; it first deletes what a killed run left
+(its temporary files) and the wrong copies, so that the free-space check counts their space as
+free, and while anything is copied the destination has no meta.json. Several ranks of one node
+may run this at once: one copies under an flock on DST/.stage.lock, the others wait (the holder
+reports its progress in the lock file; a holder that makes none for `stall_timeout` seconds is
+an error), then find the finished stamp and return without rereading anything.
+
+A destination this process cannot write (a read-only mount of a finished stage) is checked in
+place, without the lock: a complete, correct copy is accepted, anything else is refused saying
+what is wrong. A source shard that is missing or unreadable is an error naming it, never one
+about the destination.
 """
 from __future__ import annotations
 
