@@ -3,6 +3,9 @@ data set's labels index a model's outputs, and what tools/test.py runs.
 
 The model comes from engine.models.load_model, as single-image inference's (engine/inference.py)
 does: the same weight sources, the same checks.
+
+MegEngine is imported inside the functions that run a model, so that building the tool's parser
+(TestConfig) does not import it.
 """
 from __future__ import annotations
 
@@ -11,14 +14,11 @@ import os
 from dataclasses import MISSING, dataclass
 from typing import Dict, Optional, Sequence
 
-import megengine as mge
 import numpy as np
 
 from engine import cli, dist
 from engine.cli import option
 from engine.errors import UserError
-from engine.models import load_model
-from engine.steps import EvalStep
 
 
 def label_map_for(model_classes: Optional[Sequence[str]], model_num_classes: int,
@@ -63,6 +63,8 @@ def run_eval(eval_step, loader, label_map: Optional[np.ndarray] = None,
     of batches, or none: every rank still makes exactly one all-reduce, at the end, and the
     totals count each image once.
     """
+    import megengine as mge
+
     stats = []
     n = 0
     it = loader
@@ -147,6 +149,8 @@ def test(config: TestConfig) -> TestResult:
 
 def _test_worker(config: TestConfig, source: str) -> Dict[str, float]:
     from engine.data import Loader
+    from engine.models import load_model
+    from engine.steps import EvalStep
 
     loaded = load_model(config.arch, config.model, trusted=config.trust_pickle or None)
     try:

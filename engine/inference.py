@@ -1,16 +1,16 @@
 """Single-image inference: what tools/inference.py runs (the official inference.py's job).
 
 The image goes through the Loader's own val transform (engine.data.transforms.ValTransform), so
-a prediction sees exactly the pixels an evaluation of the same file would.
+a prediction sees exactly the pixels an evaluation of the same file would. MegEngine is imported
+by `predict`, so that building the tool's parser (InferenceConfig) does not import it.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import MISSING, dataclass
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import cv2
-import megengine as mge
 import numpy as np
 
 from engine import cli
@@ -18,8 +18,9 @@ from engine.cli import option
 from engine.data.transforms import ValTransform
 from engine.errors import UserError
 from engine.imagenet_classes import imagenet_names, imagenet_wnids
-from engine.models import LoadedModel, load_model
-from engine.steps import PredictStep
+
+if TYPE_CHECKING:
+    from engine.models import LoadedModel
 
 __all__ = ["InferenceConfig", "read_image", "resize_center_crop", "preprocess", "class_names",
            "predict", "format_prediction"]
@@ -52,7 +53,7 @@ def preprocess(path: str, image_size: int = 224) -> np.ndarray:
     return resize_center_crop(read_image(path), image_size)
 
 
-def class_names(loaded: LoadedModel) -> List[str]:
+def class_names(loaded: "LoadedModel") -> List[str]:
     """ImageNet names for 1000-class ImageNet models, else the checkpoint's class list."""
     if loaded.num_classes == 1000 and (loaded.classes is None or loaded.classes == imagenet_wnids()):
         return imagenet_names()
@@ -82,6 +83,11 @@ def predict(arch: str, model: Optional[str], image: str, topk: int = InferenceCo
 
     image_size None = the size an engine checkpoint was trained at, else 224.
     """
+    import megengine as mge
+
+    from engine.models import load_model
+    from engine.steps import PredictStep
+
     if topk < 1:
         raise UserError("--topk must be >= 1")
     img = read_image(image)  # a bad path fails before the (slow) model load

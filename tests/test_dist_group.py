@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def val_split(tmp_path_factory):
-    from conftest import make_imagenet
+    from helpers import make_imagenet
 
     root = make_imagenet(str(tmp_path_factory.mktemp("ev") / "inet"), classes=3, train=1, val=3)
     return os.path.join(root, "val")  # 9 images

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import make_imagenet, photo_bgr
+from helpers import make_imagenet, photo_bgr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")

@@ -13,7 +13,7 @@ from engine.metrics import MetricsLog, read_jsonl
 from engine.schedules import lr_at, step_milestones
 from engine.trainer import loader_kwargs, resolve_data, scaled_lr, train
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 
 # ------------------------------------------------------------------------------ pure functions

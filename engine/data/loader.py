@@ -337,7 +337,13 @@ class Loader:
             task = self._pending.popleft()
             if not self._held_by[wid]:
                 self._progress[wid] = time.monotonic()  # idle until now: the clock starts here
-            self._conns[wid].send(task)
+            try:
+                self._conns[wid].send(task)
+            except OSError:  # a broken pipe: the worker died since the last look
+                self._procs[wid].join(1.0)  # its exit code names the cause
+                self._check_workers()
+                self._fail("loader worker %d (pid %d) closed its pipe%s"
+                           % (wid, self._procs[wid].pid, self._where(wid)))
             self._held_by[wid].append(task[0])
 
     def _receive(self, wait: bool, strict: bool = True) -> None:

@@ -227,9 +227,12 @@ def shard_lock_path(dst: str, k: int) -> str:
 
 
 def read_marker(dst: str, k: int, fp: str) -> Optional[Dict[str, Any]]:
-    """Shard k's marker if it was packed for fingerprint `fp` and its file is there, else None."""
+    """Shard k's marker if it was packed for fingerprint `fp` and its file is there, else None.
+
+    A marker without the shard's size and checksum (written by an engine before they were
+    recorded) counts as missing: that shard is packed again rather than trusted unchecked."""
     m = _load_json(_marker_path(dst, k))
-    if m is None or m.get("fingerprint") != fp:
+    if m is None or m.get("fingerprint") != fp or "size" not in m or "checksum" not in m:
         return None
     if not os.path.exists(os.path.join(dst, shards.shard_name(k))):
         return None
@@ -423,11 +426,8 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
     for k in range(len(plan["shards"])):  # in shard order, whoever packed them
         m = markers[k]
         stats.add_marker(m)
-        path = os.path.join(dst, m["file"])
-        size = m.get("size", os.path.getsize(path))
-        checksum = m.get("checksum") or shards.file_checksum(path)  # markers of older packs
-        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": size,
-                        "checksum": checksum})
+        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": m["size"],
+                        "checksum": m["checksum"]})
     return {
         "format": shards.FORMAT,
         "version": shards.VERSION,

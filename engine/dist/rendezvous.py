@@ -36,11 +36,11 @@ _ACK_KEY = "engine/rendezvous/ack/%d"
 
 def file_fingerprint(path: str) -> str:
     """Size and content hash of a file: equal on two nodes only for the same checkpoint."""
-    h = hashlib.sha1()
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return "%d bytes, sha1 %s" % (os.path.getsize(path), h.hexdigest()[:16])
+    return "%d bytes, sha256 %s" % (os.path.getsize(path), h.hexdigest()[:16])
 
 
 def node_report(*, num_nodes: int, ngpus: Optional[int], error: Optional[str] = None,
