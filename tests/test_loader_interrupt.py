@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from engine.data.pack import pack_imagenet
 
 DEADLINE = 60  # seconds; only catches a hang, never measures speed

@@ -13,7 +13,7 @@ import typing
 import pytest
 
 import engine.tools
-from conftest import ROOT
+from helpers import ROOT
 from engine import cli
 from engine.config import TrainConfig, config_from_argv
 from engine.errors import ConfigError, UserError

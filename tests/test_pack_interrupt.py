@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.data import shards
 from engine.data.verify import verify
 

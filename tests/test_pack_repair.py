@@ -1,8 +1,7 @@
 """A pack whose shards are all there but whose meta.json (and so the markers it was made from)
-is gone: --merge rebuilds meta.json from the shard files, or says precisely what it cannot
-rebuild; the pack rerun rebuilds the rest from the input listing, without repacking. Finished
-shards whose markers were lost (a kill between the two) are taken the same way. The tools run in
-subprocesses with a deadline."""
+is gone: --merge rebuilds meta.json from the shard files, checked as verify_pack checks them, or
+says precisely what it cannot rebuild. A finished shard whose marker was lost (a kill between
+the two) is taken the same way. The tools run in subprocesses with a deadline."""
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_imagenet, write
+from helpers import ROOT, make_imagenet, write
 from engine.data import shards
 from engine.data.pack import pack_imagenet
 from engine.data.verify import verify
@@ -86,7 +85,8 @@ def test_merge_rebuilds_a_lost_meta_json_from_the_shards(clean, tmp_path):
     os.remove(train / "meta.json")
     r = tool("--out", out, "--merge")
     assert r.returncode == 0, r.stderr
-    assert "rebuilt them from the shard files" in r.stdout and "merged" in r.stdout
+    assert "rebuilt the markers of 5 shard(s) from the shard files" in r.stdout
+    assert "train: merged" in r.stdout
     same_meta_but_kinds(meta(train), before)
     assert list(shards.Split(str(train))) == records
     assert shard_files(train) == files and not (train / ".pack").exists()
@@ -95,11 +95,11 @@ def test_merge_rebuilds_a_lost_meta_json_from_the_shards(clean, tmp_path):
     assert r.returncode == 0 and "already packed" in r.stdout, r.stderr
 
 
-def test_lost_names_of_skipped_files_are_named_and_the_pack_rerun_rebuilds_them(with_skips,
-                                                                              tmp_path):
+def test_lost_names_of_skipped_files_are_named_and_the_pack_rerun_repacks(with_skips, tmp_path):
     out = packed(with_skips, tmp_path)
     train = out / "train"
-    before, files = meta(train), shard_files(train)
+    before = meta(train)
+    records = list(shards.Split(str(train)))
     assert len(before["skipped"]) == 3
     os.remove(train / "meta.json")
     line = one_error_line(tool("--out", out, "--merge"))
@@ -107,12 +107,15 @@ def test_lost_names_of_skipped_files_are_named_and_the_pack_rerun_rebuilds_them(
     assert "skipped file(s) and why were recorded only in its marker and meta.json" in line
     assert "rerun the pack with --data" in line
     assert not (train / "meta.json").exists()
-    r = tool(*pack_args(with_skips, out))
+    r = tool(*pack_args(with_skips, out))  # as it says
     assert r.returncode == 0, r.stderr
-    assert "rebuilt them from the shard files" in r.stdout
-    got = meta(train)
-    same_meta_but_kinds(got, before)  # the skipped list too: paths and reasons
-    assert shard_files(train) == files  # nothing was repacked
+    got = meta(train)  # the shards the merge could check kept their rebuilt markers
+    same = ("num_samples", "classes", "skipped", "seen", "fingerprint", "split", "bytes")
+    assert {k: got[k] for k in same} == {k: before[k] for k in same}
+    assert [(e["file"], e["num_samples"]) for e in got["shards"]] == \
+        [(e["file"], e["num_samples"]) for e in before["shards"]]
+    assert sum(got["kinds"].values()) == got["num_samples"]
+    assert list(shards.Split(str(train))) == records
     assert [rep.mismatches for rep in verify(str(out))] == [[], []]
 
 
@@ -137,8 +140,25 @@ def test_a_finished_shard_that_lost_its_marker_is_taken_not_repacked(clean, tmp_
     pack_imagenet(clean, str(out), node_rank=0, **quiet)
     train = out / "train"
     os.remove(train / ".pack" / "shard-00002.lmdb.json")
+    pack_imagenet(clean, str(out), node_rank=1, **quiet)
+    assert not (train / "meta.json").exists()  # shard 2 has no marker: not merged yet
     files = shard_files(train)
-    pack_imagenet(clean, str(out), node_rank=1, **quiet)  # the last node: it merges
-    assert (train / "meta.json").exists() and not (train / ".pack").exists()
-    assert {f: files[f] for f in files} == {f: shard_files(train)[f] for f in files}
+    r = tool("--out", out, "--merge")
+    assert r.returncode == 0, r.stderr
+    assert "rebuilt the markers of 1 shard(s)" in r.stdout
+    assert shard_files(train) == files and not (train / ".pack").exists()
     assert [rep.mismatches for rep in verify(str(out))] == [[], []]
+
+
+def test_a_damaged_shard_without_its_marker_is_not_taken(clean, tmp_path):
+    out = packed(clean, tmp_path)
+    train = out / "train"
+    os.remove(train / "meta.json")
+    path = train / "shard-00001.lmdb"
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xd8\xff") + 2000  # inside the first JPEG's entropy-coded data
+    data[at:at + 600] = b"\x00" * 600
+    path.write_bytes(bytes(data))
+    line = one_error_line(tool("--out", out, "--merge"))
+    assert "shard-00001.lmdb record" in line and "the shard is damaged" in line
+    assert not (train / "meta.json").exists()

@@ -210,17 +210,6 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
     plan.prepare(dst, sc.plan)
     n_nodes, rank = nodes
     mine = [k for k in range(len(sc.plan["shards"])) if k % n_nodes == rank]
-    # A shard on disk without its marker is finished (shards appear only when complete): a pack
-    # killed between the two, or a finished pack that lost meta.json (the merge removes the
-    # markers). Its marker is rebuilt from it, whichever node packed it, rather than the shard
-    # repacked; one that does not match the plan is packed again (if it is this node's).
-    _, unusable = plan.rebuild_markers(
-        dst, sc.plan, plan.missing(dst, sc.plan), log, items_of=sc.shard_items,
-        reason=lambda rel: process_file(os.path.join(sc.src, rel), sc.plan["max_side"]).get(
-            "skip", "skipped when packed"))
-    if unusable:
-        log("%s: %d shard(s) on disk have no marker and were not taken as they are (e.g. %s); "
-            "the node that owns a shard packs it again" % (split, len(unusable), unusable[0]))
     todo = plan.missing(dst, sc.plan, among=mine)
     if len(todo) < len(mine) and todo:
         log("%s: resuming, %d of %d shards already complete"

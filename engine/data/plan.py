@@ -278,21 +278,20 @@ class Unrecoverable(PackError):
     """A shard file whose marker cannot be rebuilt from it (the message says why)."""
 
 
-def rebuild_marker(dst: str, k: int, plan: Dict[str, Any],
-                   items: Optional[Sequence[Tuple[str, int]]] = None,
-                   reason: Optional[Callable[[str], str]] = None) -> Optional[Dict[str, Any]]:
+def rebuild_marker(dst: str, k: int, plan: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """Write shard k's marker again from the shard file itself; None if there is no file.
 
-    A finished shard without its marker is what a pack killed between publishing the shard and
+    A finished shard without a marker is what a pack killed between publishing the shard and
     its marker leaves, and what a finished pack that lost meta.json is (the merge removes the
-    markers). Its records must be exactly the files the plan assigns to the shard, in order,
-    minus those skipped: with `items` (that shard's planned (path, label) list, from a scan of
-    the input) the skipped ones are those missing from the shard, each with `reason(path)`;
-    without, the shard must hold every planned file, as the plan's digest of the file list is
-    all there is to compare with. The counts per kind of image are not in the shard: the marker
-    records them as "unrecorded". Raises Unrecoverable if the file is damaged, does not match
-    the plan, or had skipped files and `items` is None.
+    markers). It is taken only as verify_pack checks a pack: every record is read and its image
+    decoded, and the records must be exactly the files the plan assigns to the shard, in order
+    (the plan's digest of that list). A shard from which files were skipped cannot be taken:
+    the names of those files were in the lost marker alone. The counts per kind of image are
+    not in a shard either; the marker records them as "unrecorded". Raises Unrecoverable if the
+    file is damaged, is not the plan's, or had skipped files.
     """
+    from engine.data.verify import check_record  # it decodes: only a repair needs it
+
     name = shards.shard_name(k)
     path = os.path.join(dst, name)
     if not os.path.exists(path):
@@ -306,97 +305,82 @@ def rebuild_marker(dst: str, k: int, plan: Dict[str, Any],
             n = txn.stat()["entries"]
             for i in range(n):
                 value = txn.get(shards.record_key(i))
-                if value is None:
-                    raise Unrecoverable("%s has %d entries but no record %d: it is damaged"
-                                        % (path, n, i))
-                rec = shards.unpack_record(value)
+                raw = None if value is None else bytes(value)
+                problem = check_record(raw, len(plan["classes"]))
+                if problem or raw is None:
+                    raise Unrecoverable("%s record %d: %s (the shard is damaged)"
+                                        % (path, i, problem or "missing"))
+                rec = shards.unpack_record(raw)
                 kept.append((rec["path"], int(rec["label"])))
-                nbytes += len(value)
+                nbytes += len(raw)
     except Unrecoverable:
         raise
     except shards.ShardError as exc:
         raise Unrecoverable(str(exc).split("; ")[0]) from None
-    except (KeyError, TypeError, ValueError):
-        raise Unrecoverable("%s holds records that are not this engine's" % path) from None
     except Exception as exc:  # noqa: BLE001 - LMDB's errors of a damaged file, not imported here
         raise Unrecoverable("%s cannot be read (%s)" % (path, " ".join(str(exc).split()))) \
             from None
     finally:
         # The pack may rewrite this very file next (or fork): no environment of it may stay.
         shards.close_all_envs()
-    mismatch = Unrecoverable(
-        "%s does not hold the files %s assigns to it (%d records, %d files planned): it is "
-        "from another pack" % (path, PLAN_FILE, len(kept), planned["num_files"]))
-    skipped: List[Dict[str, str]] = []
-    if items is None:
-        if len(kept) < planned["num_files"]:
-            raise Unrecoverable(
-                "%s holds %d of the %d files planned for it: the names of the %d skipped "
-                "file(s) and why were recorded only in its marker and meta.json, which are gone"
-                % (path, len(kept), planned["num_files"], planned["num_files"] - len(kept)))
-        if _shard_digest(kept) != planned["files_sha256"]:
-            raise mismatch
-    else:
-        if _shard_digest(items) != planned["files_sha256"]:
-            raise PackError("the input listing of %s differs from %s" % (name, PLAN_FILE))
-        left = iter(kept)
-        want = next(left, None)
-        for rel, label in items:  # the records are the planned files in order, minus skips
-            if want == (rel, label):
-                want = next(left, None)
-            else:
-                skipped.append({"path": rel, "reason": reason(rel) if reason else
-                                "skipped when packed"})
-        if want is not None:
-            raise mismatch
+    if len(kept) < planned["num_files"]:
+        raise Unrecoverable(
+            "%s holds %d of the %d files planned for it: the names of the %d skipped file(s) "
+            "and why were recorded only in its marker and meta.json, which are gone"
+            % (path, len(kept), planned["num_files"], planned["num_files"] - len(kept)))
+    if _shard_digest(kept) != planned["files_sha256"]:
+        raise Unrecoverable(
+            "%s does not hold the files %s assigns to it (%d records, %d files planned): it is "
+            "from another pack" % (path, PLAN_FILE, len(kept), planned["num_files"]))
     m = {"file": name, "fingerprint": plan["fingerprint"], "seen": planned["num_files"],
          "num_samples": len(kept), "kinds": {"unrecorded": len(kept)} if kept else {},
-         "skipped": skipped, "bytes": nbytes, "size": os.path.getsize(path),
+         "skipped": [], "bytes": nbytes, "size": os.path.getsize(path),
          "checksum": shards.file_checksum(path)}
     shards.write_json_atomic(_marker_path(dst, k), m)
     return m
 
 
-def rebuild_markers(dst: str, plan: Dict[str, Any], among: Iterable[int], log: Log,
-                    items_of: Optional[Callable[[int], Sequence[Tuple[str, int]]]] = None,
-                    reason: Optional[Callable[[str], str]] = None
+def rebuild_markers(dst: str, plan: Dict[str, Any], among: Iterable[int], log: Log
                     ) -> Tuple[List[int], List[str]]:
-    """Rebuild the markers of the shards of `among` whose file is there but whose marker is not
-    (see rebuild_marker; `items_of(k)` gives shard k's planned files when the input was scanned).
+    """Rebuild the markers of the shards of `among` whose file is there but which have no
+    marker at all (see rebuild_marker; a marker of another kind, e.g. one without a checksum,
+    means the shard is packed again).
 
     Returns (the shards whose marker was rebuilt, a problem line for each one that could not
     be). A shard another pack is writing right now is left alone (it is a problem line).
     """
-    fp = plan["fingerprint"]
     done: List[int] = []
     problems: List[str] = []
-    among = list(among)
-    if any(os.path.exists(os.path.join(dst, shards.shard_name(k))) for k in among):
-        try:  # the merge removed the folder of the markers and locks
-            os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
-        except OSError as exc:
-            raise PackError(disk_error_message(exc, os.path.join(dst, PROGRESS_DIR))) from None
-    for k in among:
+    present = [k for k in among if os.path.exists(os.path.join(dst, shards.shard_name(k)))]
+    todo = [k for k in present if not os.path.exists(_marker_path(dst, k))]
+    problems += ["%s has a marker that does not match %s (another pack's, or one written before "
+                 "markers recorded checksums)" % (os.path.join(dst, shards.shard_name(k)),
+                                                  PLAN_FILE)
+                 for k in present if k not in todo]
+    if not todo:
+        return done, problems
+    try:  # the merge removed the folder of the markers and locks
+        os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, os.path.join(dst, PROGRESS_DIR))) from None
+    log("%s: %d finished shard(s) have no marker; checking them as verify_pack does (every "
+        "image is decoded) to rebuild their markers" % (dst, len(todo)))
+    for k in todo:
         path = os.path.join(dst, shards.shard_name(k))
-        if not os.path.exists(path):
-            continue
         try:
             with acquire(shard_lock_path(dst, k), refused=lambda holder: (
                     "%s is being written by another pack right now (%s)" % (path, holder))):
-                if read_marker(dst, k, fp) is not None:  # written meanwhile by its pack
-                    done.append(k)
+                if os.path.exists(_marker_path(dst, k)):  # written meanwhile by its pack
                     continue
-                if rebuild_marker(dst, k, plan, items_of(k) if items_of else None,
-                                  reason) is not None:
+                if rebuild_marker(dst, k, plan) is not None:
                     done.append(k)
         except (LockError, Unrecoverable) as exc:
             problems.append(str(exc))
         except OSError as exc:
             raise PackError(disk_error_message(exc, _marker_path(dst, k))) from None
     if done:
-        log("%s: %d finished shard(s) had lost their markers; rebuilt them from the shard "
-            "files (the counts per kind of image are not in a shard: 'unrecorded')"
-            % (dst, len(done)))
+        log("%s: rebuilt the markers of %d shard(s) from the shard files (the counts per kind "
+            "of image are not in a shard: 'unrecorded')" % (dst, len(done)))
     return done, problems
 
 
@@ -492,11 +476,8 @@ def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:
     if problems:
         what = problems[0] + (" (and %d more shard(s) like it)" % (len(problems) - 1)
                               if len(problems) > 1 else "")
-        if any("were recorded only in" in p for p in problems):
-            what += ("; rerun the pack with --data and the arguments it was packed with: it "
-                     "rebuilds what was lost from the input listing, without repacking")
-        else:
-            what += "; rerun the pack with the arguments it was packed with to rewrite them"
+        what += ("; rerun the pack with --data and the arguments it was packed with: it packs "
+                 "those shards again")
         parts.append("%d of %d shards are on disk without their marker and cannot be taken as "
                      "they are: %s" % (len(problems), n, what))
     return "cannot merge %s: %s" % (dst, "; ".join(parts))
