@@ -11,7 +11,9 @@ side), so every node computes the same plan and any node can be rerun alone. A m
 finished shard's counts, skipped files and checksum under the fingerprint it was packed for; a
 shard counts as done only when its marker matches the plan and its file is there. meta.json is
 written from the markers, in shard order, by whichever node finds them all present (or by the
-merge), so its content does not depend on which node packed what.
+merge), so its content does not depend on which node packed what. The merge rebuilds the marker
+of a finished shard that has none (a kill between shard and marker, a lost meta.json) from the
+shard file, once every record in it decodes and its file list is the plan's.
 """
 from __future__ import annotations
 
@@ -474,12 +476,12 @@ def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:
                      "(shard k belongs to node k mod --num-nodes), then merge again"
                      % (len(absent), n, ", ".join(absent[:8]), " ..." if len(absent) > 8 else ""))
     if problems:
-        what = problems[0] + (" (and %d more shard(s) like it)" % (len(problems) - 1)
-                              if len(problems) > 1 else "")
+        what = problems[0] + (" (and %d more)" % (len(problems) - 1) if len(problems) > 1
+                              else "")
         what += ("; rerun the pack with --data and the arguments it was packed with: it packs "
                  "those shards again")
-        parts.append("%d of %d shards are on disk without their marker and cannot be taken as "
-                     "they are: %s" % (len(problems), n, what))
+        parts.append("%d of %d shards are on disk without a usable marker and cannot be taken "
+                     "as they are: %s" % (len(problems), n, what))
     return "cannot merge %s: %s" % (dst, "; ".join(parts))
 
 
@@ -487,8 +489,10 @@ def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = prin
                ) -> Dict[str, Any]:
     """Write meta.json of each split of a multi-node pack from its plan and shard markers.
 
-    Idempotent. Raises PackError naming the missing shards while any is absent (the split then
-    stays unreadable, as it has no meta.json).
+    A finished shard without a marker (a node killed between the two, or a finished pack that
+    lost meta.json) gets its marker rebuilt from the shard file (rebuild_markers). Idempotent.
+    Raises PackError naming the missing shards, and those that cannot be taken as they are,
+    while any is left (the split then stays unreadable, as it has no meta.json).
     """
     if not os.path.isdir(out):
         raise PackError("--out %s does not exist or is not a folder" % out)
