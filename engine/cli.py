@@ -4,9 +4,11 @@ live once, as the fields of the dataclass that its engine function takes.
 A field made with `option(default, help, *flags, **argparse_kw)` is a command-line option: it is
 spelled `--field-name` unless `flags` are given (a flag without a leading dash makes it a
 positional argument), a bool becomes `--x / --no-x`, and an Optional[...] annotation gives the
-value's type. A plain dataclass field is not on the command line. `build_parser(Config)` derives
-the parser and `parse(Config, argv)` returns a Config; given `recipes=`, a `--config RECIPE` flag
-supplies defaults too, so that a value comes from the dataclass default < the recipe < a flag.
+value's type; a float option takes finite numbers only, from a flag or a recipe alike (NaN and
+infinities are refused naming the option). A plain dataclass field is not on the command line.
+`build_parser(Config)` derives the parser and `parse(Config, argv)` returns a Config; given
+`recipes=`, a `--config RECIPE` flag supplies defaults too, so that a value comes from the
+dataclass default < the recipe < a flag.
 
 The options several tools share (the model name and its weights, the evaluation crop size, the
 unpickling opt-out) are defined here once; each tool's dataclass uses them.
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
-__all__ = ["DEFAULT_ARCH", "option", "is_option", "choices", "build_parser", "parse", "arch_option",
-           "model_arch_option", "model_option", "trust_pickle_option", "eval_size_option",
-           "batch_size_option"]
+__all__ = ["DEFAULT_ARCH", "option", "is_option", "choices", "build_parser", "parse", "finite_float",
+           "check_numbers", "option_flag", "arch_option", "model_arch_option", "model_option",
+           "trust_pickle_option", "eval_size_option", "batch_size_option"]
 
 C = TypeVar("C")
 Help = typing.Union[str, Callable[[], str]]
@@ -85,6 +88,46 @@ def batch_size_option(default: int) -> Any:
     return option(default, "images per GPU per step", "-b", "--batch-size")
 
 
+# ------------------------------------------------------------------------------ numbers
+# Python's float() reads "nan", "inf" and "-infinity", and JSON recipes may hold NaN, Infinity
+# or 1e999; none of them is a setting. A NaN passes every range check (all comparisons are
+# false) and an infinity passes the one-sided ones (> 0), so they are refused here, where the
+# numbers of every tool come in: flags through finite_float, recipes through check_numbers.
+
+NOT_FINITE = "NaN and infinities are not settings"
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float option: a finite number (argparse names the option when this
+    raises)."""
+    value = float(text)  # ValueError: argparse's "invalid float value: 'x'"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("%r is not a finite number (%s)" % (text, NOT_FINITE))
+    return value
+
+
+finite_float.__name__ = "float"  # argparse's messages name the type by this
+
+
+def option_flag(f: dataclasses.Field) -> str:
+    """How messages name an option: its --field-name spelling if it has one, else its last."""
+    flags = f.metadata.get("flags") or ()
+    long = "--" + f.name.replace("_", "-")
+    return long if long in flags or not flags else flags[-1]
+
+
+def check_numbers(cls: type, values: Mapping[str, Any], where: str = "") -> None:
+    """Raise ConfigError (one line naming the option) if a float or int option of `cls` in
+    `values` (field name -> value: a recipe, or a built config's fields) is NaN or infinite."""
+    from engine.errors import ConfigError
+
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError("%s%s must be a finite number, got %r (%s)"
+                              % (where, f.name if where else option_flag(f), value, NOT_FINITE))
+
+
 # ------------------------------------------------------------------------------ the parser
 
 def _arg_type(hint: Any) -> Tuple[Any, bool]:
@@ -113,7 +156,7 @@ def _add(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
     if is_bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif "const" not in kw or base is not str:  # nargs="?" with a str const keeps its text
-        kw["type"] = base
+        kw["type"] = finite_float if base is float else base
     p.add_argument(*flags, **kw)
 
 
@@ -155,12 +198,14 @@ def parse(cls: Type[C], argv: Optional[Sequence[str]] = None, description: str =
     --config RECIPE supplies defaults: dataclass default < recipe < flag. Bad values exit 2
     through argparse; `recipes` raises a UserError for a bad recipe."""
     p = build_parser(cls, description, epilog, recipes=recipes is not None)
+    where = ""
     if recipes is not None:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
         known, _ = pre.parse_known_args(argv)
         if known.config:
             recipe = dict(recipes(known.config))
+            where = "recipe %s: " % known.config
             p.set_defaults(**recipe)
             # A recipe may set a required option (--data); the flag is then optional.
             for action in p._actions:
@@ -168,4 +213,7 @@ def parse(cls: Type[C], argv: Optional[Sequence[str]] = None, description: str =
                     action.required = False
     args = vars(p.parse_args(argv))
     args.pop("config", None)
+    # argparse types only what comes from the command line: the numbers a recipe left standing
+    # (no flag replaced them) are checked here, as flags are.
+    check_numbers(cls, args, where)
     return cls(**args)

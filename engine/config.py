@@ -162,6 +162,7 @@ class TrainConfig:
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
         c = dataclasses.replace(self)
+        cli.check_numbers(TrainConfig, vars(c))  # a NaN would pass every check below
         if not (c.data or c.train_data):
             raise UserError("--data is required: ROOT holding train/ and val/ (or --train-data "
                             "DIR, with --val-data DIR unless --no-eval)")

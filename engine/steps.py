@@ -24,6 +24,7 @@ minute instead of at the end of a progressive-resizing ramp.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -102,7 +103,9 @@ def parse_bytes(text: str) -> int:
     try:
         value = float(num) * mult
     except ValueError:
-        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text) from None
+        value = float("nan")
+    if not math.isfinite(value):  # float() also reads "nan" and "inf"
+        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text)
     if value <= 0:
         raise UserError("memory size must be positive, got %r" % text)
     return int(value)

@@ -164,8 +164,10 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
     layout = cfg.node_layout()
     dist.check_one_process_per_node(os.environ)
     # This machine's own verdict, so given before any rendezvous: a CPU-only node of a
-    # multi-node run stops now with the reason instead of waiting for the other nodes.
-    dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+    # multi-node run stops now with the reason instead of waiting for the other nodes. (The
+    # test-only CPU collectives run several CPU ranks on purpose.)
+    if not dist.cpu_collectives():
+        dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.

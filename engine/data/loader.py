@@ -47,6 +47,7 @@ from engine.data import shards
 from engine.data.cpus import default_workers
 from engine.data.decode import roi_available
 from engine.data.folder import FolderIndex
+from engine.data.forking import start_process
 from engine.data.options import LoaderOptions, check_int
 from engine.data.sampler import Sampler
 from engine.data.sources import open_source
@@ -297,10 +298,13 @@ class Loader:
                 p = ctx.Process(target=worker_main, name="engine-loader-%d" % wid, daemon=True,
                                 args=(wid, theirs, self._source, self._decoder, buf,
                                       self._layout, self.skip_undecodable))
-                p.start()
-                theirs.close()
-                self._procs.append(p)
-                self._conns.append(mine)
+                try:  # Ctrl-C can reach neither the fork nor the child's start
+                    start_process(p)
+                finally:
+                    theirs.close()
+                    if p.pid is not None:  # started, even if Ctrl-C came during the fork
+                        self._procs.append(p)
+                        self._conns.append(mine)
         except BaseException:
             cv2.setNumThreads(cv_threads)
             self.close()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import gc
 import mmap
 import os
-import signal
 import traceback
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
 from engine.data.decode import DecodeError
+from engine.data.forking import ignore_sigint
 from engine.data.sources import Source
 from engine.data.transforms import Transform
 from engine.errors import DataError, UserError
@@ -123,11 +123,11 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
                 layout: RingLayout, skip: bool = False) -> None:
     """A worker process: run tasks from `conn` until it sends None, closes, or the main process
     dies."""
+    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
+    ignore_sigint()
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()
-    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     while True:
         try:
