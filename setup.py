@@ -51,6 +51,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8,<3.11",
     packages=find_packages(include=["engine", "engine.*"]),
+    # the training recipes, found by name from any folder (engine.recipes)
+    package_data={"engine.recipes": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
@@ -71,6 +73,7 @@ setup(
         "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0",
                 "tensorboardX"],
         "tensorboard": ["tensorboardX"],
+        "plot": ["matplotlib"],  # the run's curves.png (optional: a run without it says so)
         # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
         "dali": ["nvidia-dali-cuda120"],
     },

@@ -36,9 +36,6 @@ from common import (  # noqa: E402
 
 from engine.data import Loader, shards  # noqa: E402
 
-MEAN = [103.530, 116.280, 123.675]
-STD = [57.375, 57.120, 58.395]
-
 
 def measure(batches, seconds: float, batch_size: int) -> float:
     """img/s over `seconds` of steady state (the first batch, i.e. start-up, excluded)."""
@@ -56,10 +53,12 @@ def seed_pipeline(train_dir: str, batch_size: int, image_size: int, workers: int
     from megengine.data import transform as T
     from megengine.data.dataset import ImageFolder
 
+    from engine.models.specs import MEAN_BGR, STD_BGR
+
     ds = ImageFolder(train_dir)
     sampler = Infinite(RandomSampler(ds, batch_size=batch_size, drop_last=True))
     tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
-                    T.Normalize(mean=MEAN, std=STD), T.ToMode("CHW")])
+                    T.Normalize(mean=list(MEAN_BGR), std=list(STD_BGR)), T.ToMode("CHW")])
     return DataLoader(ds, sampler=sampler, transform=tf, num_workers=workers)
 
 

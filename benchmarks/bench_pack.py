@@ -53,7 +53,7 @@ def main(argv=None):
         try:
             res = pack_imagenet(data, out, splits=splits, workers=a.workers, progress=False,
                                 shard_size=a.shard_size, log=lambda *x: None)
-            return sum(s["seen"] for s in res["splits"])
+            return sum(s.seen for s in res.splits)
         finally:
             if kept:
                 shutil.rmtree(kept.pop())
@@ -78,8 +78,8 @@ def main(argv=None):
         full_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(out)
-    assert not any(r["mismatches"] for r in fast + full)
-    records = sum(r["decoded"] for r in full)
+    assert not any(r.mismatches for r in fast + full)
+    records = sum(r.decoded for r in full)
     pack_s = len(blobs) / pack_rate  # wall time of one pack at the median rate
     mb = total / 1e6
     rows = [

@@ -88,7 +88,7 @@ def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
     if data is None:
         data = os.path.join(DEFAULT_CACHE, "sample-imagenet-like" if imagenet_like else "sample")
         if not os.path.exists(os.path.join(data, "val")):
-            from engine.sample import make_sample_imagenet
+            from engine.data.sample import make_sample_imagenet
 
             log("making the sample set in %s" % data)
             if imagenet_like:  # enough for 8 ranks x batch 256 in bench_node

@@ -28,6 +28,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from common import ROOT, describe_machine, md_table  # noqa: E402
 
+from engine.atomic import atomic_write  # noqa: E402
+
 TEMPLATE = os.path.join(HERE, "BENCHMARKS.template.md")
 PUBLIC_FIGURES = os.path.join(HERE, "public_figures.json")
 SIZING_SIZES = (160, 192, 224)
@@ -201,10 +203,7 @@ def write_png(results: Dict[str, Any], path: str) -> str:
         title += "  [QUICK RUN: tiny sizes, not meaningful]"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 
@@ -350,10 +349,7 @@ def write_markdown(results: Dict[str, Any], path: str, png_path: Optional[str] =
         return os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") if p else None
 
     text = render_markdown(results, rel(png_path), rel(json_path))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 

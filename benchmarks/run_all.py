@@ -38,6 +38,8 @@ from common import ROOT, git_info, label_path, log, machine_info, scrub  # noqa:
 
 import report  # noqa: E402
 
+from engine.atomic import atomic_write  # noqa: E402
+
 BENCHMARKS = ("pack", "decode", "loader", "node", "train", "e2e")
 RESULTS_VERSION = 2
 # Placeholders for the folders a user passes, in recorded commands (shell syntax: a user can
@@ -230,10 +232,8 @@ def main(argv=None) -> int:
     results["sizing"] = report.sizing(results)
 
     json_path, png_path = stem + ".json", stem + ".png"
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, json_path)
+    text = json.dumps(results, indent=1, sort_keys=True)
+    atomic_write(json_path, lambda f: f.write(text.encode()))
     report.write_png(results, png_path)
     report.write_markdown(results, md_path, png_path, json_path)
 

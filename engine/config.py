@@ -1,32 +1,45 @@
 """The training configuration: one dataclass is the only place a default or a help text lives.
 
-`build_parser()` derives tools/train.py's flags from the fields' metadata, recipe files
-(`--config recipes/NAME.json`) supply values whose keys are the field names, and flags given on
-the command line win over both: dataclass default < recipe < flag. `TrainConfig.finalized()`
+tools/train.py's flags are derived from the fields (engine.cli), recipe files (`--config NAME`,
+engine/recipes/NAME.json, or a path) supply values whose keys are the field names, and flags given
+on the command line win over both: dataclass default < recipe < flag. `TrainConfig.finalized()`
 validates everything that can be checked without touching data or devices.
+
+A run records its config in the save dir's config.json (and in its checkpoint): the options,
+then what the run adds (:data:`RUN_RECORD_KEYS`: the class list, the world size, the command
+line, the versions, the start time, from :func:`run_facts`). That file is a recipe too:
+`--config run/config.json` replays the run's options, leaving out the record and the options that
+belong to that launch (:data:`LAUNCH_KEYS`: its save dir, resume and node layout).
+:func:`eval_transform` reads from such a record how the run evaluated.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from engine import distributed
+from engine import cli, dist
+from engine.cli import option as _opt
 from engine.errors import UserError
 
-__all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "build_parser", "config_from_argv",
-           "load_recipe"]
+__all__ = ["TrainConfig", "NodeLayout", "SCHEDULES", "OPTIMIZERS", "RUN_RECORD_KEYS", "LAUNCH_KEYS",
+           "build_parser", "config_from_argv", "load_recipe", "run_facts", "eval_transform"]
 
 SCHEDULES = ("step", "cosine", "linear", "poly")
 OPTIMIZERS = ("sgd", "lars")
 
-
-def _opt(default: Any, help: str, *flags: str, **argparse_kw: Any) -> Any:
-    """A field with its command-line spelling and help text beside its default."""
-    return field(default=default, metadata=dict(help=help, flags=flags, kw=argparse_kw))
+#: What a run's config (config.json, a checkpoint's "config") holds besides the options: facts of
+#: the run, not settings. classes, num_classes and world_size come from checkpoint.run_config,
+#: the rest from run_facts().
+RUN_RECORD_KEYS = ("classes", "num_classes", "world_size", "command", "versions", "started")
+#: Options of a run's config that belong to its launch rather than to its recipe: a replay of the
+#: config takes its own (a new save dir, a fresh start, this machine's node layout).
+LAUNCH_KEYS = ("save_dir", "resume", "ngpus", "num_nodes", "node_rank", "master_ip",
+               "master_port")
 
 
 class NodeLayout(NamedTuple):
@@ -40,11 +53,23 @@ class NodeLayout(NamedTuple):
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata=dict(
-        help="ROOT with train/ and val/: packed shards (meta.json) or raw <wnid>/*.JPEG "
-             "folders", flags=("-d", "--data"), kw=dict(metavar="DIR")))
-    arch: str = _opt("resnet18", "model name (engine.models.ARCHS)", "-a", "--arch")
-    batch_size: int = _opt(32, "images per GPU per step", "-b", "--batch-size")
+    data: Optional[str] = _opt(None, "ROOT with train/ and val/: packed shards (meta.json) or raw "
+                                     "<wnid>/*.JPEG folders (or --train-data / --val-data)",
+                               "-d", "--data", metavar="DIR")
+    train_data: Optional[str] = _opt(
+        None, "the train split folder (packed or raw), in place of --data's train/: e.g. staged "
+              "on local disk while val stays on shared storage", metavar="DIR")
+    val_data: Optional[str] = _opt(None, "the val split folder, in place of --data's val/ (not "
+                                         "needed with --no-eval)", metavar="DIR")
+    arch: str = cli.arch_option()
+    pretrained: bool = _opt(False, "fine-tune: start from MegEngine's published weights for "
+                                   "--arch (a new classifier head when the data's classes "
+                                   "differ)")
+    weights: Optional[str] = _opt(
+        None, "fine-tune: start from these weights, an engine checkpoint or an official MegEngine "
+              ".pkl (path or URL; a new classifier head when the data's classes differ). Not "
+              "with --resume, which continues a run", metavar="PATH")
+    batch_size: int = cli.batch_size_option(32)
     ngpus: Optional[int] = _opt(
         None, "GPUs (processes) per node; default: SLURM_GPUS_ON_NODE under Slurm, else all "
               "visible; 1 process on CPU", "-n", "--ngpus")
@@ -94,11 +119,10 @@ class TrainConfig:
               "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
     resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
                                        "latest checkpoint", metavar="PATH")
-    trust_pickle: bool = _opt(False, "load --resume without the allow-list of what checkpoints "
-                                     "hold: only for files you trust (unpickling runs whatever a "
-                                     "file names)")
+    trust_pickle: bool = cli.trust_pickle_option("--resume and --weights",
+                                                 "checkpoints and weight files")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
-    # None = resolved from the environment (torchrun-style, Slurm) by distributed.resolve_cluster
+    # None = resolved from the environment (torchrun-style, Slurm) by dist.resolve_cluster
     num_nodes: Optional[int] = _opt(None, "machines in a multi-node run (default: from NNODES / "
                                           "WORLD_SIZE, SLURM_NNODES, else 1)")
     node_rank: Optional[int] = _opt(None, "this machine's index (default: NODE_RANK / RANK, "
@@ -107,11 +131,16 @@ class TrainConfig:
         None, "address of node 0 as every node sees it (default: MASTER_ADDR, the first host of "
               "SLURM_JOB_NODELIST, else localhost for one node)")
     master_port: Optional[int] = _opt(
-        None, "rendezvous port on node 0 (default: MASTER_PORT, derived from SLURM_JOB_ID, else "
-              "any free port on one node)")
+        None, "rendezvous port on node 0 (default: MASTER_PORT; under Slurm 20000 + "
+              "SLURM_JOB_ID %% 10000, below Linux's ephemeral ports; else any free port on one "
+              "node)")
     rendezvous_timeout: float = _opt(
         600.0, "multi-node: how long nodes wait for each other at startup before stopping with "
                "an error that names the missing node", metavar="SECONDS")
+    heartbeat_timeout: float = _opt(
+        15.0, "multi-node: a node silent this long (no heartbeat through node 0's rendezvous "
+              "server: dead, stopped or cut off) stops the run on every node with an error that "
+              "names it", metavar="SECONDS")
     print_freq: int = _opt(20, "steps per metrics record and progress update",
                            "-p", "--print-freq")
     save_every: int = _opt(0, "also checkpoint every STEPS steps, for mid-epoch resume (0 = "
@@ -121,14 +150,37 @@ class TrainConfig:
     progress: bool = _opt(True, "progress bar on rank 0 (--no-progress for log files)")
     tensorboard: bool = _opt(False, "also write the metrics as TensorBoard events to the save "
                                     "dir (needs tensorboardX: pip install -e .[tensorboard])")
+    # Where the values came from, recorded in config.json; not a setting, so two configs of the
+    # same values are equal whatever recipe (or none) they came from. From Python, apply a
+    # recipe with config_from_argv(["--config", ...]) or load_recipe.
+    recipe: Optional[str] = dataclasses.field(default=None, compare=False, metadata=dict(
+        help="a recipe: the name of a shipped one (engine/recipes/NAME.json), a path to a .json "
+             "file, or a run's config.json (replays that run); its keys are these options' "
+             "names (e.g. batch_size) and flags given here override them",
+        flags=("--config",), kw=dict(metavar="RECIPE")))
 
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
         c = dataclasses.replace(self)
-        if not c.data:
-            raise UserError("--data is required: ROOT holding train/ and val/")
-        if c.save_dir is None:
-            c.save_dir = os.path.join("output", c.arch)
+        cli.check_numbers(TrainConfig, vars(c))  # a NaN would pass every check below
+        if not (c.data or c.train_data):
+            raise UserError("--data is required: ROOT holding train/ and val/ (or --train-data "
+                            "DIR, with --val-data DIR unless --no-eval)")
+        if c.evaluate and not (c.data or c.val_data):
+            raise UserError("--train-data %s without --data: evaluating needs --val-data DIR "
+                            "(or pass --no-eval)" % c.train_data)
+        if c.pretrained and c.weights:
+            raise UserError("--pretrained and --weights both name the weights to start from; "
+                            "pass one")
+        if (c.pretrained or c.weights) and c.resume:
+            raise UserError("%s starts a new run from other weights, but --resume %s continues "
+                            "an existing run from its own checkpoint; pass one (to continue a "
+                            "fine-tuning run, --resume alone: its checkpoint holds the "
+                            "fine-tuned weights)"
+                            % ("--pretrained" if c.pretrained else "--weights", c.resume))
+        if c.weights and "://" not in c.weights and not os.path.isfile(c.weights):
+            raise UserError("--weights: no such file: %s" % c.weights)
+        c.save_dir = c.out_dir
         checks = [
             (c.batch_size >= 1, "--batch-size must be >= 1"),
             (c.epochs >= 1, "--epochs must be >= 1"),
@@ -144,6 +196,7 @@ class TrainConfig:
             (c.node_rank is None or c.node_rank >= 0, "--node-rank must be >= 0"),
             (c.print_freq >= 1, "--print-freq must be >= 1"),
             (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
+            (c.heartbeat_timeout > 0, "--heartbeat-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
@@ -172,20 +225,20 @@ class TrainConfig:
 
     def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
         """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""
-        cl = distributed.resolve_cluster(
+        cl = dist.resolve_cluster(
             env, num_nodes=self.num_nodes, node_rank=self.node_rank, master_ip=self.master_ip,
             master_port=self.master_port, ngpus=self.ngpus)
         return dataclasses.replace(self, num_nodes=cl.num_nodes, node_rank=cl.node_rank,
                                    master_ip=cl.master_addr, master_port=cl.master_port,
                                    ngpus=cl.gpus_per_node)
 
-    # Typed views of fields that are Optional on the command line but always set once
-    # finalized() (save_dir) and with_cluster() (the node layout) have resolved them.
     @property
     def out_dir(self) -> str:
-        """save_dir as finalized() resolved it (output/<arch> by default)."""
-        assert self.save_dir is not None, "finalized() resolves save_dir"
-        return self.save_dir
+        """The save dir: --save-dir, by default output/<arch>."""
+        return self.save_dir if self.save_dir is not None else os.path.join("output", self.arch)
+
+    # A typed view of fields that are Optional on the command line but always set once
+    # with_cluster() has resolved them.
 
     def node_layout(self) -> NodeLayout:
         """This node's place in the run, as with_cluster() filled it in."""
@@ -231,68 +284,72 @@ class TrainConfig:
 # ------------------------------------------------------------------------------ recipe files
 
 def load_recipe(path_or_name: str) -> Dict[str, Any]:
-    """A recipe file's values by option name (recipes/NAME.json for a bare name), checked
-    against TrainConfig's fields and choices. Keys starting with "_" are its documentation."""
+    """A recipe's values by option name (a shipped recipe by name, or a .json path), checked
+    against TrainConfig's fields and choices. Keys starting with "_" are its documentation.
+
+    A run's config.json is a recipe of that run: its record (RUN_RECORD_KEYS) and the options
+    of its launch (LAUNCH_KEYS) are left out, with a note saying so."""
     from engine import recipes
 
-    choices = {f.name: f.metadata["kw"]["choices"] for f in dataclasses.fields(TrainConfig)
-               if "choices" in f.metadata.get("kw", {})}
-    return recipes.load_recipe(path_or_name, typing.get_type_hints(TrainConfig), choices)
+    schema: Dict[str, Any] = dict(typing.get_type_hints(TrainConfig))
+    schema.update((k, object) for k in RUN_RECORD_KEYS)  # any value: they are dropped below
+    values = recipes.load_recipe(path_or_name, schema, cli.choices(TrainConfig))
+    if not any(k in values for k in RUN_RECORD_KEYS):
+        return values
+    own = [k for k in LAUNCH_KEYS if values.get(k) is not None]
+    print("note: --config %s is a run's record: replaying its options%s" % (
+        path_or_name, "; %s are this run's own (flags or defaults), not the recorded run's"
+        % ", ".join("--" + k.replace("_", "-") for k in own) if own else ""), file=sys.stderr)
+    return {k: v for k, v in values.items() if k not in RUN_RECORD_KEYS and k not in LAUNCH_KEYS}
 
 
-# ---------------------------------------------------------------------------- the parser
+def run_facts() -> Dict[str, Any]:
+    """What a run records about its launch besides its options (RUN_RECORD_KEYS): the command
+    line that started it, the versions it ran on (engine, MegEngine, Python, CUDA when a GPU is
+    used) and the start time. Called in a rank process: it asks MegEngine about CUDA."""
+    import datetime
+    import shlex
 
-def _arg_type(hint: Any):
-    """(type for argparse, is_bool) of a field's annotation, Optional[...] unwrapped."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-    return base, base is bool
+    return {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv),
+            "versions": _versions(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata
+    import platform
+
+    import megengine
+
+    try:
+        engine_version: Optional[str] = importlib.metadata.version("engine")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
+        engine_version = None
+    cuda = None
+    if megengine.is_cuda_available():
+        v = int(megengine.device.get_cuda_version())  # CUDA_VERSION: major * 1000 + minor * 10
+        cuda = "%d.%d" % (v // 1000, v % 1000 // 10)
+    return {"engine": engine_version, "megengine": megengine.__version__,
+            "python": platform.python_version(), "cuda": cuda}
+
+
+def eval_transform(run: Mapping[str, Any]) -> Tuple[int, float]:
+    """(crop size, resize ratio) of a run's evaluation, from its recorded config (a checkpoint's
+    or config.json; {} for weights without one): the val_image_size, else the largest training
+    size (--max-res with progressive resizing), else the training size; 224 and 0.875 for
+    weights that record none. A run recorded before an option existed had its default."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in run.items() if k in known})
+    return int(cfg.eval_size), float(cfg.val_resize_ratio)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """tools/train.py's parser, derived from TrainConfig (flags, help, defaults), plus
-    --config for a recipe file whose values become the defaults."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", metavar="RECIPE", default=None,
-                   help="a recipe: recipes/NAME.json or a path; its keys are these options' "
-                        "names (e.g. batch_size) and flags given here override them")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        flags = meta.get("flags") or ("--" + f.name.replace("_", "-"),)
-        kw: Dict[str, Any] = dict(dest=f.name, help=meta.get("help", ""), **meta.get("kw", {}))
-        base, is_bool = _arg_type(hints[f.name])
-        if f.default is dataclasses.MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = f.default
-        if is_bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif "const" not in kw:
-            kw["type"] = base
-        elif base is not str:
-            kw["type"] = base
-        p.add_argument(*flags, **kw)
-    return p
+    """tools/train.py's parser: TrainConfig's options plus --config RECIPE."""
+    return cli.build_parser(TrainConfig, description, recipes=True)
 
 
 def config_from_argv(argv: Optional[Sequence[str]] = None,
                      description: str = "") -> TrainConfig:
     """Parse the command line: defaults < --config recipe < flags. Bad values exit 2 through
     argparse; a bad recipe raises ConfigError (a UserError)."""
-    p = build_parser(description)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        recipe = load_recipe(known.config)
-        p.set_defaults(**recipe)
-        # A recipe may set --data; the flag is then no longer required.
-        for action in p._actions:
-            if action.dest in recipe:
-                action.required = False
-    args = vars(p.parse_args(argv))
-    args.pop("config")
-    return TrainConfig(**args)
-
+    return cli.parse(TrainConfig, argv, description, recipes=load_recipe)

@@ -8,27 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
-
-class Meter:
-    """Running sum / count over a log interval (reset after each log line)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
+from engine.atomic import atomic_write
 
 
 class LossMeter:
@@ -131,11 +115,8 @@ class MetricsLog:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
 
 
 def _finite(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -160,14 +141,34 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
     return out
 
 
-def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "") -> str:
-    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG.
+#: What a run says, once, when it cannot draw curves.png.
+PLOT_HINT = ("curves.png is not drawn: it needs matplotlib (pip install matplotlib, or pip "
+             "install -e .[plot]); metrics.jsonl holds the same figures")
+_plot_noted = False
+
+
+def plot_curves(records: Iterable[Dict[str, Any]], png_path: str,
+                title: str = "") -> Optional[str]:
+    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG; returns its path,
+    or None where matplotlib is missing (or fails on import): the plot is optional, so a run
+    goes on, and says so once per process (PLOT_HINT).
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
     headless and never disturbs a caller's interactive backend.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    global _plot_noted
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except Exception as exc:  # noqa: BLE001 - missing, or an install that fails on import
+        if not _plot_noted:
+            _plot_noted = True
+            missing = isinstance(exc, ModuleNotFoundError) and \
+                (exc.name or "").split(".")[0] == "matplotlib"
+            detail = "" if missing else " (%s: %s)" % (
+                type(exc).__name__, " ".join(str(exc).split())[:200])
+            print("note: %s%s" % (PLOT_HINT, detail), file=sys.stderr)
+        return None
 
     records = list(records)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
@@ -201,9 +202,7 @@ def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)  # a viewer never sees a half-written image
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))  # never a half-written image
     return png_path
 
 
@@ -211,7 +210,7 @@ class TrainLog:
     """Everything the training loop reports, per log interval: losses read in one batch (reading
     a device loss synchronises, so they are read only at log time), images/s and data-wait,
     a metrics.jsonl record and the progress bar. `reduce` sums a small vector over the ranks
-    (the trainer passes distributed.all_reduce_sum): every rank calls `interval` at the same
+    (the trainer passes dist.all_reduce_sum): every rank calls `interval` at the same
     steps, so the collectives pair up."""
 
     def __init__(self, path: str, *, enabled: bool, start: int, total: int,

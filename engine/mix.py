@@ -12,7 +12,9 @@ permutation (N ints) and a row and a column weight vector (H + W floats); the de
 
 which is mixup when rows * cols is the constant 1 - lam, and CutMix when it is the 0/1 box.
 Both are one graph with the same inputs, so the mixing can sit inside a traced step
-(`mix_images`) without a retrace when the batch switches between the two.
+(`mix_images`) without a retrace when the batch switches between the two. `mix_plan` draws a
+batch's plan on the host; the train step (engine.steps) applies it with `mix_images` and
+`mix_targets`.
 
 Targets follow timm's Mixup: label smoothing is applied to the one-hot first (off value
 smoothing / K, on value 1 - smoothing + smoothing / K), then the two smoothed targets are mixed
@@ -22,7 +24,7 @@ original image after clipping at the border.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import megengine as mge
 import megengine.functional as F
@@ -132,41 +134,6 @@ def mix_targets(labels: mge.Tensor, num_classes: int, lam: mge.Tensor, perm: mge
     """lam * smooth(y) + (1 - lam) * smooth(y[perm]); `lam` a float32 tensor; traceable."""
     y = smooth_one_hot(labels, num_classes, label_smoothing)
     return y * lam + y[perm] * (1.0 - lam)
-
-
-def mix_batch(
-    images: mge.Tensor,
-    labels: Union[mge.Tensor, np.ndarray],
-    num_classes: int,
-    step: int,
-    seed: int,
-    mixup_alpha: float,
-    cutmix_alpha: float,
-    switch_prob: float = 0.5,
-    label_smoothing: float = 0.0,
-    rank: int = 0,
-) -> Tuple[mge.Tensor, mge.Tensor]:
-    """Mix one float batch [N, C, H, W] on the device -> (images, soft targets [N, K]).
-
-    Call once per training step with the global step (the same one the LR schedule uses) and
-    the run's seed; `rank` keeps data-parallel ranks from all drawing the same lambda. With
-    both alphas 0 the images come back unchanged and the targets are the smoothed one-hots.
-    """
-    if num_classes < 1:
-        raise ConfigError("num_classes must be >= 1, got %r" % (num_classes,))
-    if images.ndim != 4:
-        raise ConfigError("mix_batch expects images [N, C, H, W], got shape %s" % (images.shape,))
-    n, _, h, w = (int(s) for s in images.shape)
-    plan = mix_plan(n, h, w, step=step, seed=seed, mixup_alpha=mixup_alpha,
-                    cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, rank=rank)
-    labels_t = labels if isinstance(labels, mge.Tensor) else mge.tensor(np.asarray(labels, np.int32))
-    if plan.kind == "none":
-        return images, smooth_one_hot(labels_t, num_classes, label_smoothing)
-    perm = mge.tensor(plan.perm)
-    mixed = mix_images(images, perm, mge.tensor(plan.rows), mge.tensor(plan.cols))
-    targets = mix_targets(labels_t, num_classes, mge.tensor(np.float32(plan.lam)), perm,
-                          label_smoothing)
-    return mixed, targets
 
 
 def soft_cross_entropy(logits: mge.Tensor, targets: mge.Tensor) -> mge.Tensor:

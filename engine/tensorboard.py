@@ -4,8 +4,9 @@
 (`{"kind": "train", "step": 120, "loss": 2.31, "lr": 0.1, ...}`) and writes each numeric field as
 a scalar tagged `<kind>/<field>` (train/loss, train/lr, eval/top1, ...) at `step`, so the JSON
 lines stay the source of truth and TensorBoard is a view of them. tensorboardX is optional: it
-is imported only when a sink is enabled, and its absence is a ConfigError naming the install
-command. `read_scalars` reads event files back (for tests and tools) without TensorFlow.
+is imported only when a sink is enabled, and its absence, or an installation that fails on
+import (a protobuf it does not fit), is a one-line ConfigError saying how to install or repair
+it. `read_scalars` reads event files back (for tests and tools) without TensorFlow.
 """
 from __future__ import annotations
 
@@ -26,10 +27,21 @@ _SINKS = itertools.count()
 
 
 def _tensorboardx():
+    # TensorBoard output is only ever on because the user asked for it (--tensorboard, off by
+    # default), so a tensorboardX that cannot be used is an error, not a warning: a run of days
+    # that quietly wrote no events would lose what was asked for. It is a one-line error though,
+    # whatever the import raised: a broken install is the user's to fix, not an engine bug.
     try:
         import tensorboardX
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
+    except Exception as exc:  # e.g. protobuf's TypeError on a version tensorboardX does not fit
+        detail = " ".join(("%s: %s" % (type(exc).__name__, exc)).split())
+        raise ConfigError(
+            "TensorBoard logging is on (--tensorboard), but tensorboardX is installed and fails "
+            "on import (%s); repair it (pip install --upgrade tensorboardX protobuf) or run "
+            "without --tensorboard" % (detail[:300] + "..." if len(detail) > 300 else detail)
+        ) from None
     return tensorboardX
 
 

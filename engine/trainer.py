@@ -1,16 +1,16 @@
-"""ImageNet training: `train(TrainConfig(...)) -> summary dict`.
+"""ImageNet training: `train(TrainConfig(...)) -> TrainResult`.
 
 Read `_train_worker` top to bottom: it is the whole algorithm (data, model, optimizer, resume,
 then `for step in range(start, total)` with the per-step LR, logging, eval and checkpoints at
 the boundaries). One global step is the only position; the epoch, the LR, the image size and
-the mixing plan are functions of it. The pure pieces it uses (resume position, LR scaling,
+the mixing plan are functions of it. The pure pieces it uses (LR scaling,
 data paths, loader arguments) are small functions tested without a GPU.
 
 The defaults (engine/config.py) follow the MegEngine 0.x train.py that produced the published
 weights: 32 images and lr 0.0125 per GPU (lr x world size), SGD momentum 0.9, wd 1e-4 on all
 parameters, x0.1 at epochs 30/60/80, no warmup, no label smoothing. The modern options (EMA,
 Mixup/CutMix, LARS, no decay on norms, progressive resizing, test resolution) are off unless a
-flag or a recipe (recipes/*.json) turns them on.
+flag or a recipe (engine/recipes/*.json) turns them on.
 """
 from __future__ import annotations
 
@@ -18,19 +18,18 @@ import dataclasses
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine import distributed
+from engine import dist
 from engine.errors import UserError, disk_error_message
 
 if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
-from engine.config import SCHEDULES, TrainConfig  # noqa: E402,F401  (re-exported)
-from engine.distributed import resolve_ngpus  # noqa: E402,F401  (re-exported)
-from engine.schedules import lr_at, step_milestones  # noqa: E402,F401  (re-exported)
+from engine.config import TrainConfig
+from engine.schedules import lr_at
 
 # --------------------------------------------------------------------------------------------
 # Pure pieces (tested directly)
@@ -42,18 +41,33 @@ def scaled_lr(per_gpu_lr: float, world_size: int) -> float:
     return per_gpu_lr * world_size
 
 
-def resolve_data(data: str) -> Tuple[str, str]:
-    """--data ROOT -> (ROOT/train, ROOT/val); each is a packed split (meta.json) or raw folders."""
-    if not os.path.isdir(data):
+def resolve_data(data: Optional[str], train_data: Optional[str] = None,
+                 val_data: Optional[str] = None, evaluate: bool = True) -> Tuple[str, Optional[str]]:
+    """(train split, val split or None without `evaluate`): --train-data / --val-data, else
+    --data ROOT's train/ and val/; each is a packed split (meta.json) or raw folders."""
+    if data is not None and not os.path.isdir(data):
         raise UserError("--data: no such folder: %s" % data)
-    train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
-    missing = [p for p in (train_dir, val_dir) if not os.path.isdir(p)]
+    wanted = [("--train-data", train_data, "train")] + \
+        ([("--val-data", val_data, "val")] if evaluate else [])
+    dirs, missing = [], []
+    for flag, given, sub in wanted:
+        if given is not None:
+            if not os.path.isdir(given):
+                raise UserError("%s: no such folder: %s" % (flag, given))
+            dirs.append(given)
+            continue
+        assert data is not None, "TrainConfig.finalized() requires --data without %s" % flag
+        dirs.append(os.path.join(data, sub))
+        if not os.path.isdir(dirs[-1]):
+            missing.append(dirs[-1])
     if missing:
         raise UserError(
-            "--data %s must hold train/ and val/ (raw <wnid>/*.JPEG folders or packed shards "
-            "with meta.json); missing: %s" % (data, ", ".join(missing))
-        )
-    return train_dir, val_dir
+            "--data %s must hold train/%s (raw <wnid>/*.JPEG folders or packed shards with "
+            "meta.json); missing: %s%s" % (data, " and val/" if evaluate else "",
+                                          ", ".join(missing),
+                                          "" if not evaluate or val_data else
+                                          " (--no-eval trains without a val split)"))
+    return dirs[0], dirs[1] if evaluate else None
 
 
 def check_arch(arch: str) -> None:
@@ -90,7 +104,8 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
         dict(image_size=config.train_size_at, max_image_size=config.max_train_size)
         if train and config.progressive else
         dict(image_size=config.image_size) if train else
-        dict(image_size=config.eval_size, crop_ratio=config.val_resize_ratio))
+        dict(image_size=config.eval_size, crop_ratio=config.val_resize_ratio,
+             skip_undecodable=True))  # eval scores each image once: no stand-ins
     return dict(
         batch_size=config.batch_size,
         train=train,
@@ -104,50 +119,33 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
     )
 
 
-def checkpoint_config(config: TrainConfig, num_classes: int, classes: List[str]) -> Dict[str, Any]:
-    """What a checkpoint records about its run (inference/test need arch, classes, size)."""
-    out = dataclasses.asdict(config)
-    out.update(num_classes=int(num_classes), classes=list(classes))
-    return out
-
-
-def resume_step(state: Mapping[str, Any], config: TrainConfig, classes: List[str],
-                world_size: int, steps_per_epoch: int) -> int:
-    """The global step a checkpoint continues at, counted in this run's steps per epoch.
-
-    A resume must continue the same run: same model and classes. Checkpoint version 2 stores
-    the step and the steps per epoch it was counted in; version 1 stored the loader's (epoch,
-    position). At an epoch boundary the global batch may change (the epoch is re-counted in
-    this run's steps); mid-epoch it may not: the rest of the epoch's batches would differ.
-    """
-    saved = state["config"]
-    if saved.get("arch") != config.arch:
-        raise UserError("--resume: the checkpoint is a %s run but --arch is %s"
-                        % (saved.get("arch"), config.arch))
-    if list(saved.get("classes", [])) != list(classes):
-        raise UserError(
-            "--resume: the checkpoint was trained on %d classes, --data has %d (or in another "
-            "order); resume with the same data" % (len(saved.get("classes", [])), len(classes)))
-    if int(state.get("version", 1)) >= 2:
-        epoch, position = divmod(int(state["step"]), int(state["steps_per_epoch"]))
-    else:
-        epoch, position = int(state["loader"]["epoch"]), int(state["loader"]["position"])
-    saved_batch = saved.get("batch_size", 0) * saved.get("world_size", 1)
-    if position and saved_batch != config.batch_size * world_size:
-        raise UserError(
-            "--resume: the checkpoint stopped mid-epoch with a global batch of %d, this run has "
-            "%d; the remaining batches would differ. Use the same --batch-size/--ngpus."
-            % (saved_batch, config.batch_size * world_size))
-    return epoch * steps_per_epoch + position
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> Dict[str, Any]:
-    """Train (one process per GPU, or one CPU process) and return rank 0's summary dict.
+@dataclasses.dataclass
+class TrainResult:
+    """How a run ended, as one rank saw it (the accuracies are over the whole val set)."""
+
+    save_dir: str
+    checkpoint: Optional[str]   # the last one written (None on ranks that write none)
+    epoch: int                  # the epoch a resume would continue in
+    steps: int                  # global steps done
+    loss: Optional[float]       # mean of the last logged interval
+    top1: Optional[float]       # the last evaluation's, percent (None without one)
+    top5: Optional[float]
+    best_top1: Optional[float]
+    img_s: Optional[float]      # mean of the logged intervals (None before the first)
+    seconds: float
+    world_size: int
+    num_classes: int
+    lr: float                   # the run's base LR (per-GPU LR x world size)
+
+
+def train(config: TrainConfig) -> Optional[TrainResult]:
+    """Train (one process per GPU, or one CPU process) and return rank 0's result (None on
+    nodes other than rank 0's).
 
     Everything that can be checked without building a model is checked here, in the parent,
     before any process is launched or tensor created (the launcher's children must not inherit
@@ -159,83 +157,99 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     if config.dtr and config.trace:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
+    if dist.cpu_collectives():
+        print(dist.cpu_backend.NOTE, file=sys.stderr)
+        config = dataclasses.replace(config, trace=False)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
+    dist.check_one_process_per_node(os.environ)
+    # This machine's own verdict, so given before any rendezvous: a CPU-only node of a
+    # multi-node run stops now with the reason instead of waiting for the other nodes. (The
+    # test-only CPU collectives run several CPU ranks on purpose.)
+    if not dist.cpu_collectives():
+        dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
     problem, ngpus, resume, sources = None, None, None, []
     try:
-        if layout.num_nodes > 1:
-            distributed.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
-        train_dir, val_dir = resolve_data(cfg.data)
-        sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
-                                             else (train_dir,))]
+        sources = [split_source(d) for d in _data_dirs(cfg) if d is not None]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
-        ngpus = resolve_ngpus(cfg.ngpus, distributed.gpu_count(), layout.num_nodes)
+        ngpus = dist.processes_per_node(cfg.ngpus, layout.num_nodes)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
-    report = distributed.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
-                                     resume=resume)
-    return distributed.launch(
+    if layout.num_nodes > 1:  # before the ranks are forked: they inherit the choice
+        print(dist.configure_interfaces(layout.master_ip, os.environ), file=sys.stderr)
+    report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
+                              resume=resume)
+    return dist.launch(
         _train_worker, cfg, sources,
         ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
         master_ip=layout.master_ip, master_port=layout.master_port,
         report=report, rendezvous_timeout=cfg.rendezvous_timeout,
+        heartbeat_timeout=cfg.heartbeat_timeout,
     )
 
 
-def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, Any]:
+def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     """One rank's run. The position is one number, the global step; everything else (epoch,
     LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
 
+    from engine import checkpoint as ckpt
     from engine import steps
     from engine.metrics import TrainLog, plot_curves, read_jsonl
 
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0  # only global rank 0 writes files: N ranks writing one would corrupt it
     # The same seed on every rank (init_process_group reseeds with time+rank), so every rank
     # builds the same initial weights even before the broadcast.
     mge.random.seed(cfg.seed)
-    train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
-    spe, classes = len(train_loader), list(train_loader.classes)
+    from engine.finetune import start_from
+
+    train_loader, val_loader = _loaders(cfg, sources or _data_dirs(cfg), rank, world)
+    steps_per_epoch, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
+    start_from(model, cfg, classes)  # --pretrained / --weights (fine-tuning), else nothing
     ema = _make_ema(cfg, model)
-    run_config = dict(checkpoint_config(cfg, len(classes), classes), world_size=world)
-    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, spe) \
+    run_config = ckpt.run_config(cfg, classes, world)
+    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, steps_per_epoch) \
         if cfg.resume else (0, None)
     if main:
         _prepare_save_dir(cfg, run_config, train_loader)
-    total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
+    total = cfg.epochs * steps_per_epoch
+    total = total if cfg.max_steps is None else min(total, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
     train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
-        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None, ema=ema)
     evals = {"": (model, steps.EvalStep(model, num_classes=len(classes),
                                                   trace=cfg.trace, amp=cfg.amp))}
     if ema is not None:  # the averaged weights are scored beside the live ones
         evals["ema"] = (ema.module, steps.EvalStep(
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
     log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=start,
-                   total=total, world_size=world, reduce=distributed.all_reduce_sum,
-                   progress=cfg.progress, description="%s, %d steps/epoch" % (cfg.arch, spe),
+                   total=total, world_size=world, reduce=dist.all_reduce_sum,
+                   progress=cfg.progress,
+                   description="%s, %d steps/epoch" % (cfg.arch, steps_per_epoch),
                    tensorboard=cfg.tensorboard)
     png = os.path.join(cfg.out_dir, "curves.png")
 
     def save(step: int) -> Optional[str]:
-        state = {"step": step, "steps_per_epoch": spe, "state_dict": model.state_dict(),
-                 "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "ema": ema.state_dict() if ema is not None else None,
-                 "config": run_config, "metrics": {"best_top1": best_top1}}
-        return _save_checkpoint(cfg, state) if main else None
+        if not main:
+            return None
+        return ckpt.write(ckpt.Checkpoint(
+            step=step, steps_per_epoch=steps_per_epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            ema=ema.state_dict() if ema is not None else None,
+            config=run_config, metrics={"best_top1": best_top1}),
+            os.path.join(cfg.out_dir, ckpt.FILE_NAME))
 
     def evaluate(step: int) -> Optional[Dict[str, float]]:
         if val_loader is None:
@@ -244,13 +258,21 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
 
         results = {}
         for name, (net, eval_step) in evals.items():
-            distributed.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
+            dist.broadcast_buffers(net)  # every rank scores rank 0's BN statistics
             net.eval()
             results[name] = run_eval(eval_step, val_loader)
-            log.eval(step, (step - 1) // spe, results[name], name)
+            log.eval(step, (step - 1) // steps_per_epoch, results[name], name)
         model.train()
         return results[""]
 
+    if start < total:  # the largest sizes now, not hours in at the end of a resizing ramp
+        largest = cfg.max_train_size
+        note = steps.fail_early(
+            train_step, list(evals.values()), batch_size=cfg.batch_size,
+            train_size=largest if cfg.train_size_at(start // steps_per_epoch) < largest else None,
+            eval_size=cfg.eval_size if val_loader is not None else None)
+        if main and note:
+            print(note, file=sys.stderr)
     last_eval, checkpoint_path = None, None
     t_start = time.perf_counter()
     batches = train_loader.stream(start)
@@ -259,19 +281,17 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
         log.before_data()
         images, labels = next(batches)
         log.after_data(len(labels))
-        lr = lr_at(step, base_lr=base_lr, steps_per_epoch=spe, epochs=cfg.epochs,
+        lr = lr_at(step, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                    warmup_epochs=cfg.warmup_epochs, schedule=cfg.lr_schedule)
         for group in opt.param_groups:
             group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
         mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
         log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
                 train_step.last_step_skipped)
-        if ema is not None and not train_step.last_step_skipped:
-            ema.update(model)
         done = step + 1
-        epoch_end, stop = done % spe == 0, done == total
+        epoch_end, stop = done % steps_per_epoch == 0, done == total
         if done % cfg.print_freq == 0 or epoch_end or stop:
-            log.interval(done, step // spe, lr)
+            log.interval(done, step // steps_per_epoch, lr)
         if epoch_end or stop:  # a run stopped mid-epoch (max_steps) still reports accuracy
             last_eval = evaluate(done) or last_eval
             if last_eval is not None and (best_top1 is None or last_eval["top1"] > best_top1):
@@ -279,22 +299,23 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> Dict[str, An
         if epoch_end or stop or (cfg.save_every and done % cfg.save_every == 0):
             checkpoint_path = save(done) or checkpoint_path
         if main and (epoch_end or stop):
-            plot_curves(read_jsonl(log.log.path), png, title="%s on %s" % (cfg.arch, cfg.data))
+            plot_curves(read_jsonl(log.log.path), png,
+                        title="%s on %s" % (cfg.arch, cfg.data or cfg.train_data))
     log.close()
     train_loader.close()
     if val_loader is not None:
         val_loader.close()
     done = max(start, total)
-    return {
-        "save_dir": cfg.save_dir, "checkpoint": checkpoint_path,
-        "epoch": done // spe,  # the epoch a resume would continue in
-        "steps": done, "loss": log.last_loss,
-        "top1": last_eval["top1"] if last_eval else None,
-        "top5": last_eval["top5"] if last_eval else None,
-        "best_top1": best_top1, "img_s": log.mean_img_s(),
-        "seconds": time.perf_counter() - t_start, "world_size": world,
-        "num_classes": len(classes), "lr": base_lr,
-    }
+    return TrainResult(
+        save_dir=cfg.out_dir, checkpoint=checkpoint_path, epoch=done // steps_per_epoch, steps=done,
+        loss=log.last_loss, top1=last_eval["top1"] if last_eval else None,
+        top5=last_eval["top5"] if last_eval else None, best_top1=best_top1,
+        img_s=log.mean_img_s(), seconds=time.perf_counter() - t_start, world_size=world,
+        num_classes=len(classes), lr=base_lr)
+
+
+def _data_dirs(cfg: TrainConfig) -> Tuple[str, Optional[str]]:
+    return resolve_data(cfg.data, cfg.train_data, cfg.val_data, cfg.evaluate)
 
 
 def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
@@ -306,7 +327,8 @@ def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
         val_loader = Loader(sources[1], **loader_kwargs(cfg, False, rank, world)) \
             if cfg.evaluate else None
     except (ValueError, OSError) as exc:  # batch larger than the data, unreadable folders
-        raise UserError("--data %s: %s" % (cfg.data, " ".join(str(exc).split()))) from None
+        raise UserError("--data %s: %s" % (cfg.data or cfg.train_data,
+                                           " ".join(str(exc).split()))) from None
     if len(train_loader) == 0:
         raise UserError("the training set has fewer images than one global batch (%d)"
                         % (cfg.batch_size * world))
@@ -323,8 +345,8 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
     from engine.optim import LARS, param_groups
 
     model = get_model(cfg.arch, num_classes=num_classes)
-    distributed.broadcast_module(model)
-    gm = GradManager().attach(model.parameters(), callbacks=distributed.allreduce_callback())
+    dist.broadcast_module(model)
+    gm = GradManager().attach(model.parameters(), callbacks=dist.allreduce_callback())
     groups = param_groups(model, cfg.weight_decay, cfg.no_wd_norm_bias)
     lr = scaled_lr(cfg.learning_rate, world)
     if cfg.optimizer == "lars":
@@ -359,37 +381,15 @@ def _mix_inputs(cfg: TrainConfig, step: int, rank: int, shape: Tuple[int, ...]):
 
 
 def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world: int,
-            spe: int) -> Tuple[int, Optional[float]]:
+            steps_per_epoch: int) -> Tuple[int, Optional[float]]:
     """Load weights, optimizer, scaler and EMA state; returns (global step, best top-1)."""
     from engine import checkpoint as ckpt
-    from engine.models import load_weights
 
     assert cfg.resume is not None  # called only for a run with --resume
-    path = ckpt.resolve_resume(cfg.resume)
-    state = ckpt.load_checkpoint(path, trusted=cfg.trust_pickle or None)
-    if not ckpt.is_engine_checkpoint(state):
-        raise UserError("--resume %s: not a checkpoint written by tools/train.py (an official "
-                        "weight file has no optimizer or loader state to resume)" % path)
-    if int(state.get("version", 1)) > ckpt.VERSION:
-        raise UserError("--resume %s: checkpoint version %s was written by a newer engine (this "
-                        "one reads up to %d); update the engine" % (path, state.get("version"),
-                                                                    ckpt.VERSION))
-    step = resume_step(state, cfg, classes, world, spe)
-    try:
-        load_weights(model, state["state_dict"], strict=True, source=path)
-    except ValueError as exc:
-        raise UserError(" ".join(str(exc).split())) from None
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except Exception as exc:  # noqa: BLE001 - MegEngine raises bare errors for a group mismatch
-        raise UserError("--resume %s: the optimizer state does not fit this run (%s); resume "
-                        "with the same --optimizer and --no-wd-norm-bias"
-                        % (path, " ".join(str(exc).split()))) from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None and state.get("ema"):
-        ema.load_state_dict(state["ema"])
-    return step, state.get("metrics", {}).get("best_top1")
+    saved = ckpt.read(ckpt.resolve_resume(cfg.resume), trusted=cfg.trust_pickle or None)
+    step = saved.resume_step(cfg, classes, world, steps_per_epoch)
+    saved.restore(model, opt, scaler, ema)
+    return step, saved.metrics.get("best_top1")
 
 
 def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> None:
@@ -400,7 +400,7 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
     from engine.atomic import atomic_write
 
     ckpt.clean_temp_files(cfg.out_dir)
-    if not cfg.resume and ckpt.find_latest(cfg.out_dir):
+    if not cfg.resume and ckpt.file_in(cfg.out_dir):
         print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
               "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
               file=sys.stderr)
@@ -413,15 +413,3 @@ def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> N
         atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as exc:
         raise UserError(disk_error_message(exc, path)) from None
-
-
-def _save_checkpoint(cfg: TrainConfig, state: Dict[str, Any]) -> str:
-    from engine import checkpoint as ckpt
-
-    path = os.path.join(cfg.out_dir, ckpt.LATEST)
-    try:
-        return ckpt.save_checkpoint({"format": ckpt.FORMAT, "version": ckpt.VERSION, **state},
-                                    path)
-    except OSError as exc:  # full disk, quota, read-only: the previous checkpoint is intact
-        raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if any, is "
-                        "unchanged)") from None

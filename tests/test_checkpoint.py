@@ -13,6 +13,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from engine.errors import UserError
+from engine.models.weights import read_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,25 +24,25 @@ def test_roundtrip_converts_tensors_to_numpy(tmp_path):
 
     obj = {"epoch": 3, "state_dict": OrderedDict(w=mge.tensor(np.arange(4.0, dtype=np.float32))),
            "nested": [mge.tensor([1, 2])]}
-    path = ckpt.save_checkpoint(obj, str(tmp_path / "c.pkl"))
+    path = ckpt.dump(obj, str(tmp_path / "c.pkl"))
     # Plain pickle reads it: no MegEngine objects inside.
     with open(path, "rb") as f:
         raw = pickle.load(f)
     assert isinstance(raw["state_dict"], OrderedDict)
     assert isinstance(raw["state_dict"]["w"], np.ndarray)
-    np.testing.assert_array_equal(ckpt.load_checkpoint(path)["nested"][0], [1, 2])
+    np.testing.assert_array_equal(read_file(path)["nested"][0], [1, 2])
     assert os.listdir(tmp_path) == ["c.pkl"]  # no temp file left behind
 
 
 SAVER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, %r)
-    from engine.checkpoint import save_checkpoint
+    from engine.checkpoint import dump
     i = 0
     while True:
         i += 1
         # every element equals the counter: a torn write would show as a mix or a short array
-        save_checkpoint({"i": i, "w": np.full(4_000_000, i, np.int64)}, sys.argv[1])
+        dump({"i": i, "w": np.full(4_000_000, i, np.int64)}, sys.argv[1])
         print(i, flush=True)
 """)
 
@@ -59,31 +60,31 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        latest = ckpt.find_latest(str(tmp_path))
+        latest = ckpt.file_in(str(tmp_path))
         assert latest == path
-        obj = ckpt.load_checkpoint(latest)
+        obj = read_file(latest)
         assert obj["w"].shape == (4_000_000,) and (obj["w"] == obj["i"]).all()
     ckpt.clean_temp_files(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pkl", "saver.py"]
 
 
 def test_partial_temp_file_is_ignored(tmp_path):
-    ckpt.save_checkpoint({"epoch": 1}, str(tmp_path / ckpt.LATEST))
+    ckpt.dump({"epoch": 1}, str(tmp_path / ckpt.FILE_NAME))
     # What a save killed mid-write leaves: a truncated temp file next to the good one.
-    (tmp_path / (ckpt.TMP_PREFIX + ckpt.LATEST + ".abc")).write_bytes(b"\x80\x04\x95trunc")
-    assert ckpt.find_latest(str(tmp_path)) == str(tmp_path / ckpt.LATEST)
-    assert ckpt.load_checkpoint(ckpt.resolve_resume(str(tmp_path)))["epoch"] == 1
+    (tmp_path / (ckpt.TMP_PREFIX + ckpt.FILE_NAME + ".abc")).write_bytes(b"\x80\x04\x95trunc")
+    assert ckpt.file_in(str(tmp_path)) == str(tmp_path / ckpt.FILE_NAME)
+    assert read_file(ckpt.resolve_resume(str(tmp_path)))["epoch"] == 1
     ckpt.clean_temp_files(str(tmp_path))
-    assert os.listdir(tmp_path) == [ckpt.LATEST]
+    assert os.listdir(tmp_path) == [ckpt.FILE_NAME]
 
 
 def test_unreadable_and_missing_checkpoints_are_user_errors(tmp_path):
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(pickle.dumps({"a": 1})[:-3])
     with pytest.raises(UserError, match="cannot read checkpoint"):
-        ckpt.load_checkpoint(str(bad))
+        read_file(str(bad))
     with pytest.raises(UserError, match="not found"):
-        ckpt.load_checkpoint(str(tmp_path / "none.pkl"))
+        read_file(str(tmp_path / "none.pkl"))
     with pytest.raises(UserError, match="nothing to resume"):
         ckpt.resolve_resume(str(tmp_path))
     with pytest.raises(UserError, match="no such file"):
@@ -91,7 +92,54 @@ def test_unreadable_and_missing_checkpoints_are_user_errors(tmp_path):
     lst = tmp_path / "list.pkl"
     lst.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(UserError, match="not a state dict"):
-        ckpt.load_checkpoint(str(lst))
+        read_file(str(lst))
+
+
+def test_write_is_the_documented_layout_and_read_returns_it(tmp_path):
+    """The bytes of write(Checkpoint) are the pickle of the documented dict, key order included
+    (files of earlier engines and of this one are the same format), and read() gives it back."""
+    from collections import OrderedDict
+
+    sd = OrderedDict(w=np.arange(4.0, dtype=np.float32))
+    config = {"arch": "resnet18", "classes": ["a", "b"], "batch_size": 4, "world_size": 1}
+    written = ckpt.write(ckpt.Checkpoint(step=7, steps_per_epoch=3, model=sd, optimizer={"s": 1},
+                                         config=config, scaler={"scale": 2.0}, ema=None,
+                                         metrics={"best_top1": 50.0}), str(tmp_path / "a.pkl"))
+    layout = {"format": "engine-checkpoint", "version": 2, "step": 7, "steps_per_epoch": 3,
+              "state_dict": sd, "optimizer": {"s": 1}, "scaler": {"scale": 2.0}, "ema": None,
+              "config": config, "metrics": {"best_top1": 50.0}}
+    assert open(written, "rb").read() == open(ckpt.dump(layout, str(tmp_path / "b.pkl")), "rb").read()
+    back = ckpt.read(written)
+    assert (back.step, back.steps_per_epoch, back.config, back.metrics) == (7, 3, config, {"best_top1": 50.0})
+    assert back.scaler == {"scale": 2.0} and back.ema is None and back.source == written
+    np.testing.assert_array_equal(back.model["w"], sd["w"])
+
+
+def test_read_refuses_foreign_newer_and_damaged_files(tmp_path):
+    path = str(tmp_path / "c.pkl")
+    ckpt.dump({"epoch": 90, "state_dict": {}}, path)  # an official train.py checkpoint
+    with pytest.raises(UserError, match="not a checkpoint written by tools/train.py"):
+        ckpt.read(path)
+    base = {"format": ckpt.FORMAT, "state_dict": {}, "optimizer": {}, "config": {}}
+    ckpt.dump(dict(base, version=3, step=1, steps_per_epoch=2), path)
+    with pytest.raises(UserError, match="version 3 was written by a newer engine"):
+        ckpt.read(path)
+    ckpt.dump(dict(base, version=2, step=1), path)
+    with pytest.raises(UserError, match="damaged: its 'steps_per_epoch' entry is None"):
+        ckpt.read(path)
+    ckpt.dump(dict(base, version=2, step=1, steps_per_epoch=2, optimizer=None), path)
+    with pytest.raises(UserError, match="damaged: its 'optimizer' entry is a NoneType"):
+        ckpt.read(path)
+
+
+def test_version_1_is_read_as_its_step_and_epoch_length(tmp_path):
+    path = str(tmp_path / "c.pkl")
+    v1 = {"format": ckpt.FORMAT, "version": 1, "state_dict": {}, "optimizer": {}, "config": {}}
+    ckpt.dump(dict(v1, epoch=2, step=23, loader={"epoch": 2, "position": 3}), path)
+    assert (ckpt.read(path).step, ckpt.read(path).steps_per_epoch) == (23, 10)
+    # the first epoch does not say how long it was: the same place, in the shortest epoch
+    ckpt.dump(dict(v1, epoch=0, step=2, loader={"epoch": 0, "position": 2}), path)
+    assert (ckpt.read(path).step, ckpt.read(path).steps_per_epoch) == (2, 3)
 
 
 # ------------------------------------------------------------------- weight sources -> model
@@ -114,12 +162,12 @@ def _engine_ckpt(model, arch="resnet18", classes=("n01", "n02", "n03")):
 
 @pytest.mark.parametrize("wrap", ["bare", "official_train", "engine"])
 def test_load_model_accepts_every_format(tmp_path, resnet18_3cls, wrap):
-    from engine.evaluate import load_model
+    from engine.models import load_model
 
     sd = resnet18_3cls.state_dict()
     obj = {"bare": sd, "official_train": {"epoch": 5, "state_dict": sd},
            "engine": _engine_ckpt(resnet18_3cls)}[wrap]
-    path = ckpt.save_checkpoint(obj, str(tmp_path / "w.pkl"))
+    path = ckpt.dump(obj, str(tmp_path / "w.pkl"))
     loaded = load_model("resnet18", path)
     assert loaded.num_classes == 3
     assert loaded.classes == (["n01", "n02", "n03"] if wrap == "engine" else None)
@@ -128,12 +176,12 @@ def test_load_model_accepts_every_format(tmp_path, resnet18_3cls, wrap):
 
 
 def test_load_model_names_arch_mismatch(tmp_path, resnet18_3cls):
-    from engine.evaluate import load_model
+    from engine.models import load_model
 
-    eng = ckpt.save_checkpoint(_engine_ckpt(resnet18_3cls), str(tmp_path / "e.pkl"))
+    eng = ckpt.dump(_engine_ckpt(resnet18_3cls), str(tmp_path / "e.pkl"))
     with pytest.raises(UserError, match="resnet18 checkpoint but --arch is resnet34"):
         load_model("resnet34", eng)
-    bare = ckpt.save_checkpoint(resnet18_3cls.state_dict(), str(tmp_path / "b.pkl"))
+    bare = ckpt.dump(resnet18_3cls.state_dict(), str(tmp_path / "b.pkl"))
     with pytest.raises(UserError, match="another architecture") as info:
         load_model("resnet34", bare)
     assert "\n" not in str(info.value)  # one line for the tools' error output

@@ -1,4 +1,4 @@
-"""engine.gpu_check: the decisions of `make gpu-check`, tested on CPU with the installed MegEngine's
+"""engine.tools.gpu_check: the decisions of `make gpu-check`, tested on CPU with the installed MegEngine's
 real build figures; the full check itself runs only where a CUDA GPU is (marked gpu)."""
 import math
 import os
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine import gpu_check as gc
+from engine.tools import gpu_check as gc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import photo_bgr
+from helpers import photo_bgr
 
 try:
     from engine.data import _jpegroi as R

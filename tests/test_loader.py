@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import Loader, shards
 from engine.data.decode import roi_available
 from engine.data.pack import pack_imagenet
@@ -279,7 +279,7 @@ def test_memory_stays_flat_over_epochs(data):
     growth = np.array(rss[-1]) - np.array(rss[2])
     assert (growth < 8 * 2**20).all(), growth
     # shared memory is slots x batch bytes
-    assert ld.prefetch == 4
+    assert ld.slots == 4
 
 
 @pytest.mark.parametrize("use_roi", [True, False])

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, make_imagenet, write
+from helpers import ROOT, make_imagenet, write
 from engine.data import Loader
 from engine.data.pack import pack_imagenet
 from engine.errors import ConfigError, DataError, UserError
@@ -157,7 +157,6 @@ def test_the_smallest_rings_never_deadlock(packed, slots):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(slots=1), "slots must be an integer >= 2"),
-    (dict(prefetch=1), "slots must be an integer >= 2"),
     (dict(batch_size=0), "batch_size must be an integer >= 1"),
     (dict(image_size=4), "image_size must be an integer >= 8"),
     (dict(workers=-1), "workers must be an integer >= 0"),

@@ -1,16 +1,18 @@
 """Node-scale sizing: worker counts from affinity, cgroup quotas and loaders per node; a ring of
 a few slots filled by several workers; eval loaders that hold nothing between passes."""
+import dataclasses
 import os
 
 import numpy as np
 import psutil
 import pytest
 
-from conftest import make_imagenet
-from engine.data import Loader
+from helpers import make_imagenet
+from engine.data import Loader, LoaderOptions
 from engine.data.cpus import cgroup_cpu_limit, default_workers, usable_cores
-from engine.data.loader import DEFAULT_SLOTS
+from engine.data.options import DEFAULT_SLOTS
 from engine.data.pack import pack_imagenet
+from engine.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +215,38 @@ def test_val_crop_ratio_sets_the_resize_before_the_center_crop(packed):
     b = next(iter(Loader(split, batch_size=4, train=False, workers=0, image_size=64,
                          crop_ratio=1.0)))[0]
     assert a.shape == b.shape == (4, 3, 64, 64) and not np.array_equal(a, b)
+
+
+def test_options_and_keywords_set_the_same_knobs(packed):
+    """LoaderOptions groups how a loader runs; its names also work as keywords, over it."""
+    split = os.path.join(packed, "train")
+    opts = LoaderOptions(workers=2, slots=3, persistent_workers=False, timeout=30.0,
+                         use_roi=False)
+    ld = Loader(split, batch_size=4, train=True, image_size=32, options=opts)
+    assert (ld.workers, ld.slots, ld.persistent_workers, ld.timeout, ld.roi) == \
+        (2, 3, False, 30.0, False)
+    assert ld.options == opts
+    kw = Loader(split, batch_size=4, train=True, image_size=32, workers=2, slots=3,
+                persistent_workers=False, timeout=30.0, use_roi=False)
+    assert kw.options == opts
+    over = Loader(split, batch_size=4, train=True, image_size=32, options=opts, slots=5)
+    assert over.slots == 5 and over.workers == 2 and opts.slots == 3  # opts itself is unchanged
+    assert Loader(split, batch_size=4, train=True).options == LoaderOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.slots = 4  # type: ignore[misc]
+    # the batches do not depend on how they were asked for
+    a = [(x.copy(), y.copy()) for x, y in ld]
+    b = [(x.copy(), y.copy()) for x, y in kw]
+    assert len(a) == len(b) == len(ld) > 0
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(xa, xb)
+
+
+def test_a_bad_option_is_refused_where_it_is_built_and_an_unknown_one_is_a_type_error(packed):
+    with pytest.raises(ConfigError, match="slots must be an integer >= 2"):
+        LoaderOptions(slots=1)
+    with pytest.raises(ConfigError, match="timeout must be > 0"):
+        LoaderOptions().updated(timeout=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prefetch'"):
+        Loader(os.path.join(packed, "train"), batch_size=4, train=True, prefetch=3)

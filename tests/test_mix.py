@@ -9,10 +9,10 @@ import megengine.functional as F
 from megengine import jit
 
 from engine.errors import ConfigError
-from engine.mix import (cutmix_box, mix_batch, mix_images, mix_plan, mix_targets, smooth_one_hot,
+from engine.mix import (cutmix_box, mix_images, mix_plan, mix_targets, smooth_one_hot,
                         soft_cross_entropy)
 
-from conftest import crops
+from helpers import crops
 
 K = 7
 
@@ -25,6 +25,15 @@ def real_batch(n=6, h=40, w=56, seed=0):
     return x, labels
 
 
+def mix(x, labels, plan, label_smoothing=0.0):
+    """A plan applied as the train step applies it (engine.steps): mixed pixels, soft targets."""
+    perm = mge.tensor(plan.perm)
+    imgs = mix_images(mge.tensor(x), perm, mge.tensor(plan.rows), mge.tensor(plan.cols))
+    targets = mix_targets(mge.tensor(labels), K, mge.tensor(np.float32(plan.lam)), perm,
+                          label_smoothing)
+    return imgs, targets
+
+
 def smoothed_np(labels, s):
     y = np.full((len(labels), K), s / K, np.float32)
     y[np.arange(len(labels)), labels] += 1 - s
@@ -33,9 +42,8 @@ def smoothed_np(labels, s):
 
 def test_mixup_pixels_and_targets_equal_numpy():
     x, labels = real_batch()
-    imgs, targets = mix_batch(mge.tensor(x), labels, K, step=3, seed=11,
-                              mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1)
     plan = mix_plan(6, 40, 56, step=3, seed=11, mixup_alpha=0.2, cutmix_alpha=0.0)
+    imgs, targets = mix(x, labels, plan, label_smoothing=0.1)
     assert plan.kind == "mixup" and 0 < plan.lam < 1
     lam, perm = plan.lam, plan.perm
     assert sorted(perm) == list(range(6))
@@ -48,9 +56,8 @@ def test_mixup_pixels_and_targets_equal_numpy():
 @pytest.mark.parametrize("step", range(6))
 def test_cutmix_box_area_matches_lambda(step):
     x, labels = real_batch(seed=step)
-    imgs, targets = mix_batch(mge.tensor(x), labels, K, step=step, seed=5,
-                              mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0)
     plan = mix_plan(6, 40, 56, step=step, seed=5, mixup_alpha=0.0, cutmix_alpha=1.0)
+    imgs, targets = mix(x, labels, plan, label_smoothing=0.0)
     assert plan.kind == "cutmix"
     y0, y1, x0, x1 = plan.box
     inside = np.zeros((40, 56), bool)
@@ -83,11 +90,11 @@ def test_cutmix_box_is_clipped_at_the_border():
 
 def test_same_seed_and_step_same_result_different_step_differs():
     x, labels = real_batch()
-    kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
-    a = mix_batch(mge.tensor(x), labels, K, step=42, seed=7, **kw)
-    b = mix_batch(mge.tensor(x), labels, K, step=42, seed=7, **kw)
-    c = mix_batch(mge.tensor(x), labels, K, step=43, seed=7, **kw)
-    d = mix_batch(mge.tensor(x), labels, K, step=42, seed=7, rank=1, **kw)
+    kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0)
+    a = mix(x, labels, mix_plan(6, 40, 56, step=42, seed=7, **kw), label_smoothing=0.1)
+    b = mix(x, labels, mix_plan(6, 40, 56, step=42, seed=7, **kw), label_smoothing=0.1)
+    c = mix(x, labels, mix_plan(6, 40, 56, step=43, seed=7, **kw), label_smoothing=0.1)
+    d = mix(x, labels, mix_plan(6, 40, 56, step=42, seed=7, rank=1, **kw), label_smoothing=0.1)
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
     np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
     assert not np.array_equal(a[1].numpy(), c[1].numpy())
@@ -106,8 +113,9 @@ def test_switch_prob_picks_the_method():
 
 def test_off_returns_images_and_smoothed_one_hot():
     x, labels = real_batch()
-    imgs, targets = mix_batch(mge.tensor(x), labels, K, step=0, seed=0, mixup_alpha=0.0,
-                              cutmix_alpha=0.0, label_smoothing=0.2)
+    plan = mix_plan(6, 40, 56, step=0, seed=0, mixup_alpha=0.0, cutmix_alpha=0.0)
+    assert plan.kind == "none"
+    imgs, targets = mix(x, labels, plan, label_smoothing=0.2)
     np.testing.assert_array_equal(imgs.numpy(), x)
     np.testing.assert_allclose(targets.numpy(), smoothed_np(labels, 0.2), rtol=1e-6)
 
@@ -151,10 +159,11 @@ def test_soft_cross_entropy_matches_megengine_label_smoothing_and_numpy():
 def test_bad_values_are_config_errors():
     x, labels = real_batch()
     with pytest.raises(ConfigError):
-        mix_batch(mge.tensor(x), labels, K, 0, 0, mixup_alpha=-1, cutmix_alpha=0)
+        mix_plan(6, 40, 56, step=0, seed=0, mixup_alpha=-1, cutmix_alpha=0)
     with pytest.raises(ConfigError):
-        mix_batch(mge.tensor(x), labels, K, 0, 0, mixup_alpha=0.2, cutmix_alpha=0, switch_prob=2)
+        mix_plan(6, 40, 56, step=0, seed=0, mixup_alpha=0.2, cutmix_alpha=0, switch_prob=2)
+    plan = mix_plan(6, 40, 56, step=0, seed=0, mixup_alpha=0.2, cutmix_alpha=0.0)
     with pytest.raises(ConfigError):
-        mix_batch(mge.tensor(x), labels, K, 0, 0, 0.2, 0.0, label_smoothing=1.0)
+        mix(x, labels, plan, label_smoothing=1.0)
     with pytest.raises(ConfigError):
-        mix_batch(mge.tensor(x[0]), labels, K, 0, 0, 0.2, 0.0)
+        mix_plan(0, 40, 56, step=0, seed=0, mixup_alpha=0.2, cutmix_alpha=0.0)

@@ -21,6 +21,7 @@ import megengine.module as M
 
 import engine.models as models
 from engine.errors import UserError
+from engine.models import hub
 from engine.models import weights as weights_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,14 +253,14 @@ def test_cache_path_matches_megengine_hub(tmp_path, monkeypatch):
 def _offline(monkeypatch, tmp_path):
     """Cache in tmp_path; any download attempt hits a closed local port (never the real server)."""
     monkeypatch.setenv("MGE_HOME", str(tmp_path))
-    monkeypatch.setattr(weights_mod, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
-    monkeypatch.setattr(weights_mod, "DOWNLOAD_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(hub, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
+    monkeypatch.setattr(hub, "DOWNLOAD_TIMEOUT_S", 2.0)
 
 
 def _publish_as(monkeypatch, arch: str, data: bytes) -> str:
     """Pretend `data` is the published file of `arch`: a name that carries its sha256 prefix."""
     digest = hashlib.sha256(data).hexdigest()
-    monkeypatch.setitem(weights_mod.PRETRAINED_FILES, arch, "%s_test_%s.pkl" % (arch, digest[:8]))
+    monkeypatch.setitem(hub.PRETRAINED_FILES, arch, "%s_test_%s.pkl" % (arch, digest[:8]))
     path = models.pretrained_cache_path(arch)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
@@ -377,6 +378,18 @@ def test_load_weights_other_architecture_is_named(no_init):
     prefixed = {"module." + k: v for k, v in shapes(models.resnet18()).items()}
     with pytest.raises(ValueError, match="module"):
         models.load_weights(models.resnet18(), {k: np.zeros(s, np.float32) for k, s in prefixed.items()})
+
+
+def test_one_list_of_architectures_and_one_normalization():
+    """engine.models.ARCHS names every constructor the package exports, and nothing else does;
+    the steps normalize with the models' mean and std."""
+    from engine import steps
+    from engine.models import resnet
+
+    constructors = [n for n in resnet.__all__ if n not in ("BasicBlock", "Bottleneck", "ResNet", "get_model")]
+    assert tuple(constructors) == models.ARCHS
+    assert all(callable(getattr(models, a)) for a in models.ARCHS)
+    assert steps.MEAN_BGR is models.MEAN_BGR and steps.STD_BGR is models.STD_BGR
 
 
 # ------------------------------------------------------------------------------------------ hub

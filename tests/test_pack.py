@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
 from engine.data.decode import decode_bgr, jpeg_info
 from engine.data.pack import PackError, pack_imagenet
@@ -48,7 +48,7 @@ def test_round_trip_keeps_bytes_labels_and_order(tiny_imagenet, tmp_path):
     assert labels != sorted(labels)
     val = records(out / "val")
     assert [r["path"] for r in val] == sorted(r["path"] for r in val)
-    assert res["splits"][0]["kept"] == 18 and res["splits"][1]["kept"] == 6
+    assert res.splits[0].kept == 18 and res.splits[1].kept == 6
 
 
 def test_same_input_and_seed_give_same_records(tiny_imagenet, tmp_path):
@@ -141,8 +141,8 @@ def test_every_quirk(quirky, tmp_path):
     assert by_path["tiny.JPEG"]["height"] == 1 and by_path["large.JPEG"]["width"] == 2400
     kinds = meta["kinds"]
     assert kinds["converted:png"] == 2 and kinds["converted:cmyk"] == 1 and kinds["gray"] == 1
-    s = res["splits"][0]
-    assert s["seen"] == 4 + 12 and s["kept"] == 12 and s["skipped"] == 4
+    s = res.splits[0]
+    assert s.seen == 4 + 12 and s.kept == 12 and s.skipped == 4
 
 
 def test_cmyk_and_png_colours_are_right(quirky, tmp_path):
@@ -211,10 +211,26 @@ def test_rerun_is_a_no_op_and_different_input_is_refused(tiny_imagenet, tmp_path
     pack(tiny_imagenet, tmp_path / "p")
     before = os.stat(tmp_path / "p" / "train" / "shard-00000.lmdb").st_mtime_ns
     res = pack(tiny_imagenet, tmp_path / "p")
-    assert all(s["done_before"] for s in res["splits"])
+    assert all(s.done_before for s in res.splits)
     assert os.stat(tmp_path / "p" / "train" / "shard-00000.lmdb").st_mtime_ns == before
     with pytest.raises(PackError, match="different input"):
         pack(tiny_imagenet, tmp_path / "p", seed=9)
+
+
+def finished_shards(markers):
+    """Shards a pack has finished so far: their markers (the merge removes the folder)."""
+    try:
+        return sum(f.endswith(".lmdb.json") for f in os.listdir(markers))
+    except FileNotFoundError:
+        return 0
+
+
+def wait_until(cond, what, deadline):
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %d s waiting for %s" % (deadline, what))
+        time.sleep(0.01)
 
 
 def test_kill_9_then_rerun_packs_every_file_exactly_once(tmp_path):
@@ -222,9 +238,13 @@ def test_kill_9_then_rerun_packs_every_file_exactly_once(tmp_path):
     out = str(tmp_path / "p")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "pack_imagenet.py"), "--data", root,
            "--out", out, "--workers", "1", "--shard-size", "7", "--quiet"]
-    for delay in (0.8, 1.6):  # kill mid-run (twice, at different points), then finish
+    markers = os.path.join(out, "train", ".pack")
+    for _ in range(2):  # kill mid-run (twice, at different points), then finish
+        done_before = finished_shards(markers)
         proc = subprocess.Popen(cmd, start_new_session=True)
-        time.sleep(delay)
+        # a real sign of progress, however loaded the machine: this run finished a shard
+        wait_until(lambda: proc.poll() is not None or finished_shards(markers) > done_before,
+                   "the pack to finish a shard", deadline=120)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if not os.path.exists(os.path.join(out, "train", "meta.json")):

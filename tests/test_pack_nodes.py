@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
-from engine.data.pack import PackError, merge_pack, pack_imagenet, resolve_nodes
+from engine.data.pack import PackError, pack_imagenet, resolve_nodes
+from engine.data.plan import merge_pack
 
 TOOL = os.path.join(ROOT, "tools", "pack_imagenet.py")
 DEADLINE = 60
@@ -46,6 +47,23 @@ def test_resolve_nodes(flags, env, want):
 def test_resolve_nodes_refuses_nonsense(flags, env, match):
     with pytest.raises(PackError, match=match):
         resolve_nodes(flags[0], flags[1], env)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({"SLURM_NNODES": "8(x2)", "SLURM_NODEID": "5", "SLURM_JOB_NODELIST": "gpu[01-08]",
+      "SLURM_JOB_ID": "77"}, (8, 5)),
+    ({"SLURM_JOB_NUM_NODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[01-04]",
+      "SLURM_JOB_ID": "77"}, (4, 2)),
+    ({"NNODES": "3", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "5"}, (3, 2)),
+])
+def test_resolve_nodes_reads_the_environment_as_the_trainer_does(env, want):
+    """One reader: the packer and the training launch agree on the nodes an environment names,
+    Slurm's "8(x2)" count form included."""
+    from engine.dist import resolve_cluster
+
+    assert resolve_nodes(None, None, env)[:2] == want
+    c = resolve_cluster(env)
+    assert (c.num_nodes, c.node_rank) == want
 
 
 def cmd(data, out, *extra):

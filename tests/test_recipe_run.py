@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
-from engine.checkpoint import load_checkpoint
+from helpers import make_imagenet
 from engine.config import TrainConfig, load_recipe
 from engine.metrics import read_jsonl
+from engine.models.weights import read_file
 from engine.trainer import train
 
 
@@ -33,18 +33,18 @@ def shrunk(data_root, save_dir, **kw):
 @pytest.mark.slow
 def test_shrunk_fast_recipe_runs_and_resumes_exactly(data_root, tmp_path):
     straight = train(shrunk(data_root, tmp_path / "a"))
-    assert straight["steps"] == 12 and np.isfinite(straight["loss"])
+    assert straight.steps == 12 and np.isfinite(straight.loss)
     records = read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
     kinds = [r["kind"] for r in records]
     assert kinds.count("eval") == kinds.count("eval_ema") == 3  # EMA scored every epoch
-    ck = load_checkpoint(straight["checkpoint"])
+    ck = read_file(straight.checkpoint)
     assert ck["ema"] and ck["ema"]["updates"] == 12 and ck["config"]["optimizer"] == "lars"
 
     d = tmp_path / "b"
     train(shrunk(data_root, d, max_steps=6))  # stops mid epoch 1, after the 32 -> 64 change
     resumed = train(shrunk(data_root, d, resume=str(d)))
-    assert resumed["steps"] == 12
-    a, b = load_checkpoint(straight["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    assert resumed.steps == 12
+    a, b = read_file(straight.checkpoint), read_file(resumed.checkpoint)
     for k in a["state_dict"]:
         np.testing.assert_allclose(b["state_dict"][k], a["state_dict"][k], rtol=1e-4, atol=1e-5,
                                    err_msg=k)

@@ -7,10 +7,9 @@ import json
 import pytest
 
 from engine.errors import ConfigError
-from engine.config import load_recipe
+from engine.config import TrainConfig, load_recipe
 from engine.recipes import list_recipes, recipe_path
 from engine.schedules import resolution_at
-from engine.trainer import TrainConfig
 
 SHIPPED = ["fast_resnet18_16ep", "fast_resnet50_16ep", "fast_resnet50_88ep", "seed_resnet50"]
 

@@ -1,4 +1,4 @@
-"""Tests for engine.sample / tools/make_sample_imagenet.py (the real-photo sample data set)."""
+"""Tests for engine.data.sample / tools/make_sample_imagenet.py (the real-photo sample data set)."""
 import json
 import os
 import re
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("skimage")
 
-from engine.sample import LONG_SIDE, MARKER, make_sample_imagenet, max_classes  # noqa: E402
+from engine.data.sample import LONG_SIDE, MARKER, make_sample_imagenet, max_classes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "make_sample_imagenet.py")
@@ -176,7 +176,7 @@ def test_overwrites_previous_sample_set_cleanly(tmp_path):
 
 
 def test_import_needs_neither_megengine_nor_skimage():
-    code = ("import sys, engine.sample; "
+    code = ("import sys, engine.data.sample; "
             "assert 'megengine' not in sys.modules and 'skimage' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)

@@ -1,6 +1,5 @@
 """The CLIs as users run them (subprocesses): --help, test.py and inference.py on tiny
 checkpoints of every format, one-line errors with exit status 2, train.py flags and --amp."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -10,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import make_imagenet, photo_bgr
+from helpers import make_imagenet, photo_bgr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
@@ -44,13 +43,6 @@ def test_help(tool):
                      "--amp", "--trace", "--no-trace", "--dtr", "--resume", "--seed",
                      "--num-nodes", "--node-rank", "--master-ip", "--master-port", "--save-every"):
             assert flag in out, flag
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location("tool_" + name, os.path.join(TOOLS, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_train_flags_map_to_config():
@@ -87,6 +79,84 @@ def test_every_config_field_has_a_flag_and_its_default_comes_from_the_dataclass(
         assert f.metadata.get("help"), f.name
         if f.default is not dataclasses.MISSING:
             assert dests[f.name].default == f.default, f.name
+
+
+# Each tool's flags and their defaults, as its parser (derived from its dataclass) spells them.
+TOOL_FLAGS = {
+    # --arch None: an engine checkpoint's own, else resnet18 (engine.models.load.DEFAULT_ARCH)
+    "engine.evaluate:TestConfig": {
+        "-d": None, "--data": None, "-a": None, "--arch": None, "-m": None,
+        "--model": None, "--trust-pickle": False, "-n": None, "--ngpus": None, "-b": 100,
+        "--batch-size": 100, "-j": None, "--workers": None, "--image-size": None,
+        "--no-progress": True},
+    "engine.inference:InferenceConfig": {
+        "-a": None, "--arch": None, "-m": None, "--model": None,
+        "--trust-pickle": False, "-i": None, "--image": None, "--topk": 5, "--image-size": None},
+    "engine.data.pack:PackConfig": {
+        "--data": None, "--out": None, "--splits": None, "--workers": None, "--shard-size": 5000,
+        "--max-side": None, "--seed": 0, "--strict": False, "--num-nodes": None,
+        "--node-rank": None, "--merge": False, "--quiet": False},
+    "engine.data.verify:VerifyConfig": {"path": None, "--fast": False, "--sample": None,
+                                        "--seed": 0},
+    "engine.data.stage:StageConfig": {"src": None, "dst": None, "--stall-timeout": 600.0},
+    "engine.data.sample:SampleConfig": {
+        "--out": None, "--classes": 10, "--train-per-class": 100, "--val-per-class": 20,
+        "--seed": 0, "--imagenet-like": False},
+    "engine.tools.demo:DemoConfig": {"--out": "demo", "--epochs": 3, "--image-size": 32,
+                                     "--workers": 1},
+    "engine.tools.gpu_check:GpuCheckConfig": {
+        "--no-bench": True, "--bench-batch": 128, "--bench-size": 224, "--bench-steps": 20,
+        "--bench-warmup": 5},
+}
+
+
+@pytest.mark.parametrize("where", sorted(TOOL_FLAGS))
+def test_every_tool_parser_comes_from_its_dataclass(where):
+    """The flags and defaults the tools have always had, each field an option with help, each
+    default the dataclass's."""
+    import dataclasses
+    import importlib
+
+    from engine.cli import build_parser, is_option
+
+    module, name = where.split(":")
+    config = getattr(importlib.import_module(module), name)
+    actions = [a for a in build_parser(config)._actions if a.dest != "help"]
+    spelled = {s: a.default for a in actions for s in (a.option_strings or [a.dest])}
+    for flag, default in TOOL_FLAGS[where].items():
+        assert flag in spelled, (where, flag)
+        assert spelled[flag] == default, (where, flag)
+    fields = {f.name: f for f in dataclasses.fields(config) if is_option(f)}
+    assert {a.dest for a in actions} == set(fields)
+    for a in actions:
+        f = fields[a.dest]
+        assert f.metadata["help"], a.dest
+        assert a.required == (f.default is dataclasses.MISSING)
+        if f.default is not dataclasses.MISSING:
+            assert a.default == f.default, a.dest
+
+
+def test_the_engine_functions_take_their_defaults_from_the_tools_dataclasses():
+    import dataclasses
+    import inspect
+
+    from engine.data.pack import PackConfig, pack_imagenet
+    from engine.data.stage import StageConfig, stage
+    from engine.data.verify import VerifyConfig, verify
+    from engine.inference import InferenceConfig, predict
+    from engine.data.sample import SampleConfig, make_sample_imagenet
+
+    for fn, config, names in [
+            (pack_imagenet, PackConfig, ["shard_size", "seed", "workers", "max_side", "strict"]),
+            (verify, VerifyConfig, ["sample", "fast", "seed"]),
+            (stage, StageConfig, ["stall_timeout"]),
+            (predict, InferenceConfig, ["topk", "image_size"]),
+            (make_sample_imagenet, SampleConfig, ["classes", "train_per_class", "val_per_class",
+                                                  "seed", "imagenet_like"])]:
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        params = inspect.signature(fn).parameters
+        for n in names:
+            assert params[n].default == defaults[n], (fn.__name__, n)
 
 
 def test_a_recipe_gives_the_config_of_the_equivalent_flags_and_flags_override_it(tmp_path):
@@ -134,7 +204,7 @@ def test_train_amp_on_cpu_gives_its_message(tmp_path):
 def files(tmp_path_factory):
     """A 3-class val set, the chelsea photo, and resnet18 weights in every format."""
     import megengine as mge
-    from engine.checkpoint import FORMAT, VERSION, save_checkpoint
+    from engine.checkpoint import FORMAT, VERSION, dump
     from engine.models import get_model
 
     d = tmp_path_factory.mktemp("tools")
@@ -145,16 +215,16 @@ def files(tmp_path_factory):
     mge.random.seed(0)
     sd3 = get_model("resnet18", num_classes=3).state_dict()
     out = {"root": root, "cat": cat, "dir": d, "classes": classes}
-    out["engine"] = save_checkpoint(
+    out["engine"] = dump(
         {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
          "config": {"arch": "resnet18", "num_classes": 3, "classes": classes,
                     "image_size": 32}}, str(d / "engine.pkl"))
-    out["other_classes"] = save_checkpoint(
+    out["other_classes"] = dump(
         {"format": FORMAT, "version": VERSION, "epoch": 1, "state_dict": sd3,
          "config": {"arch": "resnet18", "num_classes": 3, "classes": ["a", "b", "c"],
                     "image_size": 32}}, str(d / "other.pkl"))
-    out["bare3"] = save_checkpoint(sd3, str(d / "bare3.pkl"))
-    out["official1000"] = save_checkpoint(get_model("resnet18").state_dict(), str(d / "r18.pkl"))
+    out["bare3"] = dump(sd3, str(d / "bare3.pkl"))
+    out["official1000"] = dump(get_model("resnet18").state_dict(), str(d / "r18.pkl"))
     return out
 
 
@@ -460,5 +530,5 @@ def test_every_tool_reports_user_errors_and_ctrl_c_the_same_way():
 @pytest.mark.parametrize("tool", ["train.py", "test.py", "inference.py", "pack_imagenet.py",
                                   "verify_pack.py", "stage_shards.py"])
 def test_tools_use_the_shared_error_handling(tool):
-    src = open(os.path.join(TOOLS, tool)).read()
+    src = open(os.path.join(ROOT, "engine", "tools", tool)).read()
     assert "run_tool(" in src and "except UserError" not in src

@@ -1,19 +1,19 @@
 """Trainer: LR schedule, world-size logic, traced == eager, AMP step structure, train() runs,
 exact resume, rank-0-only output. Tiny: 32 px images, batches of 2-4, a handful of steps."""
-import json
 import math
 import os
 
 import numpy as np
 import pytest
 
-from engine import trainer
+from engine.config import TrainConfig
+from engine.dist import resolve_ngpus
 from engine.errors import UserError
 from engine.metrics import MetricsLog, read_jsonl
-from engine.trainer import (TrainConfig, loader_kwargs, lr_at, resolve_data, resolve_ngpus,
-                            resume_step, scaled_lr, step_milestones, train)
+from engine.schedules import lr_at, step_milestones
+from engine.trainer import loader_kwargs, resolve_data, scaled_lr, train
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -68,7 +68,15 @@ def test_lr_scales_with_world_size():
     assert scaled_lr(0.0125, 16) == pytest.approx(0.2)   # 2 nodes x 8 GPUs
 
 
-def test_resume_step_from_both_checkpoint_versions():
+def test_resume_step_from_both_checkpoint_versions(tmp_path):
+    from engine import checkpoint as ckpt
+
+    def resume_step(state, config, classes, world_size, steps_per_epoch):
+        """Where a file holding `state` (and the entries a resume loads) resumes this run."""
+        path = str(tmp_path / "c.pkl")
+        ckpt.dump({"format": ckpt.FORMAT, "state_dict": {}, "optimizer": {}, **state}, path)
+        return ckpt.read(path).resume_step(config, classes, world_size, steps_per_epoch)
+
     cfg = TrainConfig(data="x", batch_size=4)
     classes = ["a", "b"]
     saved = {"arch": "resnet18", "classes": classes, "batch_size": 4, "world_size": 2}
@@ -347,11 +355,11 @@ def _cfg(data_root, save_dir, **kw):
 
 def test_two_step_cpu_training_smoke(data_root, tmp_path):
     summary = train(_cfg(data_root, tmp_path / "run", max_steps=2))
-    assert summary["steps"] == 2 and summary["epoch"] == 0
-    assert np.isfinite(summary["loss"])
-    assert 0 <= summary["top1"] <= 100 and summary["top1"] <= summary["top5"]
-    assert summary["num_classes"] == 3 and summary["world_size"] == 1
-    assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoint.pkl")
+    assert summary.steps == 2 and summary.epoch == 0
+    assert np.isfinite(summary.loss)
+    assert 0 <= summary.top1 <= 100 and summary.top1 <= summary.top5
+    assert summary.num_classes == 3 and summary.world_size == 1
+    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint.pkl")
     for name in ("checkpoint.pkl", "metrics.jsonl", "curves.png", "config.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
@@ -364,9 +372,9 @@ def test_two_step_cpu_training_smoke(data_root, tmp_path):
     ev = [r for r in records if r["kind"] == "eval"]
     assert len(ev) == 1 and {"top1", "top5"} <= set(ev[0])
 
-    from engine.checkpoint import load_checkpoint
+    from engine.models.weights import read_file
 
-    ck = load_checkpoint(summary["checkpoint"])
+    ck = read_file(summary.checkpoint)
     assert ck["version"] == 2 and (ck["step"], ck["steps_per_epoch"]) == (2, 4)
     assert ck["config"]["arch"] == "resnet18" and ck["config"]["num_classes"] == 3
     assert ck["config"]["image_size"] == 32 and len(ck["config"]["classes"]) == 3
@@ -380,25 +388,25 @@ def _train_losses(save_dir):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_and_at_epoch_end_equals_straight_run(data_root, tmp_path):
-    from engine.checkpoint import load_checkpoint
+    from engine.models.weights import read_file
 
     # 6 steps = 1.5 epochs straight ...
     straight = train(_cfg(data_root, tmp_path / "a", max_steps=6, evaluate=False, trace=False))
     # ... vs stop at step 3 (mid-epoch 0), resume to 4 (epoch end), resume to 6.
     d = str(tmp_path / "b")
     train(_cfg(data_root, d, max_steps=3, evaluate=False, trace=False))
-    assert load_checkpoint(os.path.join(d, "checkpoint.pkl"))["step"] == 3
+    assert read_file(os.path.join(d, "checkpoint.pkl"))["step"] == 3
     train(_cfg(data_root, d, max_steps=4, evaluate=False, trace=False, resume=d))
-    ck = load_checkpoint(os.path.join(d, "checkpoint.pkl"))
+    ck = read_file(os.path.join(d, "checkpoint.pkl"))
     assert ck["step"] == 4 and ck["steps_per_epoch"] == 4
     resumed = train(_cfg(data_root, d, max_steps=6, evaluate=False, trace=False,
                          resume=os.path.join(d, "checkpoint.pkl")))
 
-    a, b = _train_losses(straight["save_dir"]), _train_losses(d)
+    a, b = _train_losses(straight.save_dir), _train_losses(d)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
-    pa = load_checkpoint(straight["checkpoint"])["state_dict"]
-    pb = load_checkpoint(resumed["checkpoint"])["state_dict"]
+    pa = read_file(straight.checkpoint)["state_dict"]
+    pb = read_file(resumed.checkpoint)["state_dict"]
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -415,12 +423,12 @@ def test_resume_refuses_other_arch_and_missing_checkpoint(data_root, tmp_path):
 def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     """The loop as rank 1 of 2 (communication stubbed out: it needs GPUs): it reads its half of
     the data, scales the LR by the world size, trains, and never touches the save dir."""
-    from engine import distributed
+    from engine import dist
 
-    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
-    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "allreduce_callback", lambda: None)
-    monkeypatch.setattr(distributed, "broadcast_module", lambda module: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "allreduce_callback", lambda: None)
+    monkeypatch.setattr(dist, "broadcast_module", lambda module: None)
     events = []
 
     def buffers(module):  # stands in for the broadcast of rank 0's BN statistics
@@ -430,17 +438,17 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
         events.append("all_reduce_sum/%d" % len(values))
         return np.asarray(values, np.float64)
 
-    monkeypatch.setattr(distributed, "broadcast_buffers", buffers)
-    monkeypatch.setattr(distributed, "all_reduce_sum", reduce)
+    monkeypatch.setattr(dist, "broadcast_buffers", buffers)
+    monkeypatch.setattr(dist, "all_reduce_sum", reduce)
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
     # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before
     assert events.count("all_reduce_sum/3") == 1  # the one logged interval's loss, all ranks
     evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
     assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
-    assert summary["steps"] == 1 and summary["checkpoint"] is None
-    assert summary["world_size"] == 2 and summary["lr"] == pytest.approx(0.02)
-    assert summary["top1"] is not None  # rank 1 evaluates its shard too (sums are all-reduced)
+    assert summary.steps == 1 and summary.checkpoint is None
+    assert summary.world_size == 2 and summary.lr == pytest.approx(0.02)
+    assert summary.top1 is not None  # rank 1 evaluates its shard too (sums are all-reduced)
     assert not (tmp_path / "rank1").exists()
 
 
@@ -448,13 +456,13 @@ def test_save_every_n_steps_and_at_stop(data_root, tmp_path, monkeypatch):
     from engine import checkpoint as ckpt
 
     saved = []
-    real = ckpt.save_checkpoint
+    real = ckpt.write
 
-    def recording(obj, path):
-        saved.append(obj["step"])
-        return real(obj, path)
+    def recording(checkpoint, path):
+        saved.append(checkpoint.step)
+        return real(checkpoint, path)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", recording)
+    monkeypatch.setattr(ckpt, "write", recording)
     train(_cfg(data_root, tmp_path / "s", max_steps=5, save_every=2, evaluate=False,
                trace=False))
     # step 2: --save-every; step 4: epoch end, also a multiple of 2 but not saved twice;
@@ -464,35 +472,36 @@ def test_save_every_n_steps_and_at_stop(data_root, tmp_path, monkeypatch):
 
 def test_traced_resume_mid_epoch_equals_the_straight_run(data_root, tmp_path):
     """With trace=True (the default), in the default tier: 3 steps straight vs 2 + resume."""
-    from engine.checkpoint import load_checkpoint
+    from engine.models.weights import read_file
 
     straight = train(_cfg(data_root, tmp_path / "a", max_steps=3, evaluate=False))
     d = str(tmp_path / "b")
     train(_cfg(data_root, d, max_steps=2, evaluate=False))
     resumed = train(_cfg(data_root, d, max_steps=3, evaluate=False, resume=d))
-    a, b = _train_losses(straight["save_dir"]), _train_losses(d)
+    a, b = _train_losses(straight.save_dir), _train_losses(d)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
-    pa = load_checkpoint(straight["checkpoint"])["state_dict"]
-    pb = load_checkpoint(resumed["checkpoint"])["state_dict"]
+    pa = read_file(straight.checkpoint)["state_dict"]
+    pb = read_file(resumed.checkpoint)["state_dict"]
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_a_version_1_checkpoint_still_resumes(data_root, tmp_path):
     """Checkpoints of the first format stored the loader's (epoch, position), not the step."""
-    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.checkpoint import dump
+    from engine.models.weights import read_file
 
     d = tmp_path / "v1"
     train(_cfg(data_root, d, max_steps=2, evaluate=False, trace=False))
-    ck = load_checkpoint(str(d / "checkpoint.pkl"))
+    ck = read_file(str(d / "checkpoint.pkl"))
     old = {k: v for k, v in ck.items() if k not in ("step", "steps_per_epoch")}
     old.update(version=1, epoch=0, step=2, loader={"epoch": 0, "position": 2})
-    save_checkpoint(old, str(d / "checkpoint.pkl"))
+    dump(old, str(d / "checkpoint.pkl"))
     out = train(_cfg(data_root, d, max_steps=3, evaluate=False, trace=False, resume=str(d)))
-    assert out["steps"] == 3 and [r["step"] for r in read_jsonl(str(d / "metrics.jsonl"))
+    assert out.steps == 3 and [r["step"] for r in read_jsonl(str(d / "metrics.jsonl"))
                                   if r["kind"] == "train"] == [1, 2, 3]
-    newer = dict(load_checkpoint(str(d / "checkpoint.pkl")), version=99)
-    save_checkpoint(newer, str(d / "checkpoint.pkl"))
+    newer = dict(read_file(str(d / "checkpoint.pkl")), version=99)
+    dump(newer, str(d / "checkpoint.pkl"))
     with pytest.raises(UserError, match="version 99 was written by a newer engine"):
         train(_cfg(data_root, d, max_steps=4, evaluate=False, trace=False, resume=str(d)))

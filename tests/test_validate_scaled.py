@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import photo_bgr
+from helpers import photo_bgr
 from engine.data import decode as D
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, validate_jpeg
 from engine.data.pack import process_file

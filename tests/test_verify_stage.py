@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.atomic import TMP_PREFIX
 from engine.data import shards
 from engine.data.pack import pack_imagenet
@@ -62,9 +62,9 @@ def test_intact_pack_verifies_at_every_level(packed):
         assert r.returncode == 0, r.stdout + r.stderr
         assert "0 mismatch" in r.stdout and "checksums checked" in r.stdout
     rep = verify_split(str(packed / "train"))
-    assert rep["mismatches"] == [] and rep["decoded"] == 30 and rep["checksums"] == "present"
-    assert verify_split(str(packed / "train"), sample=5)["decoded"] == 5
-    assert verify_split(str(packed / "train"), fast=True)["decoded"] == 0
+    assert rep.mismatches == [] and rep.decoded == 30 and rep.checksums == "present"
+    assert verify_split(str(packed / "train"), sample=5).decoded == 5
+    assert verify_split(str(packed / "train"), fast=True).decoded == 0
 
 
 def flip_byte(path, at=None):
@@ -140,7 +140,7 @@ def test_stage_copies_verifies_and_skips_what_is_correct(packed, tmp_path):
     assert "8 shard(s) copied" in r.stdout and "2 shard(s) copied" in r.stdout  # 30/4, 6/4
     for split in ("train", "val"):
         assert records(dst / split) == records(packed / split)
-        assert verify_split(str(dst / split))["mismatches"] == []
+        assert verify_split(str(dst / split)).mismatches == []
     mtimes = {f: os.stat(dst / "train" / f).st_mtime_ns for f in os.listdir(dst / "train")
               if f.endswith(".lmdb")}
     r = run(STAGE, packed / "train", dst / "train")
@@ -156,7 +156,7 @@ def test_a_corrupted_local_copy_is_copied_again(packed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "shard-00004.lmdb: local copy is damaged" in r.stdout
     assert "1 shard(s) copied" in r.stdout
-    assert verify_split(str(dst))["mismatches"] == []
+    assert verify_split(str(dst)).mismatches == []
 
 
 def test_an_interrupted_copy_resumes(packed, tmp_path):

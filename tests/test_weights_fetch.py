@@ -1,4 +1,4 @@
-"""engine.models.weights.fetch: one download per node, atomic, hash-checked; real files served over
+"""engine.models.hub.fetch: one download per node, atomic, hash-checked; real files served over
 file:// and over HTTP from a local server thread (127.0.0.1, bounded waits), real processes."""
 import collections
 import glob
@@ -18,11 +18,10 @@ import pytest
 
 import megengine.hub.hub as mge_hub
 
-from conftest import jpeg_bytes, photo_bgr
-from engine.checkpoint import read_weights
+from helpers import jpeg_bytes, photo_bgr
 from engine.errors import UserError
-from engine.models import weights
-from engine.models.weights import WeightsError, fetch, prefetch_weights
+from engine.models import hub, weights
+from engine.models.hub import WeightsError, fetch, prefetch_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +51,7 @@ def temp_files(home) -> list:
 def home(tmp_path, monkeypatch):
     h = tmp_path / "mge_home"
     monkeypatch.setenv("MGE_HOME", str(h))
-    monkeypatch.delenv(weights.SKIP_HASH_ENV, raising=False)
+    monkeypatch.delenv(hub.SKIP_HASH_ENV, raising=False)
     return h
 
 
@@ -136,7 +135,7 @@ def test_file_url_is_cached_under_the_hub_name_and_loads(tmp_path, home):
     assert open(path, "rb").read() == data
     ino = os.stat(path).st_ino
     assert fetch(url) == path and os.stat(path).st_ino == ino  # cached: not copied again
-    state = read_weights(url)  # checkpoint.read_weights goes through the same fetch
+    state = weights.read(url)  # reading a URL goes through the same fetch
     np.testing.assert_array_equal(state["fc.weight"], pickle.loads(data)["fc.weight"])
     assert temp_files(home) == []
 
@@ -161,14 +160,14 @@ def test_names_without_a_hash_are_not_checked(tmp_path, home):
 
 
 def test_expected_hash_prefix():
-    assert weights.expected_hash_prefix("resnet50_fbaug_76254_4e14b7d1.pkl") == "4e14b7d1"
-    assert weights.expected_hash_prefix(
+    assert hub.expected_hash_prefix("resnet50_fbaug_76254_4e14b7d1.pkl") == "4e14b7d1"
+    assert hub.expected_hash_prefix(
         "https://data.megengine.org.cn/models/weights/resnext101_32x8d_fbaug_79520_80efb344.pkl"
     ) == "80efb344"
-    assert weights.expected_hash_prefix("resnet18_normal_69796.pkl") is None  # 5 digits: no hash
-    assert weights.expected_hash_prefix("checkpoint.pkl") is None
-    for arch, name in weights.PRETRAINED_FILES.items():
-        assert weights.expected_hash_prefix(weights.pretrained_url(arch)) == name[-12:-4]
+    assert hub.expected_hash_prefix("resnet18_normal_69796.pkl") is None  # 5 digits: no hash
+    assert hub.expected_hash_prefix("checkpoint.pkl") is None
+    for arch, name in hub.PRETRAINED_FILES.items():
+        assert hub.expected_hash_prefix(hub.pretrained_url(arch)) == name[-12:-4]
 
 
 # ---------------------------------------------------------------------------------------- HTTP
@@ -195,7 +194,7 @@ def test_http_hash_mismatch_refused(server, home):
 def test_skip_hash_env_accepts_with_a_warning(server, home, monkeypatch, capfd):
     name = "/w/" + hashed_name(b"the published bytes")
     server.files[name] = state_bytes(5)
-    monkeypatch.setenv(weights.SKIP_HASH_ENV, "1")
+    monkeypatch.setenv(hub.SKIP_HASH_ENV, "1")
     path = fetch(server.url(name))
     assert open(path, "rb").read() == state_bytes(5)
     assert "warning:" in capfd.readouterr().err
@@ -206,7 +205,7 @@ def test_cached_file_with_wrong_hash_is_downloaded_again(server, home):
     name = "/w/" + hashed_name(data)
     server.files[name] = data
     url = server.url(name)
-    dest = weights.cache_path_for_url(url)
+    dest = hub.cache_path_for_url(url)
     os.makedirs(os.path.dirname(dest))
     with open(dest, "wb") as f:
         f.write(data[:100])  # what a non-atomic, interrupted download would have left
@@ -237,8 +236,8 @@ def test_killed_download_leaves_no_final_file_and_is_cleaned_up(server, home):
     server.files[name] = data
     server.modes[name] = ["stall"]
     url = server.url(name)
-    dest = weights.cache_path_for_url(url)
-    code = "import sys; from engine.models.weights import fetch; fetch(sys.argv[1])"
+    dest = hub.cache_path_for_url(url)
+    code = "import sys; from engine.models.hub import fetch; fetch(sys.argv[1])"
     proc = subprocess.Popen([sys.executable, "-c", code, url], cwd=ROOT,
                             env=dict(os.environ, MGE_HOME=str(home)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -283,7 +282,7 @@ def test_concurrent_fetch_from_two_processes_downloads_once(server, home):
     for p in procs:
         p.join(30)
     assert [r[0] for r in results] == ["ok", "ok"], results
-    assert results[0][1] == results[1][1] == weights.cache_path_for_url(url)
+    assert results[0][1] == results[1][1] == hub.cache_path_for_url(url)
     assert open(results[0][1], "rb").read() == data
     assert server.gets[name] == 1
 
@@ -293,7 +292,7 @@ def test_unreachable_url_is_a_one_line_user_error(home):
         fetch("http://127.0.0.1:9/w/" + hashed_name(b"x"), timeout=2.0)
     msg = str(exc.value)
     assert "could not download" in msg and "\n" not in msg
-    assert weights.cache_path_for_url("http://127.0.0.1:9/w/" + hashed_name(b"x")) in msg
+    assert hub.cache_path_for_url("http://127.0.0.1:9/w/" + hashed_name(b"x")) in msg
 
 
 # ------------------------------------------------------------------------------ prefetch_weights
@@ -309,10 +308,10 @@ def test_prefetch_weights(tmp_path, home, monkeypatch):
     with pytest.raises(WeightsError, match="no published"):
         prefetch_weights("published", "wide_resnet50_2")
     # published weights: already in the cache under a name whose hash matches -> no download
-    monkeypatch.setattr(weights, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/")
+    monkeypatch.setattr(hub, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/")
     data = state_bytes(11)
-    monkeypatch.setitem(weights.PRETRAINED_FILES, "resnet18", hashed_name(data, "resnet18_x"))
-    cached = weights.pretrained_cache_path("resnet18")
+    monkeypatch.setitem(hub.PRETRAINED_FILES, "resnet18", hashed_name(data, "resnet18_x"))
+    cached = hub.pretrained_cache_path("resnet18")
     os.makedirs(os.path.dirname(cached))
     with open(cached, "wb") as f:
         f.write(data)
@@ -324,11 +323,11 @@ def test_prefetch_weights_downloads_published_from_the_base_url(server, home, mo
     data = state_bytes(12)
     fname = hashed_name(data, "resnet34_x")
     server.files["/models/weights/" + fname] = data
-    monkeypatch.setattr(weights, "WEIGHTS_URL_BASE", server.url("/models/weights/"))
-    monkeypatch.setitem(weights.PRETRAINED_FILES, "resnet34", fname)
+    monkeypatch.setattr(hub, "WEIGHTS_URL_BASE", server.url("/models/weights/"))
+    monkeypatch.setitem(hub.PRETRAINED_FILES, "resnet34", fname)
     path = prefetch_weights("published", "resnet34")
     # the cache name comes from the official URL, so megengine.hub finds the same file
-    assert path == weights.cache_path_for_url(weights.OFFICIAL_URL_BASE + fname)
+    assert path == hub.cache_path_for_url(hub.OFFICIAL_URL_BASE + fname)
     assert open(path, "rb").read() == data and server.gets["/models/weights/" + fname] == 1
 
 

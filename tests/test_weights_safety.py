@@ -3,7 +3,7 @@ refused with a one-line UserError naming the global, and every real format still
 
 "Real" means written by the code that writes them: megengine.save of state dicts (numpy values,
 and Tensors/Parameters with keep_var=True), the official train.py's {"epoch", "state_dict"},
-and engine.checkpoint.save_checkpoint with a real optimizer and GradScaler state.
+and engine.checkpoint.write with a real optimizer and GradScaler state.
 """
 import datetime
 import io
@@ -24,7 +24,7 @@ from megengine.autodiff import GradManager
 from engine import checkpoint as ckpt
 from engine.errors import UserError
 from engine.models import get_model, load_weights
-from engine.models import weights
+from engine.models import hub, weights
 from engine.models.weights import SAFE_GLOBALS, TRUST_PICKLE_ENV, UnsafePickleError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,7 @@ def test_a_file_that_runs_a_command_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"state_dict": {"fc.weight": RunsCommand(str(marker))}}))
-    for load in (ckpt.load_checkpoint, ckpt.read_weights, weights.read, weights.unpickle):
+    for load in (weights.read_file, ckpt.read, weights.read, weights.unpickle):
         with pytest.raises(UnsafePickleError) as info:
             load(str(path))
         msg = str(info.value)
@@ -112,8 +112,8 @@ def test_a_file_that_runs_a_command_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_evaluate_load_model_refuses_it_too(tmp_path):
-    from engine.evaluate import load_model
+def test_load_model_refuses_it_too(tmp_path):
+    from engine.models import load_model
 
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pkl"
@@ -130,7 +130,7 @@ def test_a_url_is_refused_after_download(tmp_path, monkeypatch):
     src = tmp_path / "evil.pkl"
     src.write_bytes(pickle.dumps(RunsCommand(str(marker))))
     with pytest.raises(UnsafePickleError, match="system"):
-        ckpt.read_weights(src.as_uri())
+        weights.read(src.as_uri())
     assert not marker.exists()
 
 
@@ -178,7 +178,7 @@ def test_every_protocol_is_checked(tmp_path, protocol):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps([1, RunsCommand(str(marker))], protocol=protocol))
     with pytest.raises(UnsafePickleError, match="system"):
-        ckpt.load_checkpoint(str(path))
+        weights.read_file(str(path))
     assert not marker.exists()
 
 
@@ -192,7 +192,7 @@ def test_other_callables_are_named(tmp_path, payload, named):
     path = tmp_path / "x.pkl"
     path.write_bytes(payload)
     with pytest.raises(UnsafePickleError) as info:
-        ckpt.load_checkpoint(str(path))
+        weights.read_file(str(path))
     assert named in str(info.value)
 
 
@@ -203,7 +203,7 @@ def test_hidden_inside_an_object_array_or_a_persistent_id(tmp_path):
     path = tmp_path / "obj.pkl"
     path.write_bytes(pickle.dumps({"w": arr}))
     with pytest.raises(UnsafePickleError, match="system"):
-        ckpt.load_checkpoint(str(path))
+        weights.read_file(str(path))
 
     class PersistentPickler(pickle.Pickler):
         def persistent_id(self, obj):
@@ -213,7 +213,7 @@ def test_hidden_inside_an_object_array_or_a_persistent_id(tmp_path):
     PersistentPickler(buf).dump({"w": "ref"})
     path.write_bytes(buf.getvalue())
     with pytest.raises(UnsafePickleError, match="persistent"):
-        ckpt.load_checkpoint(str(path))
+        weights.read_file(str(path))
     assert not marker.exists()
 
 
@@ -225,13 +225,13 @@ def test_trusted_files_load_with_the_flag_or_the_env_var(tmp_path, monkeypatch):
     path = tmp_path / "dated.pkl"
     path.write_bytes(pickle.dumps({"when": datetime.date(2020, 3, 12)}))
     with pytest.raises(UnsafePickleError, match="datetime.date"):
-        ckpt.load_checkpoint(str(path))
-    assert ckpt.load_checkpoint(str(path), trusted=True)["when"] == datetime.date(2020, 3, 12)
-    assert ckpt.read_weights(str(path), trusted=True)["when"].year == 2020
+        weights.read_file(str(path))
+    assert weights.read_file(str(path), trusted=True)["when"] == datetime.date(2020, 3, 12)
+    assert weights.read(str(path), trusted=True)["when"].year == 2020
     monkeypatch.setenv(TRUST_PICKLE_ENV, "1")
-    assert ckpt.load_checkpoint(str(path))["when"].month == 3
+    assert weights.read_file(str(path))["when"].month == 3
     with pytest.raises(UnsafePickleError):  # an explicit False beats the environment
-        ckpt.load_checkpoint(str(path), trusted=False)
+        weights.read_file(str(path), trusted=False)
 
 
 # ---------------------------------------------------------------------------- real files load
@@ -245,7 +245,7 @@ def test_allow_list_covers_what_megengine_and_the_engine_write(tmp_path, trained
     mge.save(model.state_dict(keep_var=True), files["keep_var"])
     mge.save(opt.state_dict(), files["optimizer"])
     mge.save({"epoch": 90, "state_dict": model.state_dict()}, files["official_train"])
-    files["engine"] = ckpt.save_checkpoint(engine_checkpoint(model, opt, scaler),
+    files["engine"] = ckpt.dump(engine_checkpoint(model, opt, scaler),
                                            str(tmp_path / "engine.pkl"))
     named = set()
     for path in files.values():
@@ -282,38 +282,39 @@ def test_official_bare_and_train_formats_load_into_the_model(tmp_path, trained):
     mge.save(model.state_dict(keep_var=True), keep_var)
     for path in (bare, train, keep_var):
         fresh = get_model("resnet18", num_classes=3)
-        assert load_weights(fresh, ckpt.load_checkpoint(path)) == ([], [], [])
+        assert load_weights(fresh, weights.read_file(path)) == ([], [], [])
         for k, v in fresh.state_dict().items():
             np.testing.assert_array_equal(v, sd[k])
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_engine_checkpoint_resumes_optimizer_and_scaler(tmp_path, trained, protocol):
-    """As save_checkpoint writes it (highest protocol), and as older Pythons or other writers
+    """As the trainer writes it (highest protocol), and as older Pythons or other writers
     would (protocols 0-4): weights, optimizer, scaler and EMA state restore."""
     model, opt, scaler = trained
     path = str(tmp_path / "engine.pkl")
     if protocol == pickle.HIGHEST_PROTOCOL:
-        ckpt.save_checkpoint(engine_checkpoint(model, opt, scaler), path)
+        ckpt.dump(engine_checkpoint(model, opt, scaler), path)
     else:
         with open(path, "wb") as f:
             pickle.dump(ckpt._to_host(engine_checkpoint(model, opt, scaler)), f, protocol=protocol)
-    state = ckpt.load_checkpoint(path)
-    assert ckpt.is_engine_checkpoint(state) and state["version"] == ckpt.VERSION
-    assert state["ema"]["updates"] == 17 and isinstance(state["ema"]["state_dict"], OrderedDict)
-    assert isinstance(state["state_dict"], OrderedDict)
+    state = weights.read_file(path)
+    assert state["format"] == ckpt.FORMAT and state["version"] == ckpt.VERSION
+    saved = ckpt.read(path)  # what a resume reads
+    assert saved.ema["updates"] == 17 and isinstance(saved.ema["state_dict"], OrderedDict)
+    assert isinstance(saved.model, OrderedDict)
     fresh = get_model("resnet18", num_classes=3)
-    load_weights(fresh, state["state_dict"])
     fresh_opt = optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9)
-    fresh_opt.load_state_dict(state["optimizer"])
+    fresh_scaler = amp.GradScaler()
+    saved.restore(fresh, fresh_opt, fresh_scaler)
+    for k, v in fresh.state_dict().items():
+        np.testing.assert_array_equal(v, model.state_dict()[k])
     want, got = opt.state_dict(), fresh_opt.state_dict()
     assert got["param_groups"] == want["param_groups"]
     for i, buffers in want["state"].items():
         np.testing.assert_array_equal(got["state"][i]["momentum_buffer"], buffers["momentum_buffer"])
-    fresh_scaler = amp.GradScaler()
-    fresh_scaler.load_state_dict(state["scaler"])
     assert fresh_scaler.state_dict() == scaler.state_dict()
-    assert state["metrics"]["best_top1"] == 33.3 and (state["step"], state["steps_per_epoch"]) == (17, 8)
+    assert saved.metrics["best_top1"] == 33.3 and (saved.step, saved.steps_per_epoch) == (17, 8)
 
 
 def test_published_weights_path_reads_safely(tmp_path, monkeypatch):
@@ -321,11 +322,11 @@ def test_published_weights_path_reads_safely(tmp_path, monkeypatch):
     import hashlib
 
     monkeypatch.setenv("MGE_HOME", str(tmp_path))
-    monkeypatch.setattr(weights, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
+    monkeypatch.setattr(hub, "WEIGHTS_URL_BASE", "http://127.0.0.1:9/models/weights/")
     data = pickle.dumps({"x": RunsCommand(str(tmp_path / "ran"))})
-    monkeypatch.setitem(weights.PRETRAINED_FILES, "resnet18",
+    monkeypatch.setitem(hub.PRETRAINED_FILES, "resnet18",
                         "resnet18_test_%s.pkl" % hashlib.sha256(data).hexdigest()[:8])
-    path = weights.pretrained_cache_path("resnet18")
+    path = hub.pretrained_cache_path("resnet18")
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(data)

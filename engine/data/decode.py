@@ -152,7 +152,9 @@ def scaled_dim(dim: int, num: int, denom: int = 8) -> int:
 
 
 def pick_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
-    """Largest fast DCT scale numerator (over 8) that keeps the crop at least the output size."""
+    """The smallest fast DCT scale numerator (1, 2, 4 or 8, over 8) at which the crop is still at
+    least the output size in both sides, so the decode does the least work without upsampling;
+    8 (full size) when even that is smaller than the output."""
     for num in SCALE_NUMERATORS[::-1]:
         if crop_w * num >= out_w * 8 and crop_h * num >= out_h * 8:
             return num

@@ -10,14 +10,45 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import lmdb
 
+from engine.cli import option
 from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr
 
-__all__ = ["verify_split", "verify", "find_splits"]
+__all__ = ["VerifyConfig", "SplitReport", "verify_split", "verify", "find_splits",
+           "check_record"]
+
+
+@dataclass
+class VerifyConfig:
+    """tools/verify_pack.py's options (engine.cli derives its parser from these fields); the
+    defaults of verify() are theirs."""
+
+    path: str = option(MISSING, "a packed split (OUT/train) or a pack's root (OUT)", "path")
+    fast: bool = option(False, "sizes and checksums only (runs at disk speed, decodes nothing)")
+    sample: Optional[int] = option(None, "decode K random records per split instead of all",
+                                   metavar="K")
+    seed: int = option(0, "which records --sample picks")
+
+
+@dataclass
+class SplitReport:
+    """What verify_split() found; `mismatches` lists every problem (empty: all good)."""
+
+    split_dir: str
+    fast: bool
+    mismatches: List[str] = field(default_factory=list)
+    shards: int = 0
+    records: int = 0
+    bytes: int = 0                # on disk, of the shards present
+    checksums: str = "absent"     # present | partial | absent (packed before they existed)
+    checksummed_bytes: int = 0
+    decoded: int = 0
+    seconds: float = 0.0
 
 
 def find_splits(path: str) -> List[str]:
@@ -38,30 +69,25 @@ def find_splits(path: str) -> List[str]:
 
 
 def verify_split(split_dir: str, sample: Optional[int] = None, fast: bool = False,
-                 seed: int = 0) -> Dict[str, Any]:
-    """Returns a report; report["mismatches"] lists every problem found (empty: all good)."""
+                 seed: int = VerifyConfig.seed) -> SplitReport:
+    """The report of one split; its mismatches list every problem found (empty: all good)."""
     t0 = time.time()
     # Files may have changed since this process last opened them (a verifier rerun after a
     # repair); other readers in the process reopen lazily.
     shards.close_all_envs()
-    rep: Dict[str, Any] = {"split_dir": split_dir, "mismatches": [], "shards": 0, "records": 0,
-                           "bytes": 0, "checksums": "absent", "checksummed_bytes": 0,
-                           "decoded": 0, "fast": fast}
-    bad: List[str] = rep["mismatches"]
+    rep = SplitReport(split_dir, fast)
+    bad = rep.mismatches
     try:
-        meta = shards.read_meta(split_dir)
+        meta = shards.read_meta(split_dir, check_files=False)  # each shard is checked below
     except shards.ShardError as exc:
         bad.append(str(exc))
-        rep["seconds"] = time.time() - t0
+        rep.seconds = time.time() - t0
         return rep
     entries = meta["shards"]
-    rep["shards"], rep["records"] = len(entries), meta["num_samples"]
+    rep.shards, rep.records = len(entries), meta["num_samples"]
     with_sums = sum(1 for e in entries if e.get("checksum"))
-    rep["checksums"] = ("present" if with_sums == len(entries) and entries
+    rep.checksums = ("present" if with_sums == len(entries) and entries
                         else "partial" if with_sums else "absent")
-    if sum(int(e["num_samples"]) for e in entries) != meta["num_samples"]:
-        bad.append("meta.json: shards hold %d records but num_samples is %d"
-                   % (sum(int(e["num_samples"]) for e in entries), meta["num_samples"]))
     readable = []  # shards whose records can be read safely
     for e in entries:
         path = os.path.join(split_dir, e["file"])
@@ -69,14 +95,14 @@ def verify_split(split_dir: str, sample: Optional[int] = None, fast: bool = Fals
             bad.append("%s: missing" % e["file"])
             continue
         size = os.path.getsize(path)
-        rep["bytes"] += size
+        rep.bytes += size
         if "size" in e and size != e["size"]:
             bad.append("%s: %d bytes, meta.json says %d (truncated or replaced)"
                        % (e["file"], size, e["size"]))
             continue
         if e.get("checksum"):
             got = shards.file_checksum(path)
-            rep["checksummed_bytes"] += size
+            rep.checksummed_bytes += size
             if got != e["checksum"]:
                 bad.append("%s: checksum differs from meta.json (the file is damaged)"
                            % e["file"])
@@ -95,7 +121,7 @@ def verify_split(split_dir: str, sample: Optional[int] = None, fast: bool = Fals
         readable.append(e)
     if not fast and readable:
         _check_records(split_dir, meta, readable, sample, seed, rep)
-    rep["seconds"] = time.time() - t0
+    rep.seconds = time.time() - t0
     return rep
 
 
@@ -124,26 +150,28 @@ def _check_keys(path: str, expected: int) -> Optional[str]:
 
 
 def _check_records(split_dir: str, meta: Dict[str, Any], entries: List[Dict[str, Any]],
-                   sample: Optional[int], seed: int, rep: Dict[str, Any]) -> None:
+                   sample: Optional[int], seed: int, rep: SplitReport) -> None:
     n_classes = len(meta["classes"])
     index = [(e, j) for e in entries for j in range(int(e["num_samples"]))]
     if sample is not None and sample < len(index):
         index = random.Random(seed).sample(index, sample)
         index.sort(key=lambda x: (x[0]["file"], x[1]))
-    bad = rep["mismatches"]
+    bad = rep.mismatches
     by_file: Dict[str, List[int]] = {}
     for e, j in index:
         by_file.setdefault(e["file"], []).append(j)
     for name, local in by_file.items():
         with shards.open_env(os.path.join(split_dir, name)).begin() as txn:
             for j in local:
-                problem = _check_record(txn.get(shards.record_key(j)), n_classes)
-                rep["decoded"] += 1
+                problem = check_record(txn.get(shards.record_key(j)), n_classes)
+                rep.decoded += 1
                 if problem:
                     bad.append("%s record %d: %s" % (name, j, problem))
 
 
-def _check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+def check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+    """What is wrong with a shard record's bytes (None: it is a complete record whose image
+    decodes to its recorded size and whose label is one of `n_classes`)."""
     if value is None:
         return "missing"
     try:
@@ -165,6 +193,6 @@ def _check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
 
 
 def verify(path: str, sample: Optional[int] = None, fast: bool = False,
-           seed: int = 0) -> List[Dict[str, Any]]:
+           seed: int = VerifyConfig.seed) -> List[SplitReport]:
     """Verify a split, or every split under a pack's root; one report per split."""
     return [verify_split(d, sample=sample, fast=fast, seed=seed) for d in find_splits(path)]

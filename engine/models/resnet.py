@@ -12,30 +12,29 @@ Where this model differs from the official one:
 * the final pool is global for any input size (``adaptive_avg_pool2d``): at 224 px it equals
   the official fixed ``avg_pool2d(x, 7)``; at other sizes the official model fails or pools
   only part of the map;
-* ``pretrained=True`` loads through :mod:`engine.models.weights`: one download per node,
-  atomic, sha256-checked, unpickled with an allow-list, every key and shape checked first.
+* ``pretrained=True`` fetches through :mod:`engine.models.hub` (one download per node, atomic,
+  sha256-checked) and loads through :mod:`engine.models.weights` (unpickled with an
+  allow-list, every key and shape checked first).
 
 Weights are initialised with the distributions of the official training recipe, so a run from
 scratch starts where the official one does.
 """
 import math
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Dict, Optional, Sequence, Type, Union
 
 import megengine.functional as F
 import megengine.module as M
 
-from engine.models import weights
-from engine.models.specs import ARCHS, SPECS, Spec  # noqa: F401  (re-exported)
+from engine.models import hub, weights
+from engine.models.specs import ARCHS, SPECS
 
+# The constructors are named here for ``import *``, megengine.hub and static checkers; their
+# names are specs.ARCHS (tests/test_models.py holds the two lists equal).
 __all__ = [
-    "ARCHS",
-    "SPECS",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
     "get_model",
-    "load_model",
-    "Loaded",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -273,7 +272,7 @@ def _build(name: str, pretrained: bool, **kwargs: Any) -> ResNet:
             )
         kwargs.pop(fixed, None)
     if pretrained:
-        weights.pretrained_url(name)  # no published weights: fail before the slow construction
+        hub.pretrained_url(name)  # no published weights: fail before the slow construction
     model = ResNet(_BLOCKS[spec.block], spec.layers, groups=spec.groups, width_per_group=spec.width_per_group, **kwargs)
     if pretrained:
         weights.load_pretrained(model, name)
@@ -330,45 +329,3 @@ def wide_resnet101_2(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """Wide ResNet-101-2 (arXiv:1605.07146), as torchvision defines it. No published weights:
     ``pretrained=True`` raises ValueError."""
     return _build("wide_resnet101_2", pretrained, **kwargs)
-
-
-class Loaded(NamedTuple):
-    """A model built by :func:`load_model`, with what its weights file said about it."""
-
-    model: Any  # the ResNet, in train mode as built
-    arch: str
-    num_classes: int
-    kind: str  # "published", or the format of the file (see Unwrapped.kind)
-    config: Mapping[str, Any]  # an engine checkpoint's run config (classes, image_size); else {}
-    source: str  # what was loaded, for messages
-
-
-def load_model(arch: str, source: Optional[str] = None, *, trusted: Optional[bool] = None) -> Loaded:
-    """Build ``arch`` with the weights of ``source``, sized to them.
-
-    ``source`` None, "none" or "published" means MegEngine's published weights; otherwise a path
-    or URL (fetched once per node) of any format :func:`unwrap` knows. The class count comes
-    from the file's ``fc.weight``. An engine checkpoint of another architecture, a file without
-    ``fc.weight`` or weights that do not fit raise UserErrors that name both sides.
-    """
-    if source is None or source.strip().lower() in ("none", weights.PUBLISHED):
-        model = get_model(arch, pretrained=True)
-        return Loaded(model, arch, int(model.fc.weight.shape[0]), weights.PUBLISHED, {},
-                      "published %s weights" % arch)
-
-    found = weights.unwrap(weights.read(source, trusted=trusted))
-    saved_arch = found.config.get("arch")
-    if saved_arch and saved_arch != arch:
-        raise weights.WeightsError("%s is a %s checkpoint but --arch is %s: pass --arch %s"
-                           % (source, saved_arch, arch, saved_arch))
-    fc = found.state.get("fc.weight")
-    if fc is None:
-        raise weights.WeightsError("%s has no fc.weight: not a ResNet state dict or checkpoint (keys start "
-                           "with %s)" % (source, ", ".join(list(found.state)[:3])))
-    if len(getattr(fc, "shape", ())) != 2:
-        raise weights.WeightsError("%s: fc.weight is not a 2-D array (got %s): not a ResNet state "
-                                   "dict or checkpoint" % (source, type(fc).__name__))
-    num_classes = int(fc.shape[0])
-    model = get_model(arch, num_classes=num_classes)
-    weights.load_weights(model, found.state, strict=True, source=source)
-    return Loaded(model, arch, num_classes, found.kind, found.config, source)

@@ -1,13 +1,20 @@
-"""The architectures as data: block type, blocks per stage, groups and width per group.
+"""The architectures as data (block type, blocks per stage, groups and width per group), and
+the input every model here expects (BGR pixels normalized by :data:`MEAN_BGR` and :data:`STD_BGR`).
 
 engine.models.resnet builds networks from it; engine.models.weights reads it to name what a
-checkpoint holds. Kept apart so that neither of those modules needs the other's code.
+checkpoint holds; the train, eval and predict steps normalize with it. Kept apart, and free of
+MegEngine, so that none of those modules needs another's code.
 """
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Tuple
 
-__all__ = ["Spec", "SPECS", "ARCHS"]
+__all__ = ["Spec", "SPECS", "ARCHS", "MEAN_BGR", "STD_BGR"]
+
+#: Per-channel mean and std, BGR order, on the 0..255 scale: the values MegEngine's published
+#: ResNet weights were trained with (the loader yields uint8 BGR; the step normalizes on device).
+MEAN_BGR: Tuple[float, float, float] = (103.530, 116.280, 123.675)
+STD_BGR: Tuple[float, float, float] = (57.375, 57.120, 58.395)
 
 
 class Spec(NamedTuple):
@@ -31,5 +38,6 @@ SPECS: Dict[str, Spec] = {
     "wide_resnet101_2": Spec("Bottleneck", (3, 4, 23, 3), 1, 128),
 }
 
-#: Every architecture name accepted by :func:`get_model`, in a stable order.
+#: Every architecture name accepted by :func:`get_model`, in a stable order: the one list of
+#: them (engine.models, its constructors and hubconf.py follow it).
 ARCHS: Tuple[str, ...] = tuple(SPECS)

@@ -1,135 +1,50 @@
-"""Weights, in one place: from the published set, a URL or a file into a model.
+"""Reading weights: a weights file or checkpoint into a model, safely, with named mismatches.
 
-Four steps, each a section below:
+Three steps, each a section below:
 
-* **fetch** (:func:`fetch`, :func:`prefetch_weights`): a local, complete, verified copy of a
-  published file or a ``--model URL``;
-* **read** (:func:`unpickle`, :func:`read_file`, :func:`read`): unpickle it *safely* (below);
+* **read** (:func:`unpickle`, :func:`read_file`, :func:`read`): unpickle a local file, or a URL
+  fetched by :mod:`engine.models.hub`, *safely* (below);
 * **unwrap** (:func:`unwrap`): find the state dict in an official bare weight file, an official
-  train.py checkpoint (``{"epoch", "state_dict"}``), an engine checkpoint or a ``{"model": ...}``
-  wrapper;
-* **load** (:func:`load_weights`, :func:`load_pretrained`, :func:`load_model`): check every key
-  and shape against the model first and name what does not fit, then copy.
+  train.py checkpoint or an engine checkpoint (both ``{"state_dict": ...}``) or a
+  ``{"model": ...}`` wrapper;
+* **load** (:func:`load_weights`, :func:`load_pretrained`): check every key and shape against the
+  model first and name what does not fit, then copy.
 
-Fetching. Every process that needs MegEngine's published weights or a ``--model URL`` calls
-:func:`fetch` (or, in a launcher's parent before any rank starts, :func:`prefetch_weights`):
-
-* **one download per node**: an exclusive ``flock`` on ``<file>.lock`` beside the cache file
-  serialises concurrent fetches; the first downloads, the others wait and then find the file;
-* **atomic**: bytes go to a hidden temp file in the cache folder that is renamed over the final
-  name only after the download completed (Content-Length matched) and the hash was checked, so
-  no reader ever unpickles a half-written file and an interrupted download leaves nothing that
-  a later run would trust (its temp file is removed by the next fetch);
-* **verified**: a file name that ends in ``_<8+ hex digits>.<ext>`` (MegEngine's published names,
-  e.g. ``resnet50_fbaug_76254_4e14b7d1.pkl``) carries the first digits of the file's sha256,
-  the torch.hub ``check_hash`` convention. A cached file that does not match is downloaded again;
-  a download that does not match is refused and not kept.
-
-The cache is megengine.hub's (``$MGE_HOME``, else ``$XDG_CACHE_HOME/megengine``, else
-``~/.cache/megengine``, then ``serialized/<sha256(url)[:6]>_<file name>``), so files cached by
-``megengine.hub`` are found here and the other way round. With the cache on a shared file system
-whose ``flock`` does not reach other nodes, each node may download once; the rename keeps every
-reader safe regardless.
-
-Reading. Weight files and checkpoints are pickles, and unpickling runs whatever callables the
-file names, so a file from a URL could run any code. :func:`unpickle` therefore admits only the
+Weight files and checkpoints are pickles, and unpickling runs whatever callables the file
+names, so a file from a URL could run any code. :func:`unpickle` therefore admits only the
 globals that weight files and engine checkpoints are made of (:data:`SAFE_GLOBALS`: containers,
-numbers, strings, numpy arrays and scalars, MegEngine tensors) and refuses anything else with a
+numbers, strings, numpy arrays and scalars, MegEngine tensors) and refuses anything else with an
 :class:`UnsafePickleError` that names the global. Files one trusts completely can be read as plain
 pickles with ``trusted=True`` or ``ENGINE_TRUST_PICKLE=1``.
-
-This module does not import MegEngine at import time, so a launcher's parent can fetch without
-touching CUDA; reading a file that holds MegEngine tensors imports it then.
 """
 from __future__ import annotations
 
 import _compat_pickle
-import errno
-import fcntl
-import glob
-import hashlib
 import os
 import pickle
-import re
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
-from contextlib import contextmanager
-from typing import IO, Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import IO, Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from engine.atomic import TMP_PREFIX, atomic_write
-from engine.errors import UserError, disk_error_message
+from engine.errors import UserError, read_error_message
+from engine.models import hub
+from engine.models.hub import WeightsError
 
 __all__ = [
-    "DOWNLOAD_TIMEOUT_S",
-    "OFFICIAL_URL_BASE",
-    "PRETRAINED_FILES",
-    "PUBLISHED",
     "SAFE_GLOBALS",
-    "SKIP_HASH_ENV",
     "TRUST_PICKLE_ENV",
-    "WEIGHTS_URL_BASE",
     "LoadResult",
     "UnsafePickleError",
     "Unwrapped",
     "WeightsError",
     "WeightsMismatchError",
-    "cache_path_for_url",
-    "expected_hash_prefix",
-    "fetch",
-    "is_url",
     "load_pretrained",
     "load_weights",
-    "prefetch_weights",
-    "pretrained_cache_path",
-    "pretrained_url",
     "read",
     "read_file",
-    "sha256_of",
     "unpickle",
     "unwrap",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Fetch: published files and URLs onto local disk
-# --------------------------------------------------------------------------------------------
-
-#: The files MegEngine published (top-1 in the name, sha256 prefix last); wide variants have none.
-PRETRAINED_FILES: Dict[str, str] = {
-    "resnet18": "resnet18_naiveaug_70312_78a63ca6.pkl",
-    "resnet34": "resnet34_naiveaug_73960_fd9d869d.pkl",
-    "resnet50": "resnet50_fbaug_76254_4e14b7d1.pkl",
-    "resnet101": "resnet101_fbaug_77944_b7932921.pkl",
-    "resnet152": "resnet152_fbaug_78582_7551aff3.pkl",
-    "resnext50_32x4d": "resnext50_32x4d_fbaug_77592_c4b04e5e.pkl",
-    "resnext101_32x8d": "resnext101_32x8d_fbaug_79520_80efb344.pkl",
-}
-
-#: Where MegEngine publishes them; it also fixes the cache file names (see pretrained_cache_path).
-OFFICIAL_URL_BASE = "https://data.megengine.org.cn/models/weights/"
-
-#: Where published weights are downloaded from; a mirror may replace it, the cache name stays.
-WEIGHTS_URL_BASE = OFFICIAL_URL_BASE
-
-#: Socket timeout (seconds) per read; the machine may be offline, so fail fast.
-DOWNLOAD_TIMEOUT_S = 10.0
-
-#: Set to 1 to accept files whose sha256 does not match the digits in their name (with a warning).
-SKIP_HASH_ENV = "ENGINE_SKIP_WEIGHTS_HASH"
-
-URL_SCHEMES = ("http", "https", "ftp", "file", "s3")
-
-# "<anything>_<hex digits>.<ext>": the digits are the start of the file's sha256.
-_NAME_HASH = re.compile(r"_([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-
-
-class WeightsError(UserError, RuntimeError):
-    """Weights could not be fetched, verified or read. A UserError for the tools' one-line
-    message; a RuntimeError because ``resnet50(pretrained=True)`` has always raised that on a
-    failed fetch."""
 
 
 class UnsafePickleError(WeightsError, pickle.UnpicklingError):
@@ -141,239 +56,6 @@ class UnsafePickleError(WeightsError, pickle.UnpicklingError):
 class WeightsMismatchError(UserError, ValueError):
     """Weights whose keys or shapes do not fit the model; the message names them and the likely
     cause. A ValueError because ``load_weights`` has always raised that."""
-
-
-def is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in URL_SCHEMES
-
-
-def _megengine_home() -> str:
-    # Same rule as megengine.hub (hub/hub.py _get_megengine_home).
-    return os.path.expanduser(
-        os.getenv("MGE_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "megengine"))
-    )
-
-
-def cache_path_for_url(url: str) -> str:
-    """``<MGE_HOME>/serialized/<sha256(url)[:6]>_<file name>``, megengine.hub's cache name."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:6]
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pkl"
-    return os.path.join(_megengine_home(), "serialized", digest + "_" + name)
-
-
-def _published_file(arch: str) -> str:
-    if arch not in PRETRAINED_FILES:
-        raise ValueError(
-            "no published ImageNet weights exist for %r (MegEngine published weights only for %s); "
-            "build it with pretrained=False and train it, or load your own checkpoint with "
-            "engine.models.load_weights" % (arch, ", ".join(PRETRAINED_FILES))
-        )
-    return PRETRAINED_FILES[arch]
-
-
-def pretrained_url(arch: str) -> str:
-    """The official URL of ``arch``'s published weights."""
-    return OFFICIAL_URL_BASE + _published_file(arch)
-
-
-def pretrained_cache_path(arch: str) -> str:
-    """Where the published weights of ``arch`` are cached: pre-place the file here when offline.
-
-    The name is derived from the official URL even when downloading from a mirror, so
-    ``megengine.hub.load(..., pretrained=True)`` and this engine share one cache.
-    """
-    return cache_path_for_url(pretrained_url(arch))
-
-
-def expected_hash_prefix(name_or_url: str) -> Optional[str]:
-    """The sha256 prefix a published file name carries (``..._4e14b7d1.pkl`` -> ``4e14b7d1``)."""
-    base = os.path.basename(urllib.parse.urlparse(name_or_url).path or name_or_url)
-    m = _NAME_HASH.search(base)
-    return m.group(1) if m else None
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _skip_hash() -> bool:
-    return os.environ.get(SKIP_HASH_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def _mismatch(what: str, digest: str, prefix: str) -> str:
-    return (
-        "%s has sha256 %s..., but its name says it starts with %s: the file is damaged, "
-        "incomplete or not the published one (set %s=1 to accept it anyway)"
-        % (what, digest[:16], prefix, SKIP_HASH_ENV)
-    )
-
-
-@contextmanager
-def _node_lock(path: str) -> Iterator[None]:
-    """Exclusive flock on ``<path>.lock``: one fetch of a file at a time on this node.
-
-    The lock file stays (removing it would let a waiter and a newcomer lock different inodes).
-    """
-    try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise WeightsError(disk_error_message(exc, path + ".lock") + " (the weights cache; set "
-                                                                     "MGE_HOME to move it)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Temp files of earlier, killed downloads of this file. Safe: we hold its lock."""
-    folder, name = os.path.split(path)
-    for tmp in glob.glob(os.path.join(folder, glob.escape(TMP_PREFIX + name) + ".*")):
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
-def _open(url: str, timeout: float) -> IO[bytes]:
-    if urllib.parse.urlparse(url).scheme == "s3":
-        import megfile  # a MegEngine dependency; it knows object stores, urllib does not
-
-        return megfile.smart_open(url, "rb")
-    return urllib.request.urlopen(url, timeout=timeout)
-
-
-def _download(url: str, dest: str, prefix: Optional[str], timeout: float) -> None:
-    """url -> temp file -> (length and hash checked) -> rename to dest."""
-
-    def write(out: IO[bytes]) -> None:
-        h = hashlib.sha256()
-        got = 0
-        with _open(url, timeout) as resp:
-            headers = getattr(resp, "headers", None)
-            length = headers.get("Content-Length") if headers is not None else None
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                out.write(chunk)
-                h.update(chunk)
-                got += len(chunk)
-        if length is not None and length.isdigit() and got != int(length):
-            raise WeightsError(
-                "the download of %s stopped after %d of %s bytes; nothing was kept, rerun to "
-                "try again" % (url, got, length)
-            )
-        if prefix and not h.hexdigest().startswith(prefix):
-            msg = _mismatch("the file downloaded from %s" % url, h.hexdigest(), prefix)
-            if not _skip_hash():
-                raise WeightsError(msg + "; it was not kept")
-            sys.stderr.write("warning: %s\n" % msg)
-
-    atomic_write(dest, write)
-
-
-def fetch(url_or_arch: str, *, timeout: Optional[float] = None) -> str:
-    """A local, complete, verified copy of a weights file; returns its path.
-
-    ``url_or_arch`` is an architecture with published weights (``"resnet50"``), a URL
-    (http, https, ftp, file, s3) or a local path (returned unchanged). Downloads go to the
-    megengine.hub cache, once per node (flock), atomically (temp + rename); a file whose name
-    carries a sha256 prefix is checked before it is trusted, cached or not.
-    Raises WeightsError (a UserError and a RuntimeError) with a one-line actionable message.
-    """
-    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
-    if url_or_arch in PRETRAINED_FILES:
-        arch = url_or_arch
-        name = PRETRAINED_FILES[arch]
-        url = WEIGHTS_URL_BASE + name
-        dest = pretrained_cache_path(arch)
-        what = "the published %s weights" % arch
-    elif is_url(url_or_arch):
-        url = url_or_arch
-        dest = cache_path_for_url(url)
-        what = url
-    else:
-        if not os.path.isfile(url_or_arch):
-            raise WeightsError("weights file not found: %s (pass a file, a URL or an architecture "
-                               "with published weights: %s)"
-                               % (url_or_arch, ", ".join(PRETRAINED_FILES)))
-        return url_or_arch
-    prefix = expected_hash_prefix(url)
-
-    folder = os.path.dirname(dest)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise WeightsError(disk_error_message(exc, folder) + " (the weights cache; set MGE_HOME "
-                                                             "to move it)") from None
-    with _node_lock(dest):
-        _remove_stale_temps(dest)
-        stale = None
-        if os.path.isfile(dest):
-            if not prefix:
-                return dest
-            digest = sha256_of(dest)
-            if digest.startswith(prefix):
-                return dest
-            stale = _mismatch("the cached file %s" % dest, digest, prefix)
-            if _skip_hash():
-                sys.stderr.write("warning: %s\n" % stale)
-                return dest
-            sys.stderr.write("%s; downloading it again\n" % stale)
-        sys.stderr.write("downloading %s from %s to %s\n" % (what, url, dest))
-        try:
-            _download(url, dest, prefix, timeout)
-        except WeightsError as exc:
-            raise WeightsError("%s%s" % (stale + "; " if stale else "", exc)) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) \
-                    and not isinstance(exc, urllib.error.URLError):
-                raise WeightsError(disk_error_message(exc, dest)) from None
-            raise WeightsError(_offline_message(what, url, dest, exc, stale)) from None
-        except Exception as exc:  # noqa: BLE001 - HTTP, socket and object-store errors alike
-            raise WeightsError(_offline_message(what, url, dest, exc, stale)) from None
-    return dest
-
-
-def _offline_message(what: str, url: str, dest: str, exc: BaseException,
-                     stale: Optional[str]) -> str:
-    head = (stale + "; and ") if stale else ""
-    return (
-        "%scould not download %s from %s (%s: %s). On a machine without internet access, fetch "
-        "that file elsewhere and put it at %s (the megengine.hub cache: $MGE_HOME, else "
-        "$XDG_CACHE_HOME/megengine, else ~/.cache/megengine, then "
-        "serialized/<sha256(url)[:6]>_<file>)" % (head, what, url, type(exc).__name__, exc, dest)
-    )
-
-
-PUBLISHED = "published"
-
-
-def prefetch_weights(source: Optional[str], arch: str) -> Optional[str]:
-    """Fetch the weights a run will load, in a launcher's parent, before any rank starts.
-
-    * ``None``: nothing requested (training from scratch); returns None and fetches nothing;
-    * ``"published"``: MegEngine's published weights for ``arch`` (what tools/test.py and
-      tools/inference.py load when --model is not given); a WeightsError when there are none;
-    * a URL: downloaded into the cache (once per node, verified);
-    * a local path: checked to exist and returned unchanged.
-
-    The returned path can be handed to every rank instead of ``source``: loading it is then a
-    local file read, and no rank downloads. Raises WeightsError (a UserError) on failure.
-    """
-    if source is None:
-        return None
-    if source.strip().lower() == PUBLISHED:
-        try:
-            _published_file(arch)
-        except ValueError as exc:
-            raise WeightsError(str(exc)) from None
-        return fetch(arch)
-    return fetch(source)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +153,8 @@ def read_file(path: str, *, trusted: Optional[bool] = None, what: str = "checkpo
         obj = unpickle(path, trusted=trusted)
     except UnsafePickleError:
         raise
+    except OSError as exc:  # permissions, a stale mount: the bytes may be fine
+        raise WeightsError(read_error_message(exc, path)) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise WeightsError(
             "cannot read %s %s (%s: %s): it is truncated or not a MegEngine/pickle file"
@@ -483,8 +167,8 @@ def read_file(path: str, *, trusted: Optional[bool] = None, what: str = "checkpo
 
 def read(source: str, *, trusted: Optional[bool] = None) -> Dict[str, Any]:
     """A weights source as a dict: a local file, or a URL fetched once per node into the cache
-    (see :func:`fetch`), read with :func:`read_file`."""
-    return read_file(fetch(source) if is_url(source) else source, trusted=trusted)
+    (see :func:`engine.models.hub.fetch`), read with :func:`read_file`."""
+    return read_file(hub.fetch(source) if hub.is_url(source) else source, trusted=trusted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,13 +180,7 @@ class Unwrapped(NamedTuple):
     """The state dict of a weights object and where it came from."""
 
     state: Mapping[str, Any]
-    kind: str  # "bare" (published files), "official-train", "engine" or "wrapped" ({"model": ...})
-    config: Mapping[str, Any]  # an engine checkpoint's run config (arch, classes, ...); else {}
-
-
-#: The "format" of the trainer's checkpoints (engine.checkpoint writes them; recognised here so
-#: that weights can be read from one without importing the checkpoint module).
-ENGINE_CHECKPOINT_FORMAT = "engine-checkpoint"
+    kind: str  # "bare" (published files), "official-train" ({"state_dict": ...}) or "wrapped"
 
 
 def unwrap(obj: Any) -> Unwrapped:
@@ -513,13 +191,11 @@ def unwrap(obj: Any) -> Unwrapped:
             "expected a state dict (name -> array) or a checkpoint dict with a 'state_dict' or "
             "'model' entry, got %s" % type(obj).__name__
         )
-    if obj.get("format") == ENGINE_CHECKPOINT_FORMAT and isinstance(obj.get("state_dict"), Mapping):
-        return Unwrapped(obj["state_dict"], "engine", dict(obj.get("config") or {}))
     if isinstance(obj.get("state_dict"), Mapping):
-        return Unwrapped(obj["state_dict"], "official-train", {})
+        return Unwrapped(obj["state_dict"], "official-train")
     if isinstance(obj.get("model"), Mapping):
-        return Unwrapped(obj["model"], "wrapped", {})
-    return Unwrapped(obj, "bare", {})
+        return Unwrapped(obj["model"], "wrapped")
+    return Unwrapped(obj, "bare")
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,8 +216,6 @@ def _to_numpy(value: Any) -> np.ndarray:
         return value
     if hasattr(value, "numpy"):  # a MegEngine Tensor (or anything array-like that can say so)
         return np.asarray(value.numpy())
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
-        return value.detach().cpu().numpy()
     return np.asarray(value)
 
 
@@ -669,8 +343,9 @@ def _explain(
 
 
 def load_pretrained(model: Any, arch: str) -> None:
-    """Fetch (see :func:`fetch`) and strictly load MegEngine's published weights for ``arch``."""
-    path = fetch(arch)
+    """Fetch (see :func:`engine.models.hub.fetch`) and strictly load MegEngine's published weights
+    for ``arch``."""
+    path = hub.fetch(arch)
     try:
         state = read_file(path, what="cached weight file")
     except UnsafePickleError:
@@ -679,5 +354,3 @@ def load_pretrained(model: Any, arch: str) -> None:
         # The file passed its sha256 check, so it is what was published, or it was pre-placed.
         raise WeightsError("%s; delete it and retry" % exc) from None
     load_weights(model, state, source=path)
-
-

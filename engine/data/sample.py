@@ -8,8 +8,9 @@
 
 It lives in the library, not in tools/, because users call it too: it is how a new machine,
 container or CI job gets real JPEGs to check the loader, the packer and a training run end to
-end without ImageNet (`python -c "from engine.sample import make_sample_imagenet; ..."`), and
-the benchmarks and tests share it. It needs only numpy, OpenCV and, at call time, scikit-image.
+end without ImageNet (`python -c "from engine.data.sample import make_sample_imagenet; ..."`),
+and the benchmarks and tests share it. It needs only numpy, OpenCV and, at call time,
+scikit-image.
 
 Val is sorted into class folders (as the official MegEngine reference expects), not the flat
 ``ILSVRC2012_val_*.JPEG`` folder of the real download. Labels are the sorted WNIDs, as for
@@ -29,7 +30,9 @@ randomness from ``numpy.random.default_rng([seed, s, c, k])`` and is encoded wit
 ``cv2.imencode``, so the same seed gives byte-identical files (given the same OpenCV and
 scikit-image), and growing ``train_per_class`` keeps the files already there unchanged.
 
-This module imports neither MegEngine nor (until called) scikit-image.
+Bad arguments and a folder that is not free to write raise UserError subclasses (ConfigError,
+ForeignFolderError, SampleSourceError), so a tool prints one `error:` line. This module imports
+neither MegEngine nor (until called) scikit-image.
 """
 from __future__ import annotations
 
@@ -37,11 +40,17 @@ import json
 import os
 import shutil
 import time
+from dataclasses import MISSING, dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple, TypedDict
 
 import numpy as np
 
-__all__ = ["make_sample_imagenet", "max_classes", "class_specs", "MARKER"]
+from engine.atomic import atomic_write
+from engine.cli import option
+from engine.errors import ConfigError, UserError
+
+__all__ = ["SampleConfig", "make_sample_imagenet", "max_classes", "class_specs", "MARKER",
+           "ForeignFolderError", "SampleSourceError"]
 
 MARKER = "sample_imagenet.json"
 _MARKER_FORMAT = "engine-sample-imagenet"
@@ -118,6 +127,14 @@ class ClassSpec(TypedDict):
 _MAX_SOURCE_SIDE = 900  # photos larger than this are shrunk once (speed; crops are ~500 px)
 
 
+class ForeignFolderError(UserError, FileExistsError):
+    """The output folder holds files that are not a sample set; nothing is written there."""
+
+
+class SampleSourceError(UserError, RuntimeError):
+    """scikit-image, or the photos that ship inside its wheel, cannot be loaded."""
+
+
 def max_classes() -> int:
     """Most classes ``make_sample_imagenet`` can make distinct from each other."""
     return len(_PHOTOS) * len(_VARIANTS)
@@ -126,13 +143,13 @@ def max_classes() -> int:
 def class_specs(classes: int) -> List[ClassSpec]:
     """The first ``classes`` class definitions, in generation order (not label order).
 
-    Each is ``{"wnid", "photo", "variant", "description"}``. Raises ValueError when
-    ``classes`` is not in ``1 .. max_classes()``.
+    Each is ``{"wnid", "photo", "variant", "description"}``. Raises ConfigError (a ValueError)
+    when ``classes`` is not in ``1 .. max_classes()``.
     """
     if not isinstance(classes, (int, np.integer)) or isinstance(classes, bool) or classes < 1:
-        raise ValueError(f"classes must be a positive integer, got {classes!r}")
+        raise ConfigError(f"classes must be a positive integer, got {classes!r}")
     if classes > max_classes():
-        raise ValueError(
+        raise ConfigError(
             f"classes={classes} is more than this generator can make distinct: the maximum is "
             f"{max_classes()} ({len(_PHOTOS)} scikit-image photos x {len(_VARIANTS)} variants); "
             f"use classes <= {max_classes()}"
@@ -161,7 +178,7 @@ def _load_photo(name: str) -> np.ndarray:
     try:
         import skimage.data as skdata
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise SampleSourceError(
             "make_sample_imagenet needs scikit-image for its source photos; "
             "install it with `pip install scikit-image` (or `pip install -e .[dev]`)"
         ) from exc
@@ -169,7 +186,7 @@ def _load_photo(name: str) -> np.ndarray:
     try:
         img = getattr(skdata, attr)()
     except Exception as exc:
-        raise RuntimeError(
+        raise SampleSourceError(
             f"scikit-image could not load its bundled photo {attr!r} ({type(exc).__name__}: "
             f"{exc}); this generator needs the photos that ship inside the scikit-image wheel"
         ) from exc
@@ -177,7 +194,7 @@ def _load_photo(name: str) -> np.ndarray:
         img = img[0]
     img = np.asarray(img)
     if img.dtype != np.uint8:
-        raise RuntimeError(f"scikit-image photo {attr!r} is {img.dtype}, expected uint8")
+        raise SampleSourceError(f"scikit-image photo {attr!r} is {img.dtype}, expected uint8")
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     elif img.shape[2] == 4:
@@ -270,14 +287,6 @@ def _render(base: np.ndarray, rng: np.random.Generator,
     return buf.tobytes(), out_h, out_w
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    d, n = os.path.split(path)
-    tmp = os.path.join(d, f".{n}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _read_marker(out: str) -> Optional[dict]:
     path = os.path.join(out, MARKER)
     if not os.path.isfile(path):
@@ -293,7 +302,7 @@ def _read_marker(out: str) -> Optional[dict]:
 def _prepare_out(out: str) -> None:
     """Create ``out``, or clear a previous sample set there; refuse any other non-empty folder."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out!r} exists and is not a folder; pass a folder path")
+        raise ConfigError(f"--out {out!r} exists and is not a folder; pass a folder path")
     if not os.path.isdir(out):
         os.makedirs(out)
         return
@@ -301,7 +310,7 @@ def _prepare_out(out: str) -> None:
     if not entries:
         return
     if _read_marker(out) is None:
-        raise FileExistsError(
+        raise ForeignFolderError(
             f"refusing to write into {out!r}: it is not empty and is not a sample set made by "
             f"make_sample_imagenet (no valid {MARKER}); pass a new or empty folder, or delete "
             f"its contents first"
@@ -315,12 +324,65 @@ def _prepare_out(out: str) -> None:
             os.remove(p)
 
 
+def _check_counts(train_per_class: int, val_per_class: int, seed: int) -> None:
+    for name, value, low in (("train_per_class", train_per_class, 1),
+                             ("val_per_class", val_per_class, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _write_images(out: str, specs: List[ClassSpec], splits: List[Tuple[str, int, int, str]],
+                  seed: int, imagenet_like: bool) -> Tuple[Dict[str, int], int]:
+    """Render and write every image; (images per split, total JPEG bytes).
+
+    `splits` holds (name, id in the seed, images per class, file name pattern)."""
+    colour_of = {n: c for n, _, c, _ in _PHOTOS}
+    photos: Dict[str, np.ndarray] = {}
+    counts = {name: 0 for name, *_ in splits}
+    total_bytes = 0
+    for c, spec in enumerate(specs):
+        name = spec["photo"]
+        if name not in photos:
+            photos[name] = _load_photo(name)
+        base = _class_base(photos[name], colour_of[name], spec["variant"])
+        for split, split_id, n, pattern in splits:
+            d = os.path.join(out, split, spec["wnid"])
+            os.makedirs(d, exist_ok=True)
+            for k in range(1, n + 1):
+                rng = np.random.default_rng([seed, split_id, c, k])
+                data, _, _ = _render(base, rng, imagenet_like)
+                # Not fsynced one by one: the set is regenerated byte for byte on a rerun.
+                atomic_write(os.path.join(d, pattern.format(w=spec["wnid"], k=k)),
+                             lambda f: f.write(data), durable=False)
+                counts[split] += 1
+                total_bytes += len(data)
+    return counts, total_bytes
+
+
+@dataclass
+class SampleConfig:
+    """tools/make_sample_imagenet.py's options (engine.cli derives its parser from these
+    fields); the defaults of make_sample_imagenet() are theirs."""
+
+    out: str = option(MISSING, "output folder", "--out")
+    classes: int = option(10, lambda: "number of classes, 1..%d" % max_classes())
+    train_per_class: int = option(100, "train images per class")
+    val_per_class: int = option(20, "val images per class, 0 for no val/")
+    seed: int = option(0, "random seed")
+    imagenet_like: bool = option(False, "files with ImageNet's statistics (~100-110 KB mean, "
+                                        "long side 450-500 px: high quality plus sensor-like "
+                                        "grain) instead of the smooth ~35 KB default; use it for "
+                                        "loader and packer figures")
+
+
 def make_sample_imagenet(
     out: str,
-    classes: int = 10,
-    train_per_class: int = 100,
-    val_per_class: int = 20,
-    seed: int = 0,
+    classes: int = SampleConfig.classes,
+    train_per_class: int = SampleConfig.train_per_class,
+    val_per_class: int = SampleConfig.val_per_class,
+    seed: int = SampleConfig.seed,
     imagenet_like: bool = False,
 ) -> dict:
     """Write a small ImageNet-layout folder of real photos and return a summary.
@@ -332,12 +394,12 @@ def make_sample_imagenet(
 
     ``out`` must be missing, empty, or a previous sample set: a previous set's ``train/`` and
     ``val/`` are replaced (other files there are left alone); any other non-empty folder raises
-    FileExistsError. Files are written atomically (temp name + rename), so a folder never holds
-    a half-written JPEG under its final name.
+    ForeignFolderError (a FileExistsError). Files are written atomically (temp name + rename),
+    so a folder never holds a half-written JPEG under its final name.
 
     Args:
         out: the folder to write.
-        classes: number of classes, 1 .. ``max_classes()`` (ValueError otherwise).
+        classes: number of classes, 1 .. ``max_classes()`` (ConfigError otherwise).
         train_per_class: train images per class (>= 1).
         val_per_class: val images per class (>= 0; 0 writes no ``val/``).
         seed: the seed; the same arguments give byte-identical files.
@@ -351,12 +413,7 @@ def make_sample_imagenet(
         ``seconds``, ``seed``, ``train_per_class``, ``val_per_class``.
     """
     specs = class_specs(classes)
-    for name, value, low in (("train_per_class", train_per_class, 1),
-                             ("val_per_class", val_per_class, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_counts(train_per_class, val_per_class, seed)
     out = os.fspath(out)
 
     t0 = time.perf_counter()
@@ -376,34 +433,17 @@ def make_sample_imagenet(
         "sources": {s["wnid"]: s["description"] for s in specs},
     }
     marker = os.path.join(out, MARKER)
-    _write_atomic(marker, json.dumps(summary, indent=1).encode())
+    atomic_write(marker, lambda f: f.write(json.dumps(summary, indent=1).encode()))
 
     splits = [("train", 0, int(train_per_class), "{w}_{k}.JPEG")]
     if val_per_class > 0:
         splits.append(("val", 1, int(val_per_class), "{w}_val_{k}.JPEG"))
-    colour_of = {n: c for n, _, c, _ in _PHOTOS}
-    photos: Dict[str, np.ndarray] = {}
-    counts = {name: 0 for name, *_ in splits}
-    total_bytes = 0
-    for c, spec in enumerate(specs):
-        name = spec["photo"]
-        if name not in photos:
-            photos[name] = _load_photo(name)
-        base = _class_base(photos[name], colour_of[name], spec["variant"])
-        for split, split_id, n, pattern in splits:
-            d = os.path.join(out, split, spec["wnid"])
-            os.makedirs(d, exist_ok=True)
-            for k in range(1, n + 1):
-                rng = np.random.default_rng([int(seed), split_id, c, k])
-                data, _, _ = _render(base, rng, imagenet_like)
-                _write_atomic(os.path.join(d, pattern.format(w=spec["wnid"], k=k)), data)
-                counts[split] += 1
-                total_bytes += len(data)
+    counts, total_bytes = _write_images(out, specs, splits, int(seed), imagenet_like)
 
     summary.update(complete=True, counts=counts, bytes=total_bytes,
                    seconds=round(time.perf_counter() - t0, 3))
     # The marker file itself keeps no timing, so reruns leave it byte-identical too.
     on_disk = {k: v for k, v in summary.items() if k != "seconds"}
-    _write_atomic(marker, json.dumps(on_disk, indent=1).encode())
+    atomic_write(marker, lambda f: f.write(json.dumps(on_disk, indent=1).encode()))
     result = {k: v for k, v in summary.items() if k not in ("format", "version", "complete")}
     return result

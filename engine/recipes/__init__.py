@@ -1,11 +1,11 @@
-"""Training recipes: named JSON files of TrainConfig overrides.
+"""Training recipes: named JSON files of TrainConfig overrides, shipped in this package.
 
-`load_recipe("fast_resnet50_16ep", schema)` reads `recipes/fast_resnet50_16ep.json` from the
-repository (a path to any .json file works too) and returns its settings as a dict. Keys
-starting with "_" are documentation (`_source`, `_expected`, `_notes`) and are dropped; every
-other key must be an option of `schema` with a value of its type (engine.config passes
-TrainConfig's fields, the one place options are defined), so a typo fails loudly instead of
-being ignored. Users go through engine.config.load_recipe / `--config`.
+`load_recipe("fast_resnet50_16ep", schema)` reads `fast_resnet50_16ep.json` from this folder
+(installed with the package, so a name works from any folder; a path to any .json file works
+too) and returns its settings as a dict. Keys starting with "_" are documentation (`_source`,
+`_expected`, `_notes`) and are dropped; every other key must be an option of `schema` with a
+value of its type (engine.config passes TrainConfig's fields, the one place options are
+defined), so a typo fails loudly instead of being ignored. Users go through engine.config.load_recipe / `--config`.
 
 A recipe file records where its numbers come from and the accuracy its source reports; those
 figures were measured by the source on its hardware, not by this project.
@@ -19,17 +19,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from engine.errors import ConfigError
 
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+RECIPES_DIR = os.path.dirname(os.path.abspath(__file__))
+
 
 def list_recipes() -> List[str]:
-    """Names of the recipes shipped in the repository's recipes/ folder."""
-    if not os.path.isdir(RECIPES_DIR):
-        return []
+    """Names of the shipped recipes."""
     return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".json"))
 
 
 def recipe_path(path_or_name: str) -> str:
-    """A .json path as given, or a bare name resolved in the repository's recipes/ folder."""
+    """A .json path as given, or the file of the shipped recipe a bare name names."""
     looks_like_path = path_or_name.endswith(".json") or os.sep in path_or_name or "/" in path_or_name
     if looks_like_path:
         if not os.path.isfile(path_or_name):
@@ -68,8 +67,19 @@ def load_recipe(path_or_name: str, schema: Mapping[str, Any],
     key or a value of the wrong type raises ConfigError in one line."""
     path = recipe_path(path_or_name)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError("cannot read recipe %s (%s)" % (path, exc.strerror or exc)) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors write is fine
+    except UnicodeDecodeError as exc:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:64]
+        raise ConfigError("recipe %s is not UTF-8 text (%sbyte %d cannot be read); save it as "
+                          "UTF-8" % (path, "it looks like UTF-16: " if utf16 else "",
+                                     exc.start)) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("recipe %s is not valid JSON: %s (line %d, column %d)"
                           % (path, exc.msg, exc.lineno, exc.colno)) from None

@@ -1,0 +1,40 @@
+"""Pack an ImageNet folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) into LMDB shards:
+PackConfig from the command line -> engine.data.pack.pack_imagenet (or engine.data.plan.merge_pack)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from engine.cli import parse
+from engine.data.pack import PackConfig, pack_imagenet
+from engine.data.plan import merge_pack
+from engine.errors import UserError, run_tool
+
+DESCRIPTION = ("Pack an ImageNet folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) into "
+               "LMDB shards.")
+EPILOG = ("Rerunning with the same arguments resumes an interrupted pack; a finished split is left "
+          "alone. Output: OUT/<split>/shard-NNNNN.lmdb + plan.json (written first) + meta.json "
+          "(written last). Several nodes: run the same command on each with --num-nodes N "
+          "--node-rank r (or under Slurm/torchrun, which set them); the last node to finish "
+          "writes meta.json, or run --merge.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    c = parse(PackConfig, argv, DESCRIPTION, EPILOG)
+
+    def run() -> None:
+        splits = c.split_list()
+        if c.merge:
+            merge_pack(c.out, splits)
+            return
+        if c.data is None:
+            raise UserError("--data is required (except with --merge)")
+        pack_imagenet(c.data, c.out, splits=splits or ["train", "val"], workers=c.workers,
+                      shard_size=c.shard_size, max_side=c.max_side, seed=c.seed, strict=c.strict,
+                      progress=not c.quiet, num_nodes=c.num_nodes, node_rank=c.node_rank)
+
+    return run_tool(run, interrupted="interrupted; rerun to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
