@@ -265,13 +265,17 @@ class ShardTally:
         self.marker["seen"] += 1
         self.marker["skipped"].append({"path": rel, "reason": reason})
 
-    def publish(self, dst: str) -> Dict[str, Any]:
-        """Record the finished shard file (size, checksum) and write the marker atomically."""
+    def publish(self, dst: str, checksum: Optional[str] = None) -> Dict[str, Any]:
+        """Record the finished shard file (size, checksum) and write the marker atomically.
+
+        `checksum` is the file's shards.file_checksum() when the writer already computed it
+        (ShardWriter.close(checksum=True)); otherwise the file is hashed here.
+        """
         m = self.marker
         path = os.path.join(dst, m["file"])
         m["num_samples"] = sum(m["kinds"].values())
         m["size"] = os.path.getsize(path)
-        m["checksum"] = shards.file_checksum(path)
+        m["checksum"] = shards.file_checksum(path) if checksum is None else checksum
         shards.write_json_atomic(_marker_path(dst, self.k), m)
         return m
 

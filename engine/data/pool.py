@@ -3,9 +3,10 @@
 Self-managed rather than a multiprocessing.Pool, which silently replaces a killed worker and
 waits forever for its task. A worker's death is an end-of-file on its pipe, seen within one
 poll; the pack then stops the others, removes their partial shards and names the shard that was
-lost. Workers die with the packer (PR_SET_PDEATHSIG) and leave Ctrl-C to it: they start with
-SIGINT blocked and ignore it, and the packer acts on it only between its own steps (see
-engine.data.forking), then stops them.
+lost. A worker that has appended all its records says so and gives its core to the next shard
+while it finishes (checksum, disk). Workers die with the packer (PR_SET_PDEATHSIG) and leave
+Ctrl-C to it: they start with SIGINT blocked and ignore it, and the packer acts on it only
+between its own steps (see engine.data.forking), then stops them.
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
 from engine.data.forking import DeferredInterrupt, ignore_sigint, start_process
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
-__all__ = ["run", "count"]
+__all__ = ["run", "count", "Target"]
 
 # Files processed, shared with the forked workers so the progress bar moves per file.
 _progress_counter = None
@@ -54,7 +55,7 @@ def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
         os._exit(1)
     _progress_counter = counter
     try:
-        conn.send(("ok", target(job)))
+        conn.send(("ok", target(job, lambda: conn.send(("records_done", None)))))
         code = 0
     except UserError as exc:
         conn.send(("user", str(exc)))
@@ -90,9 +91,16 @@ def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
         _remove_partial(job["dst"], job["k"])
 
 
-def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
-        workers: int, counter, on_progress: Callable[[], None]) -> Dict[int, Dict[str, Any]]:
-    """Run `target(job)` for each of `jobs` in up to `workers` forked processes, one per shard.
+Target = Callable[[Dict[str, Any], Callable[[], None]], Dict[str, Any]]
+
+
+def run(target: Target, jobs: List[Dict[str, Any]], workers: int, counter,
+        on_progress: Callable[[], None]) -> Dict[int, Dict[str, Any]]:
+    """Run `target(job, records_done)` for each of `jobs` in forked processes, one per shard.
+
+    Up to `workers` of them decode at a time: a target calls records_done() when what is left
+    of its job is mostly waiting for the disk, and the next job then starts; at most `workers`
+    such finishing processes run besides, so never more than 2 * workers in all.
 
     Self-managed rather than a multiprocessing.Pool: a Pool silently replaces a worker that was
     killed and waits forever for its task. Here each worker holds the write end of a pipe, so
@@ -102,6 +110,7 @@ def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str,
     ctx = mp.get_context("fork")
     pending = list(jobs)
     running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
+    finishing: Set[int] = set()  # jobs whose records are done, result not yet received
     markers: Dict[int, Dict[str, Any]] = {}
     shards.close_all_envs()  # a child must not inherit an open LMDB environment
     # Ctrl-C is noted and raised at the checks below, never inside a fork or the cleanup (see
@@ -109,7 +118,8 @@ def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str,
     with DeferredInterrupt() as interrupt:
         try:
             while pending or running:
-                while pending and len(running) < workers:
+                while (pending and len(running) - len(finishing) < workers
+                       and len(running) < 2 * workers):
                     interrupt.check()
                     job = pending.pop(0)
                     recv, send = ctx.Pipe(duplex=False)
@@ -130,9 +140,13 @@ def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str,
                         kind, payload = recv.recv()
                     except (EOFError, OSError):
                         kind, payload = "lost", None
+                    if kind == "records_done":
+                        finishing.add(k)
+                        continue
                     proc.join(10)
                     recv.close()
                     del running[k]
+                    finishing.discard(k)
                     where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
                     if kind == "ok":
                         markers[k] = payload
