@@ -1,4 +1,4 @@
-"""Stand-in stages for engine.tools.gpu_check's runner tests: each runs in the child process
+"""Stand-in stages for engine.tools.gpu_check_runner's tests: each runs in the child process
 the runner starts, exactly as a real stage does, and behaves in one way a GPU stage can
 (passes, fails, hangs with a child of its own, raises, dies of a signal)."""
 import os
@@ -8,7 +8,7 @@ import sys
 import time
 
 from engine.errors import UserError
-from engine.tools.gpu_check import Check
+from engine.tools.gpu_check_report import Check
 
 
 def passing():

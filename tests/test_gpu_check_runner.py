@@ -10,7 +10,13 @@ import time
 import pytest
 from helpers import ROOT
 
-from engine.tools import gpu_check as gc
+from engine.tools import (
+    gpu_check as gc,
+    gpu_check_builds as builds,
+    gpu_check_report as report,
+    gpu_check_runner as runner,
+    gpu_check_verdicts as verdicts,
+)
 
 FAKES = "gpu_check_fakes"
 
@@ -22,7 +28,7 @@ def fakes_importable(monkeypatch):
 
 
 def stage(fn, deadline=60.0, names=(), **kwargs):
-    return gc.Stage(fn, "%s:%s" % (FAKES, fn), deadline, tuple(names), kwargs)
+    return runner.Stage(fn, "%s:%s" % (FAKES, fn), deadline, tuple(names), kwargs)
 
 
 def _alive(pid):
@@ -37,7 +43,7 @@ def _alive(pid):
 # ----------------------------------------------------------------------- stages and deadlines
 
 def test_a_stage_returns_its_checks_with_its_time(tmp_path):
-    checks = gc.run_stage(stage("passing", names=("a", "b")), str(tmp_path))
+    checks = runner.run_stage(stage("passing", names=("a", "b")), str(tmp_path))
     assert [(c.name, c.status) for c in checks] == [("a", "pass"), ("b", "pass")]
     assert checks[0].figures == {"img_s": 12.0} and checks[0].seconds > 0
 
@@ -45,7 +51,7 @@ def test_a_stage_returns_its_checks_with_its_time(tmp_path):
 def test_a_hanging_stage_is_killed_at_its_deadline_with_everything_it_started(tmp_path):
     pids = tmp_path / "pids"
     t0 = time.monotonic()
-    checks = gc.run_stage(stage("hanging", 3, ("h", "h2"), pid_file=str(pids)), str(tmp_path))
+    checks = runner.run_stage(stage("hanging", 3, ("h", "h2"), pid_file=str(pids)), str(tmp_path))
     assert time.monotonic() - t0 < 30
     assert [(c.name, c.status) for c in checks] == [("h", "fail"), ("h2", "fail")]
     assert "stage hanging no answer within its 3 s deadline: killed" in checks[0].detail
@@ -56,25 +62,25 @@ def test_a_hanging_stage_is_killed_at_its_deadline_with_everything_it_started(tm
 
 
 def test_a_raising_stage_is_one_fail_line_and_its_traceback_stays_in_the_log(tmp_path):
-    checks = gc.run_stage(stage("raising", names=("x", "y")), str(tmp_path))
+    checks = runner.run_stage(stage("raising", names=("x", "y")), str(tmp_path))
     assert [(c.name, c.status) for c in checks] == [("x", "fail"), ("y", "fail")]
     assert checks[0].detail == ("RuntimeError: CUDA error: an illegal memory access was "
                                 "encountered")
-    (unnamed,) = gc.run_stage(stage("raising"), str(tmp_path))
+    (unnamed,) = runner.run_stage(stage("raising"), str(tmp_path))
     assert unnamed.name == "stage raising" and unnamed.detail == checks[0].detail
     assert "Traceback" in (tmp_path / "raising.log").read_text()
-    assert all("\n" not in gc.format_check(c) for c in checks)
+    assert all("\n" not in report.format_check(c) for c in checks)
 
 
 def test_a_user_error_in_a_stage_reads_as_its_message(tmp_path):
-    (c, *_rest) = gc.run_stage(stage("user_error"), str(tmp_path))
+    (c, *_rest) = runner.run_stage(stage("user_error"), str(tmp_path))
     assert c.status == "fail" and c.detail == "--data /x: no such folder"
 
 
 @pytest.mark.parametrize("fn, why", [("segfault", "died with signal SIGSEGV"),
                                      ("silent_exit", "exited with status 3 and no result")])
 def test_a_stage_that_dies_fails_every_check_it_answers_for(tmp_path, fn, why):
-    checks = gc.run_stage(stage(fn, names=("p", "q")), str(tmp_path))
+    checks = runner.run_stage(stage(fn, names=("p", "q")), str(tmp_path))
     assert [(c.name, c.status) for c in checks] == [("p", "fail"), ("q", "fail")]
     assert why in checks[0].detail
     if fn == "segfault":
@@ -131,9 +137,9 @@ def test_a_cpu_machine_has_nothing_to_check(tmp_path):
 
 
 def test_the_real_build_stage_on_this_machine(tmp_path):
-    if gc.driver_gpu_count():
+    if builds.driver_gpu_count():
         pytest.skip("a GPU machine")
-    (build, *rest) = gc.run_stage(gc.Stage("build", gc.STAGES + ":build_stage", 300,
+    (build, *rest) = runner.run_stage(runner.Stage("build", gc.STAGES + ":build_stage", 300,
                                            ("GPUs visible",)), str(tmp_path))
     assert build.name == "build" and build.figures["described"].startswith("MegEngine ")
     if build.figures["megengine_gpus"] == 0:
@@ -173,29 +179,29 @@ def test_the_plan_follows_the_gpu_count_and_the_options():
     (0, 12020, None, False, "has no CUDA"),
 ])
 def test_the_driver_against_the_build(build, driver, version, ok, needle):
-    c = gc.driver_check(build, driver, version)
+    c = builds.driver_check(build, driver, version)
     assert c.ok is ok and needle in c.detail, c.detail
     assert c.name == "CUDA driver vs build"
 
 
 def test_allreduce_and_equality_verdicts():
-    exact, bw = gc.allreduce_check(8, 0, 0.0, 180.5, 256, 2.0)
+    exact, bw = verdicts.allreduce_check(8, 0, 0.0, 180.5, 256, 2.0)
     assert exact.ok and bw.ok and "180.5 GB/s" in bw.detail
-    exact, bw = gc.allreduce_check(8, 1, 3.0, 0.8, 256, 2.0)
+    exact, bw = verdicts.allreduce_check(8, 1, 3.0, 0.8, 256, 2.0)
     assert not exact.ok and "1 rank(s) got a wrong sum" in exact.detail
     assert not bw.ok and "NCCL_P2P_DISABLE" in bw.detail
-    assert gc.allreduce_check(2, 0, 0.0, 0.01, 1, None)[1].ok  # no floor on the test backend
-    assert not gc.allreduce_check(2, 0, 0.0, None, 1, 2.0)[1].ok
-    assert gc.equality_check("e", 1e-7, 1e-5, "x").ok
-    assert not gc.equality_check("e", 1e-3, 1e-5, "x").ok
-    assert not gc.equality_check("e", float("nan"), 1e-5, "x").ok
-    assert not gc.equality_check("e", None, 1e-5, "x").ok
+    assert verdicts.allreduce_check(2, 0, 0.0, 0.01, 1, None)[1].ok  # no floor on the test backend
+    assert not verdicts.allreduce_check(2, 0, 0.0, None, 1, 2.0)[1].ok
+    assert verdicts.equality_check("e", 1e-7, 1e-5, "x").ok
+    assert not verdicts.equality_check("e", 1e-3, 1e-5, "x").ok
+    assert not verdicts.equality_check("e", float("nan"), 1e-5, "x").ok
+    assert not verdicts.equality_check("e", None, 1e-5, "x").ok
 
 
 def test_the_table_shortens_long_details():
-    long = gc.Check("n", False, "x" * 300)
+    long = report.Check("n", False, "x" * 300)
     long.seconds = 12.4
-    lines = gc.summary_table([long, gc.skip_check("s", "why")], width=40).splitlines()
+    lines = report.summary_table([long, report.skip_check("s", "why")], width=40).splitlines()
     assert lines[2].split()[:3] == ["n", "FAIL", "12"] and lines[2].endswith("x...")
     assert len(lines[2].split()[3]) == 40
     assert lines[3].split()[:3] == ["s", "SKIP", "-"]
@@ -208,18 +214,18 @@ def test_the_engine_and_bench_stages_run_the_training_path_on_cpu(tmp_path):
     """The stages the GPU machine runs, here with one CPU rank (float32, small sizes): the
     trainer's own run on a generated, packed set, counted, retraced, resumed and timed."""
     work = str(tmp_path / "work")
-    engine = gc.Stage("engine", gc.STAGES + ":engine_stage", 1200, (), dict(
+    engine = runner.Stage("engine", gc.STAGES + ":engine_stage", 1200, (), dict(
         ngpus=1, work_dir=work, arch="resnet18", amp=False, batch=2, sizes=[32, 64], workers=0))
-    checks = {c.name: c for c in gc.run_stage(engine, str(tmp_path))}
+    checks = {c.name: c for c in runner.run_stage(engine, str(tmp_path))}
     assert checks["engine: ranks in sync"].skipped
     assert checks["engine: val pass counts"].ok, checks["engine: val pass counts"].detail
     assert checks["engine: val pass counts"].figures["counts"] == [21, 21]
     assert checks["engine: retrace at a second resolution"].ok
     resume = checks["engine: resume equals straight run"]
     assert resume.ok and resume.figures["max_rel_diff"] == 0.0, resume.detail
-    bench = gc.Stage("bench", gc.STAGES + ":bench_stage", 1200, (), dict(
+    bench = runner.Stage("bench", gc.STAGES + ":bench_stage", 1200, (), dict(
         ngpus=1, arch="resnet18", batch=2, size=32, steps=4, warmup=1, work_dir=work, amp=False,
         workers=1))
-    (b,) = gc.run_stage(bench, str(tmp_path))
+    (b,) = runner.run_stage(bench, str(tmp_path))
     assert b.ok and b.name == "bench resnet18 32 px float32", b.detail
     assert b.figures["img_s_per_gpu"] > 0 and 0 <= b.figures["data_wait"] <= 1

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
 from engine.cli import option
@@ -241,6 +241,50 @@ def _check_in_place(src: str, dst: str, meta_raw: bytes, entries: List[Dict[str,
     return {"dst": dst, "copied": 0, "kept": len(entries), "waited": False, "bytes": 0}
 
 
+def _reconcile(src: str, dst: str, meta_raw: bytes, meta: Dict[str, Any], progress: _Progress,
+               log: Callable[[str], None]) -> Tuple[List[Dict[str, Any]], int]:
+    """Sort the shards already in `dst` into correct ones (kept) and those to copy, and clear
+    `dst` of what readers must not find meanwhile: a killed stage's leftovers, the wrong
+    copies, shards meta.json omits, the stamp, and meta.json itself while anything is copied.
+    Returns the entries to copy and the number kept. The lock is held."""
+    entries = meta["shards"]
+    local_meta = os.path.join(dst, shards.META_FILE)
+    try:
+        _remove_leftovers(dst, entries)
+        todo, kept = [], 0
+        for e in entries:
+            local = os.path.join(dst, e["file"])
+            # Without a size in meta.json (older packs) the source's own size is the measure.
+            want = e["size"] if "size" in e else _source_size(src, e)
+            ok = os.path.exists(local) and os.path.getsize(local) == want
+            if ok and e.get("checksum"):
+                ok = shards.file_checksum(local, progress.add) == e["checksum"]
+                if not ok:
+                    log("%s: local copy is damaged; copying it again" % local)
+            if ok:
+                kept += 1
+            else:
+                todo.append(e)
+        try:
+            with open(local_meta, "rb") as f:
+                stale = f.read() != meta_raw
+        except OSError:
+            stale = False
+        # Readers must not pair a meta.json with shards that are not (yet) its own (while
+        # anything is copied the destination has none, as after a killed stage), nor find
+        # shards it omits.
+        for old in ([local_meta] if stale or todo else []) + [os.path.join(dst, STAMP)] + [
+                os.path.join(dst, f) for f in shards.unlisted_shards(dst, meta)]:
+            if os.path.exists(old):
+                os.remove(old)
+        for e in todo:  # a wrong copy is worthless, and its space counts as free
+            if os.path.exists(os.path.join(dst, e["file"])):
+                os.remove(os.path.join(dst, e["file"]))
+    except OSError as exc:
+        raise StageError(disk_error_message(exc, dst)) from None
+    return todo, kept
+
+
 def stage_split(src: str, dst: str, stall_timeout: float = StageConfig.stall_timeout,
                 poll: float = 0.2, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Copy packed split `src` to `dst`; returns counts of copied and already-correct shards."""
@@ -272,39 +316,7 @@ def stage_split(src: str, dst: str, stall_timeout: float = StageConfig.stall_tim
             return {"dst": dst, "copied": 0, "kept": len(entries), "waited": True, "bytes": 0}
         progress = _Progress(lock)
         local_meta = os.path.join(dst, shards.META_FILE)
-        try:
-            _remove_leftovers(dst, entries)
-            todo, kept = [], 0
-            for e in entries:
-                local = os.path.join(dst, e["file"])
-                # Without a size in meta.json (older packs) the source's own size is the measure.
-                want = e["size"] if "size" in e else _source_size(src, e)
-                ok = os.path.exists(local) and os.path.getsize(local) == want
-                if ok and e.get("checksum"):
-                    ok = shards.file_checksum(local, progress.add) == e["checksum"]
-                    if not ok:
-                        log("%s: local copy is damaged; copying it again" % local)
-                if ok:
-                    kept += 1
-                else:
-                    todo.append(e)
-            try:
-                with open(local_meta, "rb") as f:
-                    stale = f.read() != meta_raw
-            except OSError:
-                stale = False
-            # Readers must not pair a meta.json with shards that are not (yet) its own (while
-            # anything is copied the destination has none, as after a killed stage), nor find
-            # shards it omits.
-            for old in ([local_meta] if stale or todo else []) + [os.path.join(dst, STAMP)] + [
-                    os.path.join(dst, f) for f in shards.unlisted_shards(dst, meta)]:
-                if os.path.exists(old):
-                    os.remove(old)
-            for e in todo:  # a wrong copy is worthless, and its space counts as free below
-                if os.path.exists(os.path.join(dst, e["file"])):
-                    os.remove(os.path.join(dst, e["file"]))
-        except OSError as exc:
-            raise StageError(disk_error_message(exc, dst)) from None
+        todo, kept = _reconcile(src, dst, meta_raw, meta, progress, log)
         sizes = [_source_size(src, e) for e in todo]
         free = shutil.disk_usage(dst).free
         if sum(sizes) > free:

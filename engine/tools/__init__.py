@@ -7,6 +7,7 @@ installed; in a checkout, tools/<name>.py runs the same `main`.
   against their meta.json, copied to a node-local disk;
 - make_sample_imagenet, demo: the real-photo sample set, and every stage run on it;
 - gpu_check: does the installed MegEngine build run this engine on this machine's GPUs?
+  (the gpu_check_* modules are its parts, not tools of their own).
 
 Every tool reports a user error as one `error: ...` line with exit status 2, and Ctrl-C as one
 line with 130 (engine.errors.run_tool).

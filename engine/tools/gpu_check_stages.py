@@ -1,13 +1,14 @@
 """The stages of `engine.tools.gpu_check`: the code that touches MegEngine and the GPUs.
 
-Each `*_stage` function runs in a child process of its own (engine.tools.gpu_check.run_stage
-gives it a deadline and turns its death into FAIL lines) and returns a list of
-gpu_check.Check. The engine and bench stages run `engine.trainer.train` itself, on every
-visible GPU, on a small set made by engine.data.sample and packed by engine.data.pack; what
-they need to see inside the ranks (each rank's parameters, its peak device memory) is recorded
-by `observe_ranks`, which wraps two of the trainer's functions in this child process only and
-changes nothing they compute. The same stages run on CPU with several ranks through the
-engine's test-only CPU collective backend (engine.dist), which is how they are tested.
+Each `*_stage` function runs in a child process of its own
+(engine.tools.gpu_check_runner.run_stage gives it a deadline and turns its death into FAIL
+lines) and returns a list of engine.tools.gpu_check_report.Check. The engine and bench stages
+run `engine.trainer.train` itself, on every visible GPU, on a small set made by
+engine.data.sample and packed by engine.data.pack; what they need to see inside the ranks (each
+rank's parameters, its peak device memory) is recorded by `observe_ranks`, which wraps two of
+the trainer's functions in this child process only and changes nothing they compute. The same
+stages run on CPU with several ranks through the engine's test-only CPU collective backend
+(engine.dist), which is how they are tested.
 """
 from __future__ import annotations
 
@@ -22,22 +23,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engine.tools.gpu_check import (
-    AMP_RTOL,
-    FP32_RTOL,
-    Check,
-    allreduce_check,
-    compare_losses,
+from engine.tools.gpu_check_builds import (
+    build_info,
     compute_capability_check,
-    count_check,
     describe_build,
     driver_check,
     driver_gpu_count,
     driver_version,
+    visibility_check,
+)
+from engine.tools.gpu_check_report import Check, skip_check
+from engine.tools.gpu_check_verdicts import (
+    AMP_RTOL,
+    FP32_RTOL,
+    allreduce_check,
+    compare_losses,
+    count_check,
     equality_check,
     params_check,
-    skip_check,
-    visibility_check,
 )
 
 __all__ = ["build_stage", "device_stage", "nccl_stage", "engine_stage", "bench_stage",
@@ -51,8 +54,6 @@ def build_stage() -> List[Check]:
     figures for the report (it is not printed as a check); `nothing_to_check` when this
     machine has no GPU at all."""
     import megengine as mge
-
-    from engine.tools.gpu_check import build_info
 
     info = build_info()
     n = int(mge.device.get_device_count("gpu"))
