@@ -101,6 +101,7 @@ setup(
         "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0",
                 "tensorboardX"],
         "tensorboard": ["tensorboardX"],
+        "plot": ["matplotlib"],  # the run's curves.png (optional: a run without it says so)
         # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
         "dali": ["nvidia-dali-cuda120"],
     },

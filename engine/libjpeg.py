@@ -58,8 +58,10 @@ def _prefix_libs(prefix: str) -> List[str]:
     return [prefix, os.path.join(prefix, "lib"), os.path.join(prefix, "lib64")]
 
 
-def search_dirs(env: Optional[Mapping[str, str]] = None) -> List[Tuple[str, str]]:
-    """(library folder, where it came from) in search order (see the module's docstring)."""
+def search_dirs(env: Optional[Mapping[str, str]] = None,
+                system: bool = True) -> List[Tuple[str, str]]:
+    """(library folder, where it came from) in search order (see the module's docstring); with
+    `system` False, only the folders the environment names."""
     env = os.environ if env is None else env
     out: List[Tuple[str, str]] = []
     explicit = env.get("TURBOJPEG_LIB")
@@ -73,7 +75,8 @@ def search_dirs(env: Optional[Mapping[str, str]] = None) -> List[Tuple[str, str]
             out += [(d, var) for d in _prefix_libs(env[var])[1:]]
     for var in ("LD_LIBRARY_PATH", "LIBRARY_PATH"):
         out += [(d, var) for d in _split(env.get(var))]
-    out += [(d, "the system") for d in _ldconfig_dirs() + list(SYSTEM_LIB_DIRS)]
+    if system:
+        out += [(d, "the system") for d in _ldconfig_dirs() + list(SYSTEM_LIB_DIRS)]
     seen, unique = set(), []
     for d, source in out:
         if d not in seen:
@@ -100,13 +103,15 @@ def _ldconfig_dirs() -> List[str]:
     return []
 
 
-def find_runtime(env: Optional[Mapping[str, str]] = None) -> Optional[Found]:
-    """The libturbojpeg shared library PyTurboJPEG should load, or None."""
+def find_runtime(env: Optional[Mapping[str, str]] = None,
+                 system: bool = True) -> Optional[Found]:
+    """The libturbojpeg shared library PyTurboJPEG should load, or None; with `system` False,
+    only a copy the environment points to (no linker-cache lookup, which costs a subprocess)."""
     env = os.environ if env is None else env
     explicit = env.get("TURBOJPEG_LIB")
     if explicit and os.path.isfile(explicit):
         return Found(os.path.abspath(explicit), "TURBOJPEG_LIB")
-    for d, source in search_dirs(env):
+    for d, source in search_dirs(env, system):
         for name in RUNTIME_NAMES:
             path = os.path.join(d, name)
             if os.path.isfile(path):

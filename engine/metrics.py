@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -140,6 +141,12 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
     return out
 
 
+#: What a run says, once, when it cannot draw curves.png.
+PLOT_HINT = ("curves.png is not drawn: it needs matplotlib (pip install matplotlib, or pip "
+             "install -e .[plot]); metrics.jsonl holds the same figures")
+_plot_noted = False
+
+
 def curves_figure(records: Iterable[Dict[str, Any]], title: str = ""):
     """The figure of plot_curves: training loss and LR per step, and val top-1/top-5 of the live
     weights and of the EMA (when the run kept one) by the epoch metrics.jsonl records.
@@ -195,12 +202,28 @@ def curves_figure(records: Iterable[Dict[str, Any]], title: str = ""):
     return fig
 
 
-def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "") -> str:
-    """Write curves_figure(records) as a PNG, atomically (never a half-written image).
+def plot_curves(records: Iterable[Dict[str, Any]], png_path: str,
+                title: str = "") -> Optional[str]:
+    """Write curves_figure(records) as a PNG, atomically (never a half-written image); returns
+    its path, or None where matplotlib is missing (or fails on import): the plot is optional,
+    so a run goes on, and says so once per process (PLOT_HINT).
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
     headless and never disturbs a caller's interactive backend.
     """
+    global _plot_noted
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401  (what curves_figure draws with)
+        import matplotlib.figure  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing, or an install that fails on import
+        if not _plot_noted:
+            _plot_noted = True
+            missing = isinstance(exc, ModuleNotFoundError) and \
+                (exc.name or "").split(".")[0] == "matplotlib"
+            detail = "" if missing else " (%s: %s)" % (
+                type(exc).__name__, " ".join(str(exc).split())[:200])
+            print("note: %s%s" % (PLOT_HINT, detail), file=sys.stderr)
+        return None
     fig = curves_figure(records, title)
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     return png_path

@@ -57,6 +57,7 @@ from engine.data import shards
 from engine.data.cpus import default_workers
 from engine.data.decode import roi_available
 from engine.data.folder import FolderIndex
+from engine.data.forking import start_process
 from engine.data.options import LoaderOptions, check_int
 from engine.data.sampler import Sampler
 from engine.data.sources import open_source
@@ -111,6 +112,10 @@ class Loader:
             the standard 224/256).
         seed, rank, world_size: the sample order and this rank's share (see Sampler).
         drop_last: drop the last incomplete batch; default True for train, False otherwise.
+        skip_undecodable: leave out a record that fails to decode (its batch is then that much
+            shorter, possibly empty; `num_skipped` counts them) instead of replacing it by the
+            next record (`num_replaced`). Evaluation skips: a replacement would score one image
+            twice. Training replaces: every batch keeps its size.
         options: how it runs (workers, slots, timeout, ...): see LoaderOptions. Its fields
             are also accepted as keywords (`Loader(..., workers=4, slots=3)`), over `options`.
 
@@ -127,8 +132,8 @@ class Loader:
                  image_size: Union[int, Callable[[int], int]] = 224,
                  max_image_size: Optional[int] = None, crop_ratio: float = 0.875,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: Optional[bool] = None, options: Optional[LoaderOptions] = None,
-                 **knobs: Any):
+                 drop_last: Optional[bool] = None, skip_undecodable: bool = False,
+                 options: Optional[LoaderOptions] = None, **knobs: Any):
         # Every cheap check first, before any file is opened or process started.
         opts = (LoaderOptions() if options is None else options).updated(**knobs)
         if callable(image_size):
@@ -169,7 +174,9 @@ class Loader:
         self._layout = RingLayout(self.slots, self.batch_size, self.image_size)
         self.epoch = 0
         self.position = 0  # batches handed to the caller in the current epoch
+        self.skip_undecodable = bool(skip_undecodable)
         self.num_replaced = 0
+        self.num_skipped = 0
         self._warned: set = set()
         # Anchors of the views handed out, newest last: all but the newest should be gone.
         self._handed: Deque["weakref.ref[np.ndarray]"] = collections.deque()
@@ -293,9 +300,12 @@ class Loader:
         images, labels = layout.arrays(buf, 0, S)
         while self.position < len(self):
             indices = self.sampler.batch(epoch, self.position)
-            self._note(fill(self._source, self._decoder, indices, epoch, images, labels))
+            failures = fill(self._source, self._decoder, indices, epoch, images, labels,
+                            self.skip_undecodable)
+            self._note(failures)
             self.position += 1
-            yield self._hand_out(layout, buf, 0, S, len(indices))
+            n = self._keep(indices, failures, images, labels)
+            yield self._hand_out(layout, buf, 0, S, n)
 
     def _hand_out(self, layout: RingLayout, buf: mmap.mmap, slot: int, side: int, size: int
                   ) -> Tuple[np.ndarray, np.ndarray]:
@@ -340,11 +350,14 @@ class Loader:
                 mine, theirs = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=worker_main, name="engine-loader-%d" % wid, daemon=True,
                                 args=(wid, theirs, self._source, self._decoder, buf,
-                                      self._layout))
-                p.start()
-                theirs.close()
-                self._procs.append(p)
-                self._conns.append(mine)
+                                      self._layout, self.skip_undecodable))
+                try:  # Ctrl-C can reach neither the fork nor the child's start
+                    start_process(p)
+                finally:
+                    theirs.close()
+                    if p.pid is not None:  # started, even if Ctrl-C came during the fork
+                        self._procs.append(p)
+                        self._conns.append(mine)
         except BaseException:
             cv2.setNumThreads(cv_threads)
             self.close()
@@ -481,22 +494,44 @@ class Loader:
                 if self._held is not None:
                     self._free.append(self._held)
                 self._held = batch.slot
+                global_batch = self._next_yield
                 self._next_yield += 1
                 self._submit(limit)  # refill the freed slot while the caller has the batch
                 self.position += 1
                 assert self._ring is not None  # _start made it; close() ends this generator
-                yield self._hand_out(self._layout, self._ring, batch.slot, batch.side,
-                                     batch.size)
+                n = batch.size
+                if batch.failures and self.skip_undecodable:
+                    images, labels = self._layout.arrays(self._ring, batch.slot, batch.side)
+                    n = self._keep(self.sampler.batch_at(global_batch)[1], batch.failures,
+                                   images, labels)
+                yield self._hand_out(self._layout, self._ring, batch.slot, batch.side, n)
         except GeneratorExit:
             raise
         except BaseException:
             self.close()
             raise
 
+    def _keep(self, indices: np.ndarray, failures: List[Replacement], images: np.ndarray,
+              labels: np.ndarray) -> int:
+        """How many rows a batch of `indices` yields: all of them, or with skip_undecodable,
+        the rows whose record decoded, moved up in order over the rows of the skipped ones."""
+        if not (failures and self.skip_undecodable):
+            return len(indices)
+        keep = ~np.isin(np.asarray(indices), [index for index, _path, _reason in failures])
+        n = int(keep.sum())
+        images[:n] = images[:len(indices)][keep]  # fancy indexing copies before the write
+        labels[:n] = labels[:len(indices)][keep]
+        return n
+
     def _note(self, failures: Iterable[Replacement]) -> None:
         for index, path, reason in failures:
-            self.num_replaced += 1
+            if self.skip_undecodable:
+                self.num_skipped += 1
+            else:
+                self.num_replaced += 1
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn("record %d (%s) failed to decode (%s); replaced by the next record"
-                              % (index, path, reason), RuntimeWarning, stacklevel=3)
+                warnings.warn("record %d (%s) failed to decode (%s); %s"
+                              % (index, path, reason, "skipped" if self.skip_undecodable
+                                 else "replaced by the next record"),
+                              RuntimeWarning, stacklevel=3)

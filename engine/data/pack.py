@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
@@ -34,7 +34,7 @@ import numpy as np
 from engine.cli import option
 from engine.data import plan, pool, shards, verify
 from engine.data.cpus import usable_cores
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
+from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
 from engine.errors import disk_error_message
@@ -85,7 +85,14 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     try:
         if fmt == "jpeg":
             info = jpeg_info(data)
-            bgr = decode_bgr(data, info=info)  # the strict full decode every kept image passes
+            if not info.needs_conversion and not (max_side and max(info.width, info.height)
+                                                  > max_side):
+                # Kept byte for byte: the scaled strict decode accepts exactly what the full
+                # one does (decode.validate_jpeg), and the pixels are not needed.
+                validate_jpeg(data, info)
+                return {"image": data, "height": info.height, "width": info.width,
+                        "kind": "gray" if info.grayscale else "jpeg"}
+            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
                 kind = "converted:cmyk"
             else:
@@ -146,8 +153,12 @@ def _disk_message(exc: BaseException, path: str, needed: int) -> str:
         path, text, "" if free is None else "; %.1f MB free there" % (free / 1e6))
 
 
-def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
+def _pack_shard(job: Dict[str, Any],
+                records_done: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     """Write one complete shard (decode, validate, serialise, append), then its marker.
+
+    records_done() is called when every record is appended: what is left is short and mostly
+    waiting for the disk (the checksum runs meanwhile), so the next shard may start.
 
     Shards are independent, so workers (and nodes) write different shards concurrently and
     nothing but a small marker crosses a process boundary: piping every image back to one writer
@@ -176,9 +187,10 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
                     writer.append(value)
                     tally.kept(r["kind"], len(value))
                 pool.count(1)
-            writer.close()
+            records_done()
+            checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
             writer = None
-            return tally.publish(dst)
+            return tally.publish(dst, checksum)
         except (lmdb.Error, OSError) as exc:
             if writer is not None:
                 writer.abort()

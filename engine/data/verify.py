@@ -20,7 +20,7 @@ from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr
 
 __all__ = ["VerifyConfig", "SplitReport", "verify_split", "verify", "find_splits",
-           "shard_problem"]
+           "shard_problem", "check_record"]
 
 
 @dataclass
@@ -175,14 +175,16 @@ def _check_records(split_dir: str, meta: Dict[str, Any], entries: List[Dict[str,
     for name, local in by_file.items():
         with shards.open_env(os.path.join(split_dir, name)).begin() as txn:
             for j in local:
-                problem = _check_record(txn.get(shards.record_key(j)), n_classes)
+                problem = check_record(txn.get(shards.record_key(j)), n_classes)
                 rep.decoded += 1
                 if problem:
                     bad.append("%s record %d: %s" % (name, j, problem))
                     rep.damaged.append(name)
 
 
-def _check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+def check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+    """What is wrong with a shard record's bytes (None: it is a complete record whose image
+    decodes to its recorded size and whose label is one of `n_classes`)."""
     if value is None:
         return "missing"
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import mmap
 import os
-import signal
 import traceback
 import weakref
 from typing import Any, List, Optional, Tuple, Union
@@ -19,6 +18,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 
 from engine.data.decode import DecodeError
+from engine.data.forking import ignore_sigint
 from engine.data.sources import Source
 from engine.data.transforms import Transform
 from engine.errors import DataError, UserError
@@ -29,7 +29,7 @@ __all__ = ["MAX_REPLACEMENTS", "Replacement", "Task", "RingLayout", "fill", "wor
 # that is mostly corrupt is a packing problem, not something to paper over).
 MAX_REPLACEMENTS = 16
 
-# (index, path, reason) of a record that failed to decode and was replaced by the next one
+# (index, path, reason) of a record that failed to decode (replaced by the next one, or skipped)
 Replacement = Tuple[int, str, str]
 # (global batch, epoch, slot, first row, sample indices, output side)
 Task = Tuple[int, int, int, int, np.ndarray, int]
@@ -88,12 +88,24 @@ class RingLayout:
 
 
 def fill(source: Source, decoder: Transform, indices: np.ndarray, epoch: int, images: np.ndarray,
-         labels: np.ndarray) -> List[Replacement]:
-    """Decode samples into (images, labels); returns the records replaced by their successor."""
+         labels: np.ndarray, skip: bool = False) -> List[Replacement]:
+    """Decode samples into (images, labels); returns the records that failed to decode.
+
+    A failed record is replaced by its successor, or, with `skip`, left out: its row is not
+    written and the caller drops the rows of the returned indices (an evaluation must score each
+    image once, not a stand-in twice)."""
     n = len(source)
     failures: List[Replacement] = []
     for j, idx in enumerate(indices):
         idx = int(idx)
+        if skip:
+            data, label, path, size = source.read(idx)
+            try:
+                decoder(data, idx, epoch, images[j], size)
+                labels[j] = label
+            except DecodeError as exc:
+                failures.append((idx, path, str(exc)))
+            continue
         for attempt in range(MAX_REPLACEMENTS):
             cur = (idx + attempt) % n
             data, label, path, size = source.read(cur)
@@ -111,7 +123,8 @@ def fill(source: Source, decoder: Transform, indices: np.ndarray, epoch: int, im
 
 
 def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mmap,
-         layout: RingLayout) -> Tuple[int, List[Replacement], Union[None, UserError, str]]:
+         layout: RingLayout, skip: bool = False
+         ) -> Tuple[int, List[Replacement], Union[None, UserError, str]]:
     """One task -> (global batch, replacements, error): error is None, a UserError to re-raise
     as is in the main process, or a bug's traceback for it to raise."""
     global_batch, epoch, slot, start, indices, side = task
@@ -119,7 +132,7 @@ def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mma
     images, labels = layout.arrays(buf, slot, side)
     try:
         return global_batch, fill(source, decoder, indices, epoch, images[start:stop],
-                                  labels[start:stop]), None
+                                  labels[start:stop], skip), None
     except UserError as exc:  # the user's to fix
         return global_batch, [], exc
     except Exception:  # noqa: BLE001 - a bug: the main process raises it with this traceback
@@ -127,14 +140,14 @@ def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mma
 
 
 def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mmap.mmap,
-                layout: RingLayout) -> None:
+                layout: RingLayout, skip: bool = False) -> None:
     """A worker process: run tasks from `conn` until it sends None, closes, or the main process
     dies."""
+    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
+    ignore_sigint()
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()
-    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     while True:
         try:
@@ -148,6 +161,6 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
         if task is None:
             return
         try:
-            conn.send(_run(wid, task, source, decoder, buf, layout))
+            conn.send(_run(wid, task, source, decoder, buf, layout, skip))
         except (BrokenPipeError, OSError):
             return

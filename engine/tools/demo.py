@@ -143,19 +143,21 @@ def grid_photos(val: str, per_class: int) -> List[str]:
 
 
 def classify(checkpoint: str, photos: Sequence[str], arch: str = "resnet18") -> List[Prediction]:
-    """Each photo's prediction by the engine checkpoint (inference's own transform, at the size
-    it was trained at), beside its true class: the name of its class folder."""
+    """Each photo's prediction by the engine checkpoint (inference's own transform, as its run
+    evaluated), beside its true class: the name of its class folder."""
     import megengine as mge
     import numpy as np
 
-    from engine.inference import class_names, preprocess
+    from engine.config import eval_transform
+    from engine.inference import class_names, read_image, resize_center_crop
     from engine.models import load_model
     from engine.steps import PredictStep
 
     loaded = load_model(arch, checkpoint)
     names = class_names(loaded)
     classes = loaded.classes or []
-    batch = np.concatenate([preprocess(p, loaded.image_size) for p in photos])
+    size, ratio = eval_transform(loaded.config)
+    batch = np.concatenate([resize_center_crop(read_image(p), size, ratio) for p in photos])
     probs = PredictStep(loaded.model)(mge.tensor(batch)).numpy()
     out = []
     for path, pr in zip(photos, probs):
