@@ -77,6 +77,13 @@ class TrainConfig:
                                    "-s", "--save-dir", "--save")
     learning_rate: float = _opt(0.0125, "learning rate per GPU; the run uses it x world size",
                                 "--lr", "--learning-rate")
+    recipe_world_size: Optional[int] = _opt(
+        None, "the GPU count that --batch-size and --lr were chosen for (a recipe records it; "
+              "default: any). On another count the run says what the global batch and LR "
+              "become", metavar="N")
+    keep_global_batch: bool = _opt(
+        False, "on a GPU count other than --recipe-world-size, keep the recipe's global batch "
+               "and LR (the per-GPU batch becomes global / GPUs) instead of its per-GPU values")
     epochs: int = _opt(100, "training epochs")
     workers: Optional[int] = _opt(
         None, "loader processes per GPU (default: usable cores / GPUs per node - 1; 0 = decode "
@@ -159,6 +166,24 @@ class TrainConfig:
              "names (e.g. batch_size) and flags given here override them",
         flags=("--config",), kw=dict(metavar="RECIPE")))
 
+    # The sections of tools/train.py --help, in order (engine.cli.build_parser).
+    HELP_GROUPS = (
+        ("data", ("data", "train_data", "val_data", "workers", "image_size", "val_image_size",
+                  "val_resize_ratio", "evaluate", "seed")),
+        ("model", ("arch", "pretrained", "weights")),
+        ("optimisation", ("batch_size", "learning_rate", "recipe_world_size",
+                          "keep_global_batch", "optimizer", "momentum", "weight_decay")),
+        ("schedule", ("epochs", "warmup_epochs", "lr_schedule", "max_steps")),
+        ("modern recipe", ("recipe", "label_smoothing", "no_wd_norm_bias", "ema_decay",
+                           "mixup_alpha", "cutmix_alpha", "min_res", "max_res", "start_ramp",
+                           "end_ramp")),
+        ("precision and compile", ("amp", "trace", "dtr")),
+        ("checkpoints", ("save_dir", "resume", "trust_pickle", "save_every")),
+        ("distributed", ("ngpus", "num_nodes", "node_rank", "master_ip", "master_port",
+                         "rendezvous_timeout", "heartbeat_timeout")),
+        ("logging", ("print_freq", "progress", "tensorboard")),
+    )
+
     def finalized(self) -> "TrainConfig":
         """A validated copy with defaults resolved; raises UserError for bad values."""
         c = dataclasses.replace(self)
@@ -200,6 +225,8 @@ class TrainConfig:
             (c.save_every >= 0, "--save-every must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
+            (c.recipe_world_size is None or c.recipe_world_size >= 1,
+             "--recipe-world-size must be >= 1"),
             (c.optimizer in OPTIMIZERS, "--optimizer must be one of %s" % "|".join(OPTIMIZERS)),
             (c.ema_decay is None or 0 < c.ema_decay < 1, "--ema-decay must be in (0, 1)"),
             (c.mixup_alpha >= 0 and c.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha "
@@ -222,6 +249,39 @@ class TrainConfig:
         if c.dtr:
             c.trace = False  # DTR runs eagerly (see steps.TrainStep); train() says so
         return c
+
+    def for_world_size(self, world_size: int) -> Tuple["TrainConfig", Optional[str]]:
+        """(the config to run on `world_size` GPUs, a one-line note or None).
+
+        batch_size and learning_rate are per GPU (the run's LR is learning_rate x world size).
+        A recipe made for recipe_world_size GPUs therefore changes its global batch and LR on
+        another count; the note says what they become. With keep_global_batch the copy's
+        per-GPU values are rescaled so that the recipe's global batch and LR stay; a global
+        batch that does not divide over the GPUs is refused.
+        """
+        made_for = self.recipe_world_size
+        if made_for is None or made_for == world_size:
+            return self, None
+        bs, lr = self.batch_size, self.learning_rate
+        recipe = ("--batch-size %d and --lr %g were set for %d GPU%s (global batch %d at LR %g)"
+                  % (bs, lr, made_for, "" if made_for == 1 else "s", bs * made_for, lr * made_for))
+        gpus = "%d GPU%s" % (world_size, "" if world_size == 1 else "s")
+        if not self.keep_global_batch:
+            return self, ("note: %s; on %s the global batch becomes %d at LR %g (per-GPU values "
+                          "kept, LR x %d GPUs); --keep-global-batch keeps %d at LR %g instead"
+                          % (recipe, gpus, bs * world_size, lr * world_size, world_size,
+                             bs * made_for, lr * made_for))
+        global_batch = bs * made_for
+        if global_batch % world_size:
+            raise UserError("--keep-global-batch: the global batch %d (%d per GPU for %d GPUs) "
+                            "does not divide over %s; choose --batch-size for this count "
+                            "without --keep-global-batch" % (global_batch, bs, made_for, gpus))
+        kept = dataclasses.replace(self, batch_size=global_batch // world_size,
+                                   learning_rate=lr * made_for / world_size,
+                                   recipe_world_size=world_size)
+        return kept, ("note: %s; --keep-global-batch: on %s that is %d per GPU, the same global "
+                      "batch %d at LR %g" % (recipe, gpus, kept.batch_size, global_batch,
+                                            lr * made_for))
 
     def with_cluster(self, env: Mapping[str, str]) -> "TrainConfig":
         """A copy whose node layout (and GPU count) is filled in from flags, then `env`."""

@@ -45,11 +45,12 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
     keeps its traceback. MegEngine's cache folder is checked just before `body` first imports
-    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too."""
+    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too, and MegEngine's
+    CUDA-probing lines on a CPU machine are kept out of the output unless ENGINE_VERBOSE=1."""
     import signal
     import sys
 
-    from engine.megengine_env import guard_import
+    from engine.megengine_env import guard_import, quiet_megengine
 
     program = _deferred[0] and signal.getsignal(signal.SIGINT) is _note_interrupt
     try:
@@ -59,6 +60,7 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
                 _deferred[1] = False
                 raise KeyboardInterrupt
         guard_import(UserError)
+        quiet_megengine()
         status = body()
     except UserError as exc:
         print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
@@ -123,7 +125,7 @@ def read_error_message(exc: OSError, path: str) -> str:
                st.st_gid, os.geteuid(), "a+rx" if folder else "a+r", "g+rx" if folder else "g+r"))
 
 _SIGNAL_CAUSES = {
-    "SIGKILL": "usually the out-of-memory killer: lower the worker count or the batch size",
+    "SIGKILL": "usually the out-of-memory killer: %s",
     "SIGBUS": "a memory-mapped file was truncated or replaced under it, or its disk filled up: "
               "check the data with tools/verify_pack.py",
     "SIGSEGV": "a crash in native code",
@@ -131,10 +133,12 @@ _SIGNAL_CAUSES = {
 }
 
 
-def describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None,
+                  memory_fix: str = "lower the worker count or the batch size") -> str:
     """How a child process ended, from its exit code as multiprocessing reports it (negative:
     the signal that killed it), with what the user can do about a signal: 'was killed by signal
-    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'."""
+    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'.
+    `memory_fix` is the advice for the out-of-memory killer, in the caller's own terms."""
     import signal
 
     if code is None:
@@ -146,6 +150,8 @@ def describe_exit(code: int | None) -> str:
     except ValueError:
         return "was killed by signal %d and exited unexpectedly with code %d" % (-code, code)
     cause = _SIGNAL_CAUSES.get(name)
+    if cause and "%s" in cause:
+        cause = cause % memory_fix
     return "was killed by signal %d and exited unexpectedly with code %d (%s)" % (
         -code, code, "%s: %s" % (name, cause) if cause else name)
 

@@ -178,6 +178,9 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         sources = [split_source(d) for d in _data_dirs(cfg) if d is not None]
         resume = resolve_resume(cfg.resume) if cfg.resume else None
         ngpus = dist.processes_per_node(cfg.ngpus, layout.num_nodes)
+        cfg, note = cfg.for_world_size(ngpus * layout.num_nodes)
+        if note and layout.node_rank == 0:
+            print(note, file=sys.stderr)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise

@@ -75,17 +75,24 @@ def _tj():
     if _turbo is None or _turbo_pid != os.getpid():
         from turbojpeg import TurboJPEG
 
+        from engine import libjpeg
+
+        # A user's own copy first (TURBOJPEG_LIB, conda, a module): the environment only, no
+        # ldconfig subprocess; else the system's, by its soname.
+        found = libjpeg.find_runtime(system=False)
         try:
-            try:
-                _turbo = TurboJPEG(_TURBOJPEG_SONAME if sys.platform.startswith("linux")
-                                   else None)
-            except OSError:
-                _turbo = TurboJPEG()
+            if found is not None:
+                _turbo = TurboJPEG(found.path)
+            else:
+                try:
+                    _turbo = TurboJPEG(_TURBOJPEG_SONAME if sys.platform.startswith("linux")
+                                       else None)
+                except OSError:
+                    _turbo = TurboJPEG()
         except (OSError, RuntimeError) as exc:
             raise RuntimeError(
-                "libturbojpeg was not found (%s). Install it: apt-get install libturbojpeg0 "
-                "(Debian/Ubuntu), or run `make install`, which does it for you." % exc
-            ) from None
+                "libturbojpeg was not found or does not load (%s). Get it with %s"
+                % (exc, libjpeg.HOW_TO_GET)) from None
         _turbo_pid = os.getpid()
     return _turbo
 

@@ -7,7 +7,8 @@
     pipe (at most 2 outstanding per worker)         libjpeg-turbo (crop window, DCT-scaled),
                                                     resize, flip, write uint8 CHW into its
     batch k is ready when all its chunks are   <--  rows of slot s, reply (k, chunk, failures)
-    back; yield slot s as numpy, no copy, in order
+    back; yield slot s as read-only numpy views,
+    no copy, in order
 
 This module is the main-process side: the batch stream and the supervision of the workers.
 What a worker runs and the ring's layout are in engine.data.worker, where records come from
@@ -27,6 +28,14 @@ no progress for `timeout` seconds (stopped, or stuck in a read) is reported by n
 
 The pipeline is a stream of global batch numbers (epoch x batches per epoch + batch), so the
 next epoch's first batches are already decoding while the current one ends.
+
+A batch is valid until the next one is requested: its slot is refilled from then on. The views
+handed out are read-only, so a write into the ring fails instead of corrupting a later batch,
+and each batch's views hang off one anchor array the loader holds a weak reference to. When the
+caller asks for a batch while one from two batches back in the same pass (whose slot is being
+refilled) is still alive, it kept batches (`list(loader)`, appending to a list): the loader warns once
+(KeptBatchWarning) with the fix, a copy of what it keeps or `copy=True`. The check is a weak
+reference per batch, no copy.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import mmap
 import multiprocessing as mp
 import time
 import warnings
+import weakref
 from multiprocessing.connection import wait as wait_ready
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -55,12 +65,24 @@ from engine.data.transforms import TrainTransform, Transform, ValTransform
 from engine.data.worker import Replacement, RingLayout, Task, fill, worker_main
 from engine.errors import ConfigError, describe_exit
 
-__all__ = ["Loader", "LoaderOptions", "default_workers"]
+__all__ = ["Loader", "LoaderOptions", "KeptBatchWarning", "default_workers"]
 
 # Chunks a worker may hold at once: one decoding, one waiting, so it never idles between them.
 PER_WORKER = 2
 
 log = logging.getLogger("engine.data")
+
+
+class KeptBatchWarning(UserWarning):
+    """A batch the caller kept is being overwritten by a later one (see Loader)."""
+
+
+KEPT_BATCH_ADVICE = (
+    "a batch from this Loader is still referenced while its shared-memory slot is being refilled "
+    "with a later batch: batches are read-only views into the loader's ring, valid only until "
+    "the next batch is requested, so a kept batch (list(loader), appending batches to a list) "
+    "silently changes to other images and labels. Copy what you keep (np.array(images), or "
+    "hand it to the framework: mge.tensor copies), or create the Loader with copy=True")
 
 
 class _Batch:
@@ -97,9 +119,11 @@ class Loader:
         options: how it runs (workers, slots, timeout, ...): see LoaderOptions. Its fields
             are also accepted as keywords (`Loader(..., workers=4, slots=3)`), over `options`.
 
-    A yielded images array is a view of a shared slot: it stays valid until the next batch is
-    requested (later batches reuse the slot), and stays readable after the loader closes. Copy
-    it (or hand it to the framework, which copies) before asking for more.
+    A yielded batch is a pair of read-only views of a shared slot: it stays valid until the next
+    batch is requested (later batches reuse the slot), and stays readable after the loader
+    closes. Copy it (or hand it to the framework, which copies) before asking for more; a
+    caller found keeping batches gets a KeptBatchWarning once. With `copy=True` (an option)
+    each batch is a pair of writable arrays of its own instead.
     Iterating runs the current epoch from the current position; when it completes, the epoch
     advances by one. `state_dict()` / `load_state_dict()` resume exactly mid-epoch.
     """
@@ -138,6 +162,7 @@ class Loader:
         self.slots = int(opts.slots)
         self.persistent_workers = opts.persistent_workers
         self.timeout = float(opts.timeout)
+        self.copy = bool(opts.copy)
         self.sampler = Sampler(len(self._source), self.batch_size, shuffle=train, seed=seed,
                                rank=rank, world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
@@ -153,6 +178,9 @@ class Loader:
         self.num_replaced = 0
         self.num_skipped = 0
         self._warned: set = set()
+        # Anchors of the views handed out, newest last: all but the newest should be gone.
+        self._handed: Deque["weakref.ref[np.ndarray]"] = collections.deque()
+        self._warned_kept = False
         self._procs: List[Any] = []
         self._conns: List[Any] = []
         # Per worker: the global batch numbers of the chunks it holds, oldest first.
@@ -213,8 +241,12 @@ class Loader:
         if self.position >= len(self):  # a finished epoch: move on to the next one
             self.epoch, self.position = self.epoch + 1, 0
         it = self._iter_inline() if self.workers == 0 else self._iter_workers()
+        # A loop variable left over from an earlier pass is not a kept batch: only batches of
+        # this pass are watched.
+        self._handed.clear()
         for batch in it:
             yield batch
+            self._check_kept()  # the caller asks for the next one
         self.epoch, self.position = self.epoch + 1, 0
         if not self.persistent_workers:
             self.close()
@@ -263,8 +295,9 @@ class Loader:
     def _iter_inline(self):
         bs, epoch = self.batch_size, self.epoch
         S = self.size_at(epoch)
-        images = np.empty((bs, 3, S, S), np.uint8)
-        labels = np.empty((bs,), np.int32)
+        layout = RingLayout(1, bs, S)  # one slot, in this process: refilled for every batch
+        buf = layout.allocate()
+        images, labels = layout.arrays(buf, 0, S)
         while self.position < len(self):
             indices = self.sampler.batch(epoch, self.position)
             failures = fill(self._source, self._decoder, indices, epoch, images, labels,
@@ -272,7 +305,27 @@ class Loader:
             self._note(failures)
             self.position += 1
             n = self._keep(indices, failures, images, labels)
-            yield images[:n], labels[:n]
+            yield self._hand_out(layout, buf, 0, S, n)
+
+    def _hand_out(self, layout: RingLayout, buf: mmap.mmap, slot: int, side: int, size: int
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+        """The caller's (images, labels) of a filled slot: read-only views it may hold until
+        it asks for the next batch, or copies of its own with copy=True."""
+        images, labels, anchor = layout.hand_out(buf, slot, side, size)
+        if self.copy:
+            return np.array(images), np.array(labels)
+        self._handed.append(anchor)
+        return images, labels
+
+    def _check_kept(self) -> None:
+        """Warn once if a batch handed out before the newest one is still referenced: its slot
+        is being refilled, so the caller holds data that is changing under it."""
+        while len(self._handed) > 1:
+            kept = self._handed.popleft()() is not None
+            if kept and not self._warned_kept:
+                self._warned_kept = True
+                warnings.warn("Loader(%s): %s" % (self.source_path, KEPT_BATCH_ADVICE),
+                              KeptBatchWarning, stacklevel=3)
 
     # -- iteration with workers ----------------------------------------------------------------
 
@@ -446,12 +499,12 @@ class Loader:
                 self._submit(limit)  # refill the freed slot while the caller has the batch
                 self.position += 1
                 assert self._ring is not None  # _start made it; close() ends this generator
-                images, labels = self._layout.arrays(self._ring, batch.slot, batch.side)
                 n = batch.size
                 if batch.failures and self.skip_undecodable:
+                    images, labels = self._layout.arrays(self._ring, batch.slot, batch.side)
                     n = self._keep(self.sampler.batch_at(global_batch)[1], batch.failures,
                                    images, labels)
-                yield images[:n], labels[:n]
+                yield self._hand_out(self._layout, self._ring, batch.slot, batch.side, n)
         except GeneratorExit:
             raise
         except BaseException:

@@ -34,8 +34,8 @@ from engine.locks import LockError, acquire
 
 __all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "finished",
            "ShardTally", "read_marker", "missing", "rebuild_marker", "rebuild_markers",
-           "merge_split", "merge_pack", "shard_lock_path", "PLAN_FILE", "PLAN_FORMAT",
-           "PROGRESS_DIR"]
+           "merge_split", "merge_pack", "replace_shards", "forget", "drop_damaged",
+           "shard_lock_path", "PLAN_FILE", "PLAN_FORMAT", "PROGRESS_DIR"]
 
 PROGRESS_DIR = ".pack"
 PLAN_FILE = "plan.json"
@@ -201,18 +201,41 @@ def prepare(dst: str, plan: Dict[str, Any]) -> None:
     _write_plan(dst, plan)
 
 
-def finished(dst: str, fp: str) -> Optional[Dict[str, Any]]:
+def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
+             repair: bool = False) -> Optional[Dict[str, Any]]:
     """The meta.json of a complete pack of this plan in `dst`, None if there is none; PackError
-    if `dst` holds a complete pack of other input or arguments."""
+    if `dst` holds a complete pack of other input or arguments (naming what changed when
+    `plan` is given), or a meta.json that cannot be read. With `repair`, an unparsable
+    meta.json is removed and the split counts as not finished: the pack then writes it again."""
     meta_path = os.path.join(dst, shards.META_FILE)
     if not os.path.exists(meta_path):
         return None
-    old = _load_json(meta_path) or {}
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)
+    except OSError as exc:
+        raise PackError("cannot read %s (%s)" % (meta_path, exc.strerror)) from None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        if not repair:
+            raise PackError("%s is not a readable meta.json (damaged?); rerun with --repair to "
+                            "write it again and repack only the shards that fail verification"
+                            % meta_path)
+        os.remove(meta_path)
+        return None
     if old.get("fingerprint") == fp:
         _drop_progress(dst)  # left by a merge interrupted after it wrote meta.json
         return old
-    raise PackError("%s already holds a complete pack of different input or arguments. Choose "
-                    "another --out, or delete %s to repack." % (dst, dst))
+    changed = ""
+    if plan is not None:
+        changed = " (%s)" % _plan_difference(
+            {"split": old.get("split"), "seed": old.get("seed"),
+             "shard_size": old.get("shard_size"), "max_side": old.get("max_side"),
+             "classes": old.get("classes"), "num_files": old.get("seen")}, plan)
+    raise PackError("%s already holds a complete pack of different input or arguments%s. Rerun "
+                    "with the arguments it was packed with, choose another --out, or delete %s "
+                    "to repack." % (dst, changed, dst))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,6 +490,69 @@ def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, 
     _drop_progress(dst)
     log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
     return meta
+
+
+def replace_shards(dst: str, plan: Dict[str, Any], meta: Dict[str, Any],
+                   markers: Dict[int, Dict[str, Any]], log: Log) -> Dict[str, Any]:
+    """Rewrite the meta.json of a finished split whose shards `markers` (by shard index) were
+    packed again (a repair): their size and checksum become the new files'; nothing else
+    changes, as the same files packed the same way give the same records. A repacked shard of
+    another record count means the input changed behind the fingerprint: PackError."""
+    entries = [dict(e) for e in meta["shards"]]
+    for k, m in sorted(markers.items()):
+        e = entries[k]
+        if e["file"] != m["file"] or e["num_samples"] != m["num_samples"]:
+            raise PackError(
+                "%s repacked holds %d records where %s recorded %d: the input files changed "
+                "since the pack although their names, sizes and times did not; delete %s and "
+                "pack it again" % (m["file"], m["num_samples"], shards.META_FILE,
+                                   e["num_samples"], dst))
+        e.update(size=m["size"], checksum=m["checksum"])
+    repaired = dict(meta, shards=entries)
+    meta_path = os.path.join(dst, shards.META_FILE)
+    try:
+        shards.write_json_atomic(meta_path, repaired)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, meta_path)) from None
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    log("%s: repacked %s; wrote %s" % (plan["split"], ", ".join(
+        shards.shard_name(k) for k in sorted(markers)), meta_path))
+    return repaired
+
+
+def forget(dst: str, ks: Iterable[int]) -> None:
+    """Remove the markers of shards `ks`, so that the pack writes them again."""
+    for k in ks:
+        try:
+            os.remove(_marker_path(dst, k))
+        except FileNotFoundError:
+            pass
+
+
+def drop_damaged(dst: str, plan: Dict[str, Any], among: Iterable[int]) -> List[str]:
+    """Of the shards of `among` that have a marker, forget those whose file no longer matches
+    the size and checksum the marker recorded (marker and file removed), so that the pack
+    writes them again; one line per shard dropped."""
+    dropped = []
+    for k in among:
+        m = read_marker(dst, k, plan["fingerprint"])
+        if m is None:
+            continue
+        path = os.path.join(dst, m["file"])
+        size = os.path.getsize(path)
+        if size != m["size"]:
+            why = "%d bytes, its marker says %d" % (size, m["size"])
+        elif shards.file_checksum(path) != m["checksum"]:
+            why = "checksum differs from its marker"
+        else:
+            continue
+        for f in (_marker_path(dst, k), path):
+            try:
+                os.remove(f)
+            except FileNotFoundError:
+                pass
+        dropped.append("%s: %s" % (m["file"], why))
+    return dropped
 
 
 def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:

@@ -25,6 +25,10 @@ from engine.errors import UserError, describe_exit
 
 __all__ = ["run", "count", "Target"]
 
+# What to do when the out-of-memory killer takes a packing worker (each decodes one image at a
+# time, so only fewer of them use less memory).
+MEMORY_FIX = "pack with fewer --workers"
+
 # Files processed, shared with the forked workers so the progress bar moves per file.
 _progress_counter = None
 
@@ -158,7 +162,7 @@ def run(target: Target, jobs: List[Dict[str, Any]], workers: int, counter,
                         raise PackError(
                             "the worker packing %s (pid %s) %s; the other workers were stopped. "
                             "Rerun the same command to resume (finished shards are kept)"
-                            % (where, proc.pid, describe_exit(proc.exitcode)))
+                            % (where, proc.pid, describe_exit(proc.exitcode, MEMORY_FIX)))
                 on_progress()
         finally:
             _stop(running.values())

@@ -12,6 +12,7 @@ import gc
 import mmap
 import os
 import traceback
+import weakref
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -65,6 +66,25 @@ class RingLayout:
         images: np.ndarray = np.ndarray((bs, 3, side, side), np.uint8, buf, base)
         labels: np.ndarray = np.ndarray((bs,), np.int32, buf, base + bs * 3 * M * M)
         return images, labels
+
+    def hand_out(self, buf: mmap.mmap, slot: int, side: int, size: int
+                 ) -> Tuple[np.ndarray, np.ndarray, "weakref.ref[np.ndarray]"]:
+        """Read-only (images [size, 3, side, side], labels [size]) of one slot for the caller,
+        and a weak reference that is alive while any array made from them is.
+
+        Both arrays are views of one fresh read-only array over the slot (the anchor). numpy
+        points every view of a view at the first array whose own base is not an array, so any
+        slice or reshape the caller makes keeps the anchor alive: the loader can tell, when the
+        slot is refilled, that the caller still holds something of it."""
+        bs, M = self.batch_size, self.max_side
+        # Over a read-only memoryview (frombuffer keeps it as the base), so that no view can be
+        # made writable again.
+        anchor = np.frombuffer(memoryview(buf).toreadonly(), np.uint8, self.slot_bytes,
+                               slot * self.slot_bytes)
+        images = anchor[:bs * 3 * side * side].reshape(bs, 3, side, side)[:size]
+        at = bs * 3 * M * M
+        labels = anchor[at:at + 4 * bs].view(np.int32)[:size]
+        return images, labels, weakref.ref(anchor)
 
 
 def fill(source: Source, decoder: Transform, indices: np.ndarray, epoch: int, images: np.ndarray,
