@@ -237,7 +237,8 @@ def validate_jpeg(data: bytes, info: Optional[JpegInfo] = None) -> JpegInfo:
     has the last word, so a rejection carries TurboJPEG's message, the one decode_bgr gives.
     """
     info = info or jpeg_info(data)
-    if _jpegroi is not None and not info.needs_conversion:
+    # getattr: a compiled decoder built from an older source (not rebuilt since) lacks validate()
+    if getattr(_jpegroi, "validate", None) is not None and not info.needs_conversion:
         try:
             _jpegroi.validate(data, VALIDATE_SCALE)
             return info
