@@ -170,7 +170,7 @@ def test_a_no_op_rerun_reports_no_rate_and_a_changed_argument_is_named(raw, refe
         assert json.load(f)["seed"] == 0
 
 
-def _oom(job):
+def _oom(job, records_done):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
