@@ -8,7 +8,10 @@ uint8 CHW with a random mirror, num_threads = workers, device_id=None), and (e) 
 ceiling: one process's full-decode rate (TurboJPEG, default exact IDCT, no crop or resize) x
 workers; the same with the fast IDCT, which the engine's training crops use, is shown too. Each
 configuration runs --seconds per repeat, the ceilings are measured in every repeat, interleaved
-with the loaders; medians are reported.
+with the loaders; medians are reported. Beside img/s, CPU time per image: summed over this
+process and all its descendants (the workers; DALI's threads), counted from an idle moment with
+the prefetch full to the next one after the window, so refills are included; for a ceiling, the
+decoding process's own CPU time.
 
 --cold drops the shards' pages from the page cache (posix_fadvise DONTNEED) before every
 measurement and compares LMDB with OS readahead off and on (the engine's choice)."""
@@ -17,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
@@ -31,21 +34,33 @@ from common import (  # noqa: E402
     ratio,
     read_all,
     sample_data,
+    settle,
     show,
+    tree_cpu,
+    tree_pids,
 )
 
 from engine.data import Loader, shards  # noqa: E402
 
 
-def measure(batches, seconds: float, batch_size: int) -> float:
-    """img/s over `seconds` of steady state (the first batch, i.e. start-up, excluded)."""
+def measure(batches, seconds: float, batch_size: int) -> Tuple[float, float]:
+    """(img/s, CPU ms per image) over `seconds` of steady state (the first batch, i.e.
+    start-up, excluded). CPU is summed over this process and all its descendants (the
+    loaders' workers; DALI's threads are this process's), from a moment the pipeline is idle
+    with its prefetch full to the next such moment after the last batch: the work counted is
+    then exactly the consumed batches' (other pipelines in this process sit idle meanwhile)."""
     it = iter(batches)
     next(it)
+    settle()
+    pids = tree_pids()
+    cpu0 = tree_cpu(pids)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         x = next(it)[0]
         n += len(x)
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    settle(pids)
+    return n / wall, (tree_cpu(pids) - cpu0) / n * 1e3
 
 
 def seed_pipeline(train_dir: str, batch_size: int, image_size: int, workers: int):
@@ -141,10 +156,14 @@ def main(argv=None):
     blobs = read_all(files[:600])
     tj = TurboJPEG()
 
+    ceiling_cpu: Dict[int, List[float]] = {0: [], TJFLAG_FASTDCT: []}
+
     def decode_all(flags):
         def run():
+            c0 = time.process_time()
             for b in blobs:
                 tj.decode(b, pixel_format=TJPF_BGR, flags=flags)
+            ceiling_cpu[flags].append((time.process_time() - c0) / len(blobs) * 1e3)
             return len(blobs)
         return run
 
@@ -162,15 +181,18 @@ def main(argv=None):
     if not a.no_seed:
         configs.append(("seed: megengine DataLoader", iter(seed_pipeline(
             train_raw, a.batch_size, a.image_size, a.workers))))
-    got = {name: [] for name, _ in configs}
+    got: Dict[str, List[float]] = {name: [] for name, _ in configs}
+    cpu: Dict[str, List[float]] = {name: [] for name, _ in configs}
     exact, fast = [], []
     for r in range(a.repeats):
         exact.append(rate(decode_all(0), repeats=1, min_seconds=1.0)[0])
         fast.append(rate(decode_all(TJFLAG_FASTDCT), repeats=1, min_seconds=1.0)[0])
         log("repeat %d full decode, 1 process: %.0f img/s (fast IDCT %.0f)" % (r, exact[-1], fast[-1]))
         for name, batches in configs:
-            got[name].append(measure(batches, a.seconds, a.batch_size))
-            log("repeat %d %-28s %.0f img/s" % (r, name, got[name][-1]))
+            img_s, ms = measure(batches, a.seconds, a.batch_size)
+            got[name].append(img_s)
+            cpu[name].append(ms)
+            log("repeat %d %-28s %.0f img/s, %.2f CPU ms/img" % (r, name, img_s, ms))
     engine.close()
     engine_raw.close()
     cold = {}
@@ -184,24 +206,38 @@ def main(argv=None):
     ceiling = statistics.median(exact) * a.workers
     ceiling_fast = statistics.median(fast) * a.workers
     med = {k: statistics.median(v) for k, v in got.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    ceiling_ms = statistics.median(ceiling_cpu[0])
+    ceiling_fast_ms = statistics.median(ceiling_cpu[TJFLAG_FASTDCT])
     e, er = med["engine, LMDB shards"], med["engine, raw folder"]
     s = med.get("seed: megengine DataLoader")
     d = med.get("DALI CPU pipeline")
-    rows = [(k, v, "%.2f" % (v / ceiling), "%.2f" % (v / s) if s else "-", "%.2f" % (v / d) if d
-             else "-") for k, v in med.items()]
-    rows.append(("decode ceiling (1 core x %d)" % a.workers, ceiling, "1.00",
-                 "%.2f" % (ceiling / s) if s else "-", "%.2f" % (ceiling / d) if d else "-"))
-    rows.append(("  same, fast IDCT", ceiling_fast, "%.2f" % (ceiling_fast / ceiling),
-                 "%.2f" % (ceiling_fast / s) if s else "-",
-                 "%.2f" % (ceiling_fast / d) if d else "-"))
+
+    def row(name, v, ms):
+        return (name, v, ms, 1e3 / ms if ms else "-", "%.2f" % (v / ceiling),
+                "%.2f" % (v / s) if s else "-", "%.2f" % (v / d) if d else "-")
+    rows = [row(k, v, mcpu[k]) for k, v in med.items()]
+    rows.append(row("decode ceiling (1 core x %d)" % a.workers, ceiling, ceiling_ms))
+    rows.append(row("  same, fast IDCT", ceiling_fast, ceiling_fast_ms))
     for ra, rates in sorted(cold.items()):
         v = statistics.median(rates)
-        rows.append(("engine, cold cache, readahead %s" % ("on" if ra else "off"), v,
+        rows.append(("engine, cold cache, readahead %s" % ("on" if ra else "off"), v, "-", "-",
                      "%.2f" % (v / ceiling), "-", "-"))
+
+    def ms_of(name):
+        return round(mcpu[name], 3) if name in mcpu else None
     decoder = "ROI (engine.data._jpegroi)" if engine.roi else "PyTurboJPEG (full decode + crop)"
     finish(rows, ["%d workers, batch %d, %d px" % (a.workers, a.batch_size, a.image_size),
-                  "img/s (median)", "x ceiling", "x seed", "x DALI"],
+                  "img/s (median)", "CPU ms/img", "img per CPU-s", "x ceiling", "x seed",
+                  "x DALI"],
            {"engine_img_s": round(e, 1), "engine_raw_img_s": round(er, 1),
+            "engine_cpu_ms": ms_of("engine, LMDB shards"),
+            "engine_raw_cpu_ms": ms_of("engine, raw folder"),
+            "seed_cpu_ms": ms_of("seed: megengine DataLoader"),
+            "dali_cpu_ms": ms_of("DALI CPU pipeline"),
+            "decode_ceiling_cpu_ms": round(ceiling_ms, 3),
+            "decode_ceiling_fast_idct_cpu_ms": round(ceiling_fast_ms, 3),
+            "repeats": a.repeats,
             "seed_img_s": round(s, 1) if s else None,
             "dali_img_s": round(d, 1) if d else None,
             "cold_readahead_off_img_s": round(statistics.median(cold[False]), 1) if cold else None,
@@ -230,12 +266,15 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
     rows = []
     for r in results:
         e = r["engine_img_s"]
-        rows.append((config(r), e, r["engine_raw_img_s"], r.get("seed_img_s"),
-                     r.get("dali_img_s"), r["decode_ceiling_img_s"],
-                     ratio(e, r["decode_ceiling_img_s"]), ratio(e, r.get("seed_img_s")),
-                     ratio(e, r.get("dali_img_s")), e / max(1, r["workers"])))
-    out = md_table(["config", "engine, LMDB shards", "engine, raw folder", "seed DataLoader",
-                    "DALI CPU", "decode ceiling", "engine / ceiling", "x seed", "x DALI",
+        rows.append((config(r), e, r.get("engine_cpu_ms"), r["engine_raw_img_s"],
+                     r.get("seed_img_s"), r.get("seed_cpu_ms"), r.get("dali_img_s"),
+                     r.get("dali_cpu_ms"), r["decode_ceiling_img_s"],
+                     r.get("decode_ceiling_cpu_ms"), ratio(e, r["decode_ceiling_img_s"]),
+                     ratio(e, r.get("seed_img_s")), ratio(e, r.get("dali_img_s")),
+                     e / max(1, r["workers"])))
+    out = md_table(["config", "engine, LMDB shards img/s", "CPU ms/img", "engine, raw folder",
+                    "seed DataLoader", "CPU ms/img", "DALI CPU", "CPU ms/img",
+                    "decode ceiling", "CPU ms/img", "engine / ceiling", "x seed", "x DALI",
                     "engine per core"], rows)
     cold = [r for r in results if r.get("cold_readahead_on_img_s") is not None]
     if cold:
@@ -249,9 +288,10 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
                           ratio(r["cold_readahead_on_img_s"], r["engine_img_s"]))
                          for r in cold])
     if results:
-        out += ["", "img/s, medians. Engine decoder: %s. A DALI cell is empty where the run had "
-                "no DALI (`pip install nvidia-dali-cuda120` adds it)."
-                % results[-1].get("decoder", "?")]
+        out += ["", "img/s and CPU milliseconds per image (summed over the main process and "
+                "every worker or thread, ring refills included), medians. Engine decoder: %s. "
+                "A DALI cell is empty where the run had no DALI (`pip install "
+                "nvidia-dali-cuda120` adds it)." % results[-1].get("decoder", "?")]
     return out
 
 

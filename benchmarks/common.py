@@ -142,6 +142,54 @@ def rate(fn: Callable[[], int], repeats: int = 5, min_seconds: float = 0.0) -> T
     return statistics.median(rates), rates
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds a process has used, all its threads: their run time in nanoseconds from
+    /proc/<pid>/task/*/schedstat where Linux has it (psutil's figure counts 10 ms clock ticks,
+    too coarse for a few hundred images), else psutil's; 0.0 for a process that is gone."""
+    try:
+        total = 0
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone
+        return 0.0
+
+
+def tree_pids() -> List[int]:
+    """This process and all its descendants (a loader's workers, a DataLoader's)."""
+    import psutil
+
+    me = psutil.Process()
+    return [me.pid] + [c.pid for c in me.children(recursive=True)]
+
+
+def tree_cpu(pids: Optional[Sequence[int]] = None) -> float:
+    """CPU seconds used so far by `pids` (default: this process and its descendants now)."""
+    return sum(proc_cpu(p) for p in (tree_pids() if pids is None else pids))
+
+
+def settle(pids: Optional[Sequence[int]] = None, quiet_s: float = 0.2,
+           limit_s: float = 5.0) -> None:
+    """Wait until the processes use (almost) no CPU for quiet_s: a loader's prefetch ring is
+    full again, so work counted up to now is the work for the batches consumed."""
+    t_end = time.monotonic() + limit_s
+    last = tree_cpu(pids)
+    while time.monotonic() < t_end:
+        time.sleep(quiet_s)
+        now = tree_cpu(pids)
+        if now - last < 0.02 * quiet_s:
+            return
+        last = now
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -5,7 +5,8 @@
     <out>/<date>-<host>.png    train img/s per arch and mode | loader rates | end to end
     BENCHMARKS.md              each benchmark's tables and the loader-cores sizing note
 
-The plan: pack (sample set and ImageNet-like set), decode, loader at 160/192/224 px on both
+The plan: pack (sample set and ImageNet-like set), decode, one loader worker's stages (160 and
+224 px, ImageNet-like set), loader at 160/192/224 px on both
 sets (the ImageNet-like 224 px run with --cold page-cache epochs, and a DALI row where DALI is
 installed), a simulated 8-rank node sized for this machine and as on a 64-core node, train,
 end to end. `make bench` runs this with the defaults (out = benchmarks/results, BENCHMARKS.md
@@ -40,7 +41,7 @@ import report  # noqa: E402
 
 from engine.atomic import atomic_write  # noqa: E402
 
-BENCHMARKS = ("pack", "decode", "loader", "node", "train", "e2e")
+BENCHMARKS = ("pack", "decode", "stages", "loader", "node", "train", "e2e")
 RESULTS_VERSION = 2
 # Placeholders for the folders a user passes, in recorded commands (shell syntax: a user can
 # set DATA=... and paste the command).
@@ -64,6 +65,13 @@ def plan(a) -> List[Tuple[str, str, List[str]]]:
                                                "--image-size", "64"] if q else
                                               ["--image-size", str(seed_size)])),
     ]
+    # One loader worker's time per image, stage by stage, at the loader's first and last size
+    # on the ImageNet-like set.
+    stage_sizes = sorted({min(sizes), max(sizes)})
+    jobs.append(("stages", "bench_stages.py",
+                 data + packed + like + ["--sizes", ",".join(str(s) for s in stage_sizes)]
+                 + (["--images", "8", "--batch-size", "4", "--loader-batches", "2",
+                     "--repeats", "1"] if q else [])))
     loader_q = (["--workers", "1", "--batch-size", "4", "--seconds", "0.3", "--repeats", "1"]
                 if q else [])
     for variant in ([], like):

@@ -59,12 +59,28 @@ def test_bench_decode(raw):
     assert "One core, 16 JPEGs of &lt;data&gt;" in md and "| Pillow, full image |" in md
 
 
+def test_bench_stages(raw, tmp_path):
+    res = run("bench_stages.py", "--data", raw, "--packed", str(tmp_path / "packed"),
+              "--sizes", "32,48", "--images", "8", "--batch-size", "4", "--loader-batches", "2",
+              "--repeats", "1")
+    assert res["sizes"] == [32, 48] and res["images"] == 8 and res["data"] == "<data>"
+    for size in ("32", "48"):
+        st = res["stages_us"][size]
+        for key in ("read", "geometry", "decode", "resize", "write", "fill", "worker",
+                    "ceiling"):
+            assert st[key] > 0, (size, key)
+        assert res["worker_over_ceiling"][size] > 0
+    md = rendered("bench_stages.py", res)
+    assert "| entropy decode, rows down to the crop's last |" in md and "48 px" in md
+
+
 def test_bench_loader_with_cold_epochs(raw, tmp_path):
     res = run("bench_loader.py", "--data", raw, "--packed", str(tmp_path / "packed"),
               "--workers", "1", "--batch-size", "4", "--image-size", "32", "--seconds", "0.3",
               "--repeats", "1", "--cold")
     for key in ("engine_img_s", "engine_raw_img_s", "seed_img_s", "decode_ceiling_img_s",
-                "cold_readahead_off_img_s", "cold_readahead_on_img_s"):
+                "cold_readahead_off_img_s", "cold_readahead_on_img_s", "engine_cpu_ms",
+                "engine_raw_cpu_ms", "seed_cpu_ms", "decode_ceiling_cpu_ms"):
         assert res[key] > 0, key
     assert (res["workers"], res["batch_size"], res["image_size"]) == (1, 4, 32)
     assert res["imagenet_like"] is False and res["data"] == "<data>"

@@ -370,7 +370,8 @@ def test_run_all_plan_has_node_and_imagenet_like_runs(capsys):
     assert run_all.main(["--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     plan = {line.split()[0]: line.split()[1:] for line in lines}
-    assert list(plan) == ["pack", "pack_imagenet_like", "decode", "loader_160", "loader_192",
+    assert list(plan) == ["pack", "pack_imagenet_like", "decode", "stages", "loader_160",
+                          "loader_192",
                           "loader_224", "loader_imagenet_like_160", "loader_imagenet_like_192",
                           "loader_imagenet_like_224", "node", "node_cores64", "train", "e2e"]
     assert "--cold" in plan["loader_imagenet_like_224"]

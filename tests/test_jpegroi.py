@@ -311,6 +311,25 @@ def test_bad_window_raises(jpegs):
             R.decode_crop(src, num, 0, 0, 1, 1, np.empty((1, 1, 3), np.uint8))
 
 
+def test_timing_stops_run_on_every_layout_and_leave_the_decode_alone(jpegs):
+    """decode_crop's `stop` (bench_stages times the decoder's stages with it): every stop runs
+    on every layout and window, a bad one is refused, and stop=0 is the plain decode."""
+    for name, src in jpegs.items():
+        H, W = full_decode(src, 8).shape[:2]
+        for num, (x0, y0, w, h) in [(8, (0, 0, W, H)), (8, (W // 3, H // 4, W // 2, H // 2)),
+                                    (4, (1, 0, (W + 1) // 2 - 1, (H + 1) // 2)),
+                                    (8, (W - 5, H - 3, 5, 3))]:
+            want = crop(src, num, x0, y0, w, h)
+            for stop in (1, 2, 3):
+                R.decode_crop(src, num, x0, y0, w, h, np.empty((h, w, 3), np.uint8), True, stop)
+            out = np.empty((h, w, 3), np.uint8)
+            R.decode_crop(src, num, x0, y0, w, h, out, stop=0)
+            assert np.array_equal(out, want), (name, num, x0, y0)
+    for stop in (-1, 4):
+        with pytest.raises(ValueError, match="stop"):
+            R.decode_crop(jpegs["420"], 8, 0, 0, 1, 1, np.empty((1, 1, 3), np.uint8), stop=stop)
+
+
 def test_wrong_dst_raises(jpegs):
     src = jpegs["420"]
     for shape in [(10, 10, 3), (11, 11, 3), (11, 10), (0,)]:

@@ -92,12 +92,39 @@ enum {
     ROI_SHORT = 4,       /* libjpeg returned fewer lines than asked (should not happen) */
 };
 
+/* decode_crop's `stop` (for timing the decoder's stages one at a time, on the same window):
+ * where roi_decode returns early; dst is then left unspecified.  ROI_STOP_NONE is the whole
+ * decode, the only one the loader uses. */
+enum {
+    ROI_STOP_NONE = 0,
+    ROI_STOP_SETUP = 1,   /* after jpeg_read_header + jpeg_start_decompress + crop setup */
+    ROI_STOP_ENTROPY = 2, /* after skipping (entropy-decoding) every row down to the window's last */
+    ROI_STOP_NOCOLOR = 3, /* the whole window, its colour conversion replaced by nothing */
+    ROI_STOP_MAX = 3,
+};
+
+/* The public head of libjpeg's colour deconverter (jpegint.h, not installed everywhere): the
+ * same two methods since libjpeg 6.  ROI_STOP_NOCOLOR swaps color_convert for a no-op. */
+struct roi_color_deconverter {
+    void (*start_pass)(j_decompress_ptr cinfo);
+    void (*color_convert)(j_decompress_ptr cinfo, JSAMPIMAGE input_buf, JDIMENSION input_row,
+                          JSAMPARRAY output_buf, int num_rows);
+};
+
+static void
+roi_no_color_convert(j_decompress_ptr cinfo, JSAMPIMAGE input_buf, JDIMENSION input_row,
+                     JSAMPARRAY output_buf, int num_rows)
+{
+    (void)cinfo, (void)input_buf, (void)input_row, (void)output_buf, (void)num_rows;
+}
+
 typedef struct {
     /* in */
     const unsigned char *src;
     unsigned long src_len;
     int scale_num;
     int fast_dct; /* JDCT_IFAST (TurboJPEG's TJFLAG_FASTDCT) instead of JDCT_ISLOW */
+    int stop;     /* one of ROI_STOP_* */
     JDIMENSION x0, y0, w, h;
     unsigned char *dst;    /* h * w * 3 bytes, or NULL for a header-only call */
     /* out */
@@ -198,10 +225,30 @@ roi_decode(roi_job *job)
         jpeg_destroy_decompress(&cinfo);
         return ROI_COLORSPACE;
     }
+    if (job->stop == ROI_STOP_NOCOLOR) /* jpeg_skip_scanlines saves and restores it */
+        ((struct roi_color_deconverter *)cinfo.cconvert)->color_convert = roi_no_color_convert;
     cw = x_end - cx;
     if (cx > 0 || cw < W)
         jpeg_crop_scanline(&cinfo, &cx, &cw); /* cx aligned down, cw grown to match */
     xoff_in_crop = job->x0 - cx;
+    if (job->stop == ROI_STOP_SETUP) {
+        jpeg_destroy_decompress(&cinfo);
+        return ROI_OK;
+    }
+    if (job->stop == ROI_STOP_ENTROPY) {
+        /* Skip to the window's last row, then read it: skipping to the image's end would
+         * decode nothing at all (libjpeg just marks the input finished). */
+        JSAMPARRAY last = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE,
+                                                     cinfo.output_width * 3, 1);
+        skip = job->y0 + job->h - 1;
+        if ((skip > 0 && jpeg_skip_scanlines(&cinfo, skip) != skip) ||
+            jpeg_read_scanlines(&cinfo, last, 1) != 1) {
+            jpeg_destroy_decompress(&cinfo);
+            return ROI_SHORT;
+        }
+        jpeg_destroy_decompress(&cinfo);
+        return ROI_OK;
+    }
 
     /* Rows: jpeg_skip_scanlines() skips whole iMCU rows with entropy decoding only, and
      * itself reads (and drops) the last lines before y0 when the upsampler needs context
@@ -298,7 +345,7 @@ to_jdim(Py_ssize_t v, const char *name, JDIMENSION *out)
 }
 
 PyDoc_STRVAR(decode_crop_doc,
-"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False) -> None\n"
+"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0) -> None\n"
 "\n"
 "Decode the window rows y0..y0+h-1, columns x0..x0+w-1 of the JPEG `src` (any bytes-like\n"
 "object, read in place) scaled by scale_num/8 (1..8; scaled size W' = ceil(W*num/8),\n"
@@ -315,22 +362,32 @@ PyDoc_STRVAR(decode_crop_doc,
 "outside 1..8, CMYK/YCCK ('unsupported colour space'), and any libjpeg error or warning\n"
 "(corrupt or truncated data).  The GIL is released while decoding.\n"
 "Speed note (libjpeg-turbo 2.1): scales 3/8, 5/8, 6/8 and 7/8 use non-SIMD IDCTs and decode\n"
-"slower than 8/8; prefer scale_num in (1, 2, 4, 8).");
+"slower than 8/8; prefer scale_num in (1, 2, 4, 8).\n"
+"stop (for timing the decoder's stages on the same window; dst is then unspecified):\n"
+"1 returns after the header and the decoder's setup, 2 after entropy-decoding the rows down\n"
+"to the window's last (jpeg_skip_scanlines, then that last row is decoded in full),\n"
+"3 decodes the window without its colour conversion; 0, the default, is the decode above.");
 
 static PyObject *
 decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"src", "scale_num", "x0", "y0", "w", "h", "dst", "fast_dct", NULL};
+    static char *kwlist[] = {"src", "scale_num", "x0", "y0", "w", "h", "dst", "fast_dct",
+                             "stop", NULL};
     Py_buffer src, dst;
-    int scale_num, status, fast_dct = 0;
+    int scale_num, status, fast_dct = 0, stop = ROI_STOP_NONE;
     Py_ssize_t x0, y0, w, h;
     roi_job job;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|p:decode_crop", kwlist, &src,
-                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|pi:decode_crop", kwlist, &src,
+                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct, &stop))
         return NULL;
     memset(&job, 0, sizeof(job));
+    if (stop < ROI_STOP_NONE || stop > ROI_STOP_MAX) {
+        PyErr_Format(PyExc_ValueError, "stop must be in 0..%d, got %d", ROI_STOP_MAX, stop);
+        goto fail;
+    }
+    job.stop = stop;
     if (scale_num < 1 || scale_num > 8) {
         PyErr_Format(PyExc_ValueError, "scale_num must be in 1..8, got %d", scale_num);
         goto fail;

@@ -17,7 +17,8 @@ import numpy as np
 from engine.data.decode import decode_bgr, decode_crop, jpeg_size, pick_scale, scaled_dim, sniff
 
 __all__ = ["SampleRNG", "sample_rng", "random_resized_crop", "resize_shorter", "center_crop",
-           "val_resize", "TrainTransform", "ValTransform", "Transform"]
+           "val_resize", "resize_square", "write_chw", "TrainTransform", "ValTransform",
+           "Transform"]
 
 
 _MASK = (1 << 64) - 1
@@ -110,14 +111,23 @@ def val_resize(image_size: int, crop_ratio: float = 0.875) -> int:
     return int(round(image_size / crop_ratio))
 
 
-def _to_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
-    """Resize to out's S x S when needed, flip, and write HWC BGR into out's three planes."""
-    S = out.shape[-1]
+def resize_square(img: np.ndarray, S: int) -> np.ndarray:
+    """img resized to S x S (bilinear), or img itself when it already is."""
     if img.shape[0] != S or img.shape[1] != S:
-        img = cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
+    return img
+
+
+def write_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """Write an HWC BGR image, mirrored left-right when `flip`, into out's three planes."""
     if flip:
         img = cv2.flip(img, 1)
     cv2.split(img, [out[0], out[1], out[2]])  # 3x cheaper than a numpy transpose
+
+
+def _to_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """Resize to out's S x S when needed, flip, and write HWC BGR into out's three planes."""
+    write_chw(resize_square(img, out.shape[-1]), out, flip)
 
 
 class TrainTransform:
@@ -127,6 +137,9 @@ class TrainTransform:
     Every random choice comes from sample_rng(seed, epoch, index). JPEGs decode only the crop
     window (with the ROI decoder) at the smallest DCT scale that keeps it at least S x S, with
     the fast integer IDCT: augmentation does not need the last grey level.
+
+    The steps (window, decode_crop, resize_square, write_chw) are public so that
+    benchmarks/bench_stages.py can time each on the same records.
     """
 
     def __init__(self, seed: int, use_roi: bool = True):
@@ -137,21 +150,29 @@ class TrainTransform:
                  size: Optional[Tuple[int, int]] = None) -> None:
         """`size`: the JPEG's (width, height) when known (packed records), else probed."""
         S = out.shape[-1]
-        rng = sample_rng(self.seed, epoch, index)
         if size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
-            x, y, w, h = random_resized_crop(height, width, rng)
-            num = pick_scale(w, h, S, S)
-            x0, y0 = x * num // 8, y * num // 8
-            x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
-            y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
-            crop = decode_crop(data, num, x0, y0, x1 - x0, y1 - y0, self.use_roi,
-                               fast_dct=True)
+            num, x0, y0, w, h, flip = self.window(width, height, index, epoch, S)
+            crop = decode_crop(data, num, x0, y0, w, h, self.use_roi, fast_dct=True)
         else:  # PNG etc. in a raw folder: full decode, same geometry
             full = decode_bgr(data, fast_dct=True)
+            rng = sample_rng(self.seed, epoch, index)
             x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
             crop = full[y:y + h, x:x + w]
-        _to_chw(crop, out, flip=rng.random() < 0.5)
+            flip = rng.random() < 0.5
+        write_chw(resize_square(crop, S), out, flip)
+
+    def window(self, width: int, height: int, index: int, epoch: int, S: int
+               ) -> Tuple[int, int, int, int, int, bool]:
+        """(num, x0, y0, w, h, flip) of sample `index`: the DCT scale num/8, the crop's window
+        in the image scaled by it (its edges rounded outwards), and the flip."""
+        rng = sample_rng(self.seed, epoch, index)
+        x, y, w, h = random_resized_crop(height, width, rng)
+        num = pick_scale(w, h, S, S)
+        x0, y0 = x * num // 8, y * num // 8
+        x1 = min(scaled_dim(width, num), -(-(x + w) * num // 8))
+        y1 = min(scaled_dim(height, num), -(-(y + h) * num // 8))
+        return num, x0, y0, x1 - x0, y1 - y0, rng.random() < 0.5
 
 
 class ValTransform:
