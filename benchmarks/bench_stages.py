@@ -229,6 +229,9 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
         if out:
             out.append("")
         out += md_table(header, rows)
+    if results:
+        out += ["", "The last two stages are residuals (a total minus the stages measured on "
+                "their own): where one is negative, the machine's noise exceeded it."]
     return out
 
 
