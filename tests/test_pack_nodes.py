@@ -13,7 +13,7 @@ import pytest
 from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
 from engine.data.pack import PackError, pack_imagenet, resolve_nodes
-from engine.data.plan import merge_pack
+from engine.data.merge import merge_pack
 
 TOOL = os.path.join(ROOT, "tools", "pack_imagenet.py")
 DEADLINE = 60

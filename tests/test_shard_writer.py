@@ -1,10 +1,10 @@
-"""shards.ShardWriter: records committed in parts and written back in the background, the file
+"""shard_writer.ShardWriter: records committed in parts and written back in the background, the file
 published complete (and only then) by close(), whose checksum is the file's."""
 import os
 
 import lmdb
 
-from engine.data import shards
+from engine.data import shard_writer, shards
 
 
 def _values(n: int, size: int):
@@ -12,10 +12,10 @@ def _values(n: int, size: int):
 
 
 def test_many_commits_then_close_publishes_every_record_with_its_checksum(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "COMMIT_BYTES", 64 << 10)  # a commit (and write-back) every ~3 records
+    monkeypatch.setattr(shard_writer, "COMMIT_BYTES", 64 << 10)  # a commit (and write-back) every ~3 records
     path = str(tmp_path / shards.shard_name(0))
     values = _values(40, 20_000)
-    w = shards.ShardWriter(path)
+    w = shard_writer.ShardWriter(path)
     for v in values:
         w.append(v)
     assert not os.path.exists(path) and os.path.exists(w.tmp_path)  # not published before close
@@ -31,10 +31,10 @@ def test_many_commits_then_close_publishes_every_record_with_its_checksum(tmp_pa
 
 def test_close_without_checksum_and_abort(tmp_path):
     path = str(tmp_path / shards.shard_name(1))
-    w = shards.ShardWriter(path)
+    w = shard_writer.ShardWriter(path)
     w.append(_values(1, 10)[0])
     assert w.close() is None and os.path.exists(path)
-    w = shards.ShardWriter(str(tmp_path / shards.shard_name(2)))
+    w = shard_writer.ShardWriter(str(tmp_path / shards.shard_name(2)))
     for v in _values(30, 200_000):  # past COMMIT_BYTES: a write-back may be running
         w.append(v)
     w.abort()

@@ -10,10 +10,11 @@
     back; yield slot s as read-only numpy views,
     no copy, in order
 
-This module is the main-process side: the batch stream and the supervision of the workers.
-What a worker runs and the ring's layout are in engine.data.worker, where records come from
-(shards or a raw folder) in engine.data.sources, and how a loader runs (LoaderOptions) in
-engine.data.options.
+This module is the main-process side: the batch stream, which batch fills which slot, and
+what the caller is handed. Starting, feeding and watching the worker processes is
+engine.data.supervisor's, what a worker runs and the ring's layout engine.data.worker's, where
+records come from (shards or a raw folder) engine.data.sources', and how a loader runs
+(LoaderOptions) engine.data.options'.
 
 Only slot numbers cross process boundaries; pixels never get pickled. Several workers fill one
 slot, so the ring stays a few batches (`slots`, default 4) whatever the worker count: shared
@@ -21,10 +22,8 @@ memory = slots x batch bytes. The slots live in one anonymous shared mapping tha
 workers inherit: nothing is created in /dev/shm, and the mapping is freed only when the last
 numpy view of it is gone, so a batch kept past `close()` stays readable.
 
-Each worker has its own pipes, so no lock is shared between workers: a worker killed or stopped
-at any moment cannot block the others or `close()`. The main process waits on the pipes and the
-workers' exit sentinels together, so a dead worker is reported at once, and a worker that makes
-no progress for `timeout` seconds (stopped, or stuck in a read) is reported by name.
+Each worker has its own pipes, so a worker killed or stopped at any moment cannot block the
+others or `close()`, and a dead or stalled one is reported at once, by name (see supervisor).
 
 The pipeline is a stream of global batch numbers (epoch x batches per epoch + batch), so the
 next epoch's first batches are already decoding while the current one ends.
@@ -43,32 +42,25 @@ import collections
 import logging
 import math
 import mmap
-import multiprocessing as mp
-import time
 import warnings
 import weakref
-from multiprocessing.connection import wait as wait_ready
+from functools import partial
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-import cv2
 import numpy as np
 
-from engine.data import shards
 from engine.data.cpus import default_workers
 from engine.data.decode import roi_available
 from engine.data.folder import FolderIndex
-from engine.data.forking import start_process
 from engine.data.options import LoaderOptions, check_int
 from engine.data.sampler import Sampler
-from engine.data.sources import open_source
+from engine.data.sources import Source, open_source
+from engine.data.supervisor import Supervisor
 from engine.data.transforms import TrainTransform, Transform, ValTransform
-from engine.data.worker import Replacement, RingLayout, Task, fill, worker_main
-from engine.errors import ConfigError, describe_exit
+from engine.data.worker import Replacement, RingLayout, Task, fill
+from engine.errors import ConfigError
 
 __all__ = ["Loader", "LoaderOptions", "KeptBatchWarning", "default_workers"]
-
-# Chunks a worker may hold at once: one decoding, one waiting, so it never idles between them.
-PER_WORKER = 2
 
 log = logging.getLogger("engine.data")
 
@@ -181,10 +173,7 @@ class Loader:
         # Anchors of the views handed out, newest last: all but the newest should be gone.
         self._handed: Deque["weakref.ref[np.ndarray]"] = collections.deque()
         self._warned_kept = False
-        self._procs: List[Any] = []
-        self._conns: List[Any] = []
-        # Per worker: the global batch numbers of the chunks it holds, oldest first.
-        self._held_by: List[Deque[int]] = []
+        self._crew = Supervisor(partial(_where, self.sampler, self._source))
         self._ring: Optional[mmap.mmap] = None
         self._next_yield = -1  # the global batch number the pipeline yields next (-1: none)
 
@@ -207,6 +196,11 @@ class Loader:
             raise ConfigError("Loader: the image_size schedule gave %d for epoch %d; it must be "
                               "in [8, max_image_size=%d]" % (size, epoch, self.image_size))
         return size
+
+    @property
+    def _procs(self) -> List[Any]:
+        """The worker processes running now (none before a pass with workers, or after close)."""
+        return self._crew.procs
 
     @property
     def shared_memory_bytes(self) -> int:
@@ -258,24 +252,8 @@ class Loader:
         then everything still running is killed. The ring's memory is returned when the last
         batch view the caller kept is gone (numpy holds the mapping), never while one is alive.
         """
-        procs, conns = self._procs, self._conns
-        self._procs, self._conns = [], []
-        for conn in conns:
-            try:
-                conn.send(None)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 1.0
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.exitcode is None:
-                p.kill()  # SIGKILL also ends a stopped process
-                p.join(5)
-        for conn in conns:
-            conn.close()
+        self._crew.close()
         self._ring = None
-        self._held_by = []
         self._next_yield = -1
 
     def __enter__(self) -> "Loader":
@@ -334,43 +312,13 @@ class Loader:
         self._ring = buf
         log.info("loader %s: %d workers, ring of %d slots = %.1f MB shared memory",
                  self.source_path, self.workers, self.slots, self.shared_memory_bytes / 1e6)
-        # fork: workers inherit the mapping, and an unguarded user script is not re-imported
-        # as it would be under spawn/forkserver. No LMDB environment may cross the fork: this
-        # process closes its own (its readers reopen them lazily) and each worker opens its
-        # own on first read.
-        shards.close_all_envs()
-        ctx = mp.get_context("fork")
-        # One core per worker, so OpenCV must run single-threaded there. A child cannot change
-        # that itself: cv2.setNumThreads after fork waits on pool threads that only exist in the
-        # parent, forever. So the parent drops to one thread (stopping its pool) while forking.
-        cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
-            for wid in range(self.workers):
-                mine, theirs = ctx.Pipe(duplex=True)
-                p = ctx.Process(target=worker_main, name="engine-loader-%d" % wid, daemon=True,
-                                args=(wid, theirs, self._source, self._decoder, buf,
-                                      self._layout, self.skip_undecodable))
-                try:  # Ctrl-C can reach neither the fork nor the child's start
-                    start_process(p)
-                finally:
-                    theirs.close()
-                    if p.pid is not None:  # started, even if Ctrl-C came during the fork
-                        self._procs.append(p)
-                        self._conns.append(mine)
-        except BaseException:
-            cv2.setNumThreads(cv_threads)
-            self.close()
-            raise
-        cv2.setNumThreads(cv_threads)
-        self._held_by = [collections.deque() for _ in self._procs]
-        self._progress = [time.monotonic()] * len(self._procs)  # when each last made progress
+        self._crew.start(self.workers, (self._source, self._decoder, buf, self._layout,
+                                        self.skip_undecodable), self.timeout)
         self._reset_stream(self.epoch * len(self) + self.position)
 
     def _reset_stream(self, global_batch: int) -> None:
         """Start the stream at `global_batch`, after any chunk still being written lands."""
-        while any(self._held_by):
-            self._receive(wait=True, strict=False)
+        self._crew.drain()
         self._batches: Dict[int, _Batch] = {}  # in flight, by global batch number
         self._pending: Deque[Task] = collections.deque()
         self._free = list(range(self.slots))
@@ -391,103 +339,32 @@ class Loader:
                 self._pending.append((global_batch, epoch, slot, start,
                                       indices[start:start + self._chunk], S))
             self._next_submit += 1
-        while self._pending:
-            wid = min(range(len(self._procs)), key=lambda w: len(self._held_by[w]))
-            if len(self._held_by[wid]) >= PER_WORKER:
-                break
-            task = self._pending.popleft()
-            if not self._held_by[wid]:
-                self._progress[wid] = time.monotonic()  # idle until now: the clock starts here
-            try:
-                self._conns[wid].send(task)
-            except OSError:  # a broken pipe: the worker died since the last look
-                self._procs[wid].join(1.0)  # its exit code names the cause
-                self._check_workers()
-                self._fail("loader worker %d (pid %d) closed its pipe%s"
-                           % (wid, self._procs[wid].pid, self._where(wid)))
-            self._held_by[wid].append(task[0])
+        self._crew.dispatch(self._pending)
 
-    def _receive(self, wait: bool, strict: bool = True) -> None:
-        """Collect finished chunks; raise for a dead, failed or stalled worker."""
-        sentinels = {p.sentinel: wid for wid, p in enumerate(self._procs)}
-        conns = {id(c): wid for wid, c in enumerate(self._conns)}
-        ready = wait_ready(list(self._conns) + list(sentinels), timeout=0.2 if wait else 0)
-        for obj in ready:
-            if isinstance(obj, int):
-                continue  # an exit sentinel: checked below, after the pipes are drained
-            wid = conns[id(obj)]
-            try:
-                global_batch, failures, error = self._conns[wid].recv()  # obj is this pipe
-            except (EOFError, OSError):
-                continue  # the worker is gone: its sentinel reports why
-            self._held_by[wid].popleft()
-            self._progress[wid] = time.monotonic()
-            if error is not None and strict:
-                self.close()
-                if isinstance(error, BaseException):
-                    raise error
-                raise RuntimeError(error)
+    def _receive(self) -> None:
+        """Wait for finished chunks and count them off their batches."""
+        for global_batch, failures in self._crew.receive(wait=True):
             batch = self._batches.get(global_batch)
             if batch is not None:
                 batch.remaining -= 1
                 batch.failures.extend(failures)
-        self._check_workers()
-
-    def _check_workers(self) -> None:
-        now = time.monotonic()
-        for wid, p in enumerate(self._procs):
-            if p.exitcode is not None:
-                self._fail("loader worker %d (pid %d) %s%s"
-                           % (wid, p.pid, describe_exit(p.exitcode), self._where(wid)))
-            if self._held_by[wid] and now - self._progress[wid] > self.timeout:
-                self._fail("loader worker %d (pid %d) made no progress for %.0f s%s%s; it may be "
-                           "stopped or stuck in a read (raise Loader(timeout=...) if records "
-                           "are legitimately this slow)"
-                           % (wid, p.pid, now - self._progress[wid], self._state(p.pid),
-                              self._where(wid)))
-
-    def _where(self, wid: int) -> str:
-        """' while decoding batch B of epoch E (records in <files>)' for a worker's chunk."""
-        if not self._held_by[wid]:
-            return ""
-        epoch, b = divmod(self._held_by[wid][0], len(self))
-        text = " while decoding batch %d of epoch %d" % (b, epoch)
-        files = self._source.files_of(self.sampler.batch(epoch, b))
-        if files:
-            text += " (records in %s)" % ", ".join(files[:4] + (["..."] if len(files) > 4 else []))
-        return text
-
-    @staticmethod
-    def _state(pid: int) -> str:
-        try:
-            import psutil
-
-            status = psutil.Process(pid).status()
-        except Exception:  # noqa: BLE001 - only decorates the message
-            return ""
-        return {"stopped": " (it is stopped: SIGSTOP or a debugger)",
-                "disk-sleep": " (it is blocked in I/O: a hung file system?)"}.get(status, "")
-
-    def _fail(self, message: str) -> None:
-        self.close()
-        raise RuntimeError(message)
 
     def _iter_workers(self):
         L = len(self)
-        if not self._procs:
-            self._start()
-        elif self._next_yield != self.epoch * L + self.position:  # set_epoch / load_state_dict
-            self._reset_stream(self.epoch * L + self.position)
         end = (self.epoch + 1) * L
         # A persistent loader decodes ahead into the next epoch (the default progression); a
         # per-pass loader stops at the end of this one.
         limit = (1 << 62) if self.persistent_workers else end
         try:
+            if not self._procs:
+                self._start()
+            elif self._next_yield != self.epoch * L + self.position:  # set_epoch / load_state_dict
+                self._reset_stream(self.epoch * L + self.position)
             while self._next_yield < end:
                 self._submit(limit)
                 batch = self._batches[self._next_yield]
                 while batch.remaining:
-                    self._receive(wait=True)
+                    self._receive()
                     self._submit(limit)
                 del self._batches[self._next_yield]
                 self._note(batch.failures)
@@ -535,3 +412,13 @@ class Loader:
                               % (index, path, reason, "skipped" if self.skip_undecodable
                                  else "replaced by the next record"),
                               RuntimeWarning, stacklevel=3)
+
+
+def _where(sampler: Sampler, source: Source, global_batch: int) -> str:
+    """' while decoding batch B of epoch E (records in <files>)' for a worker's chunk."""
+    epoch, b = divmod(global_batch, len(sampler))
+    text = " while decoding batch %d of epoch %d" % (b, epoch)
+    files = source.files_of(sampler.batch(epoch, b))
+    if files:
+        text += " (records in %s)" % ", ".join(files[:4] + (["..."] if len(files) > 4 else []))
+    return text

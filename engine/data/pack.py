@@ -32,7 +32,7 @@ import lmdb
 import numpy as np
 
 from engine.cli import option
-from engine.data import plan, pool, shards, verify
+from engine.data import merge, plan, pool, shard_writer, shards, verify
 from engine.data.cpus import usable_cores
 from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.plan import PackError, Scan
@@ -177,7 +177,7 @@ def _pack_shard(job: Dict[str, Any],
                 pool.count(len(items))
                 return done
             tally = plan.ShardTally(k, fp)
-            writer = shards.ShardWriter(path)
+            writer = shard_writer.ShardWriter(path)
             for rel, label in items:
                 r = process_file(os.path.join(src, rel), max_side)
                 if "skip" in r:
@@ -293,7 +293,7 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
         bar.close()
     seconds = time.time() - t0
 
-    meta = plan.merge_split(dst, sc.plan, log)
+    meta = merge.merge_split(dst, sc.plan, log)
     ran: Dict[str, Any] = dict(seconds=seconds, processed=todo_files, done_before=False, node=rank,
                                num_nodes=n_nodes, shards_packed=len(todo))
     if meta is None:
@@ -327,7 +327,7 @@ def _repair_split(sc: Scan, dst: str, old: Dict[str, Any], damaged: List[Tuple[i
         markers = _run_jobs(jobs, workers, counter, bar)
     finally:
         bar.close()
-    meta = plan.replace_shards(dst, sc.plan, old, markers, log)
+    meta = merge.replace_shards(dst, sc.plan, old, markers, log)
     return PackedSplit(sc.split, seen=meta.get("seen", len(sc.items)), kept=meta["num_samples"],
                        skipped=len(meta["skipped"]), kinds=meta.get("kinds", {}),
                        bytes=meta.get("bytes", 0), seconds=time.time() - t0, done_before=False,

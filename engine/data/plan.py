@@ -1,5 +1,5 @@
-"""The pack plan: which file goes to which shard, what each finished shard recorded, and the
-meta.json made from those records. The only module that knows plan.json and the markers.
+"""The pack plan: which file goes to which shard, and what each finished shard recorded. The
+only module that knows plan.json and the markers.
 
     <out>/<split>/plan.json                   the plan, written before any shard
     <out>/<split>/.pack/shard-NNNNN.lmdb.json  a finished shard's marker (the merge removes .pack)
@@ -10,10 +10,10 @@ the arguments (the fingerprint: names, labels, sizes, modification times, seed, 
 side), so every node computes the same plan and any node can be rerun alone. A marker records a
 finished shard's counts, skipped files and checksum under the fingerprint it was packed for; a
 shard counts as done only when its marker matches the plan and its file is there. meta.json is
-written from the markers, in shard order, by whichever node finds them all present (or by the
-merge), so its content does not depend on which node packed what. The merge rebuilds the marker
-of a finished shard that has none (a kill between shard and marker, a lost meta.json) from the
-shard file, once every record in it decodes and its file list is the plan's.
+made from the markers by engine.data.merge, which reads them through this module. A finished
+shard that has no marker (a kill between shard and marker, a lost meta.json) gets it rebuilt
+here from the shard file, once every record in it decodes and its file list is the plan's; a
+shard whose file no longer matches its marker is dropped, so that the pack writes it again.
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message
 from engine.locks import LockError, acquire
 
-__all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "finished",
-           "ShardTally", "read_marker", "missing", "rebuild_marker", "rebuild_markers",
-           "merge_split", "merge_pack", "replace_shards", "forget", "drop_damaged",
-           "shard_lock_path", "PLAN_FILE", "PLAN_FORMAT", "PROGRESS_DIR"]
+__all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "read_plan",
+           "finished", "drop_progress", "ShardTally", "read_marker", "missing", "rebuild_marker",
+           "rebuild_markers", "forget", "drop_damaged", "shard_lock_path", "PLAN_FILE",
+           "PLAN_FORMAT", "PROGRESS_DIR"]
 
 PROGRESS_DIR = ".pack"
 PLAN_FILE = "plan.json"
@@ -146,16 +146,6 @@ def scan(data: str, split: str, classes: List[str], seed: int, shard_size: int,
 # plan.json
 
 
-def _load_json(path: str) -> Optional[Dict[str, Any]]:
-    """The JSON object in `path`, or None if it is absent or unreadable (a partial file)."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     for key in ("split", "seed", "shard_size", "max_side"):
         if old.get(key) != new[key]:
@@ -177,7 +167,7 @@ def _write_plan(dst: str, plan: Dict[str, Any]) -> None:
     """
     path = os.path.join(dst, PLAN_FILE)
     for attempt in (0, 1):
-        old = _load_json(path)
+        old = shards.read_json(path)
         if old is None and attempt == 0:
             try:
                 shards.write_json_atomic(path, plan)
@@ -199,6 +189,12 @@ def prepare(dst: str, plan: Dict[str, Any]) -> None:
     except OSError as exc:
         raise PackError(disk_error_message(exc, dst)) from None
     _write_plan(dst, plan)
+
+
+def read_plan(dst: str) -> Optional[Dict[str, Any]]:
+    """The plan.json of the split folder `dst`; None if it has none that can be read."""
+    plan = shards.read_json(os.path.join(dst, PLAN_FILE))
+    return plan if plan is not None and plan.get("format") == PLAN_FORMAT else None
 
 
 def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
@@ -225,7 +221,7 @@ def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
         os.remove(meta_path)
         return None
     if old.get("fingerprint") == fp:
-        _drop_progress(dst)  # left by a merge interrupted after it wrote meta.json
+        drop_progress(dst)  # left by a merge interrupted after it wrote meta.json
         return old
     changed = ""
     if plan is not None:
@@ -236,6 +232,11 @@ def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
     raise PackError("%s already holds a complete pack of different input or arguments%s. Rerun "
                     "with the arguments it was packed with, choose another --out, or delete %s "
                     "to repack." % (dst, changed, dst))
+
+
+def drop_progress(dst: str) -> None:
+    """Remove the markers and shard locks of a split whose meta.json is written."""
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def read_marker(dst: str, k: int, fp: str) -> Optional[Dict[str, Any]]:
 
     A marker without the shard's size and checksum (written by an engine before they were
     recorded) counts as missing: that shard is packed again rather than trusted unchecked."""
-    m = _load_json(_marker_path(dst, k))
+    m = shards.read_json(_marker_path(dst, k))
     if m is None or m.get("fingerprint") != fp or "size" not in m or "checksum" not in m:
         return None
     if not os.path.exists(os.path.join(dst, shards.shard_name(k))):
@@ -413,113 +414,6 @@ def rebuild_markers(dst: str, plan: Dict[str, Any], among: Iterable[int], log: L
     return done, problems
 
 
-# ---------------------------------------------------------------------------------------------
-# meta.json from the markers
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self.seen = self.kept = 0
-        self.kinds: Counter = Counter()
-        self.skipped: List[Dict[str, str]] = []
-        self.bytes = 0
-
-    def add_marker(self, m: Dict[str, Any]) -> None:
-        self.seen += m["seen"]
-        self.kept += m["num_samples"]
-        self.kinds.update(m["kinds"])
-        self.skipped.extend(m["skipped"])
-        self.bytes += m["bytes"]
-
-
-def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: str
-               ) -> Dict[str, Any]:
-    stats = _Stats()
-    entries = []
-    for k in range(len(plan["shards"])):  # in shard order, whoever packed them
-        m = markers[k]
-        stats.add_marker(m)
-        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": m["size"],
-                        "checksum": m["checksum"]})
-    return {
-        "format": shards.FORMAT,
-        "version": shards.VERSION,
-        "split": plan["split"],
-        "num_samples": stats.kept,
-        "classes": plan["classes"],
-        "shards": entries,
-        "skipped": stats.skipped,
-        "kinds": {k: v for k, v in sorted(stats.kinds.items())},
-        "bytes": stats.bytes,
-        "seen": stats.seen,
-        "seed": plan["seed"],
-        "shard_size": plan["shard_size"],
-        "max_side": plan["max_side"],
-        "shuffled": plan["shuffled"],
-        "fingerprint": plan["fingerprint"],
-    }
-
-
-def _drop_progress(dst: str) -> None:
-    """Remove the markers and shard locks of a split whose meta.json is written."""
-    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
-
-
-def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, Any]]:
-    """Write meta.json from the markers if every shard is present; else return None.
-
-    Idempotent, and safe for several nodes at once: the content is a function of the markers,
-    and it is published by atomic rename.
-    """
-    meta_path = os.path.join(dst, shards.META_FILE)
-    old = _load_json(meta_path)
-    if old is not None and old.get("fingerprint") == plan["fingerprint"]:
-        _drop_progress(dst)
-        return old
-    fp = plan["fingerprint"]
-    markers = {k: m for k in range(len(plan["shards"]))
-               for m in [read_marker(dst, k, fp)] if m is not None}
-    if len(markers) < len(plan["shards"]):
-        old = _load_json(meta_path)  # another node may have merged (and removed markers) meanwhile
-        return old if old is not None and old.get("fingerprint") == fp else None
-    meta = _meta_from(plan, markers, dst)
-    try:
-        shards.write_json_atomic(meta_path, meta)
-    except OSError as exc:
-        raise PackError(disk_error_message(exc, meta_path)) from None
-    _drop_progress(dst)
-    log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
-    return meta
-
-
-def replace_shards(dst: str, plan: Dict[str, Any], meta: Dict[str, Any],
-                   markers: Dict[int, Dict[str, Any]], log: Log) -> Dict[str, Any]:
-    """Rewrite the meta.json of a finished split whose shards `markers` (by shard index) were
-    packed again (a repair): their size and checksum become the new files'; nothing else
-    changes, as the same files packed the same way give the same records. A repacked shard of
-    another record count means the input changed behind the fingerprint: PackError."""
-    entries = [dict(e) for e in meta["shards"]]
-    for k, m in sorted(markers.items()):
-        e = entries[k]
-        if e["file"] != m["file"] or e["num_samples"] != m["num_samples"]:
-            raise PackError(
-                "%s repacked holds %d records where %s recorded %d: the input files changed "
-                "since the pack although their names, sizes and times did not; delete %s and "
-                "pack it again" % (m["file"], m["num_samples"], shards.META_FILE,
-                                   e["num_samples"], dst))
-        e.update(size=m["size"], checksum=m["checksum"])
-    repaired = dict(meta, shards=entries)
-    meta_path = os.path.join(dst, shards.META_FILE)
-    try:
-        shards.write_json_atomic(meta_path, repaired)
-    except OSError as exc:
-        raise PackError(disk_error_message(exc, meta_path)) from None
-    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
-    log("%s: repacked %s; wrote %s" % (plan["split"], ", ".join(
-        shards.shard_name(k) for k in sorted(markers)), meta_path))
-    return repaired
-
-
 def forget(dst: str, ks: Iterable[int]) -> None:
     """Remove the markers of shards `ks`, so that the pack writes them again."""
     for k in ks:
@@ -553,62 +447,3 @@ def drop_damaged(dst: str, plan: Dict[str, Any], among: Iterable[int]) -> List[s
                 pass
         dropped.append("%s: %s" % (m["file"], why))
     return dropped
-
-
-def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:
-    """Why the split `dst` cannot be merged: its absent shards and the unusable ones."""
-    n = len(plan["shards"])
-    absent = [shards.shard_name(k) for k in missing(dst, plan)
-              if not os.path.exists(os.path.join(dst, shards.shard_name(k)))]
-    parts = []
-    if absent:
-        parts.append("%d of %d shards are missing (%s%s); rerun the node(s) that own them "
-                     "(shard k belongs to node k mod --num-nodes), then merge again"
-                     % (len(absent), n, ", ".join(absent[:8]), " ..." if len(absent) > 8 else ""))
-    if problems:
-        what = problems[0] + (" (and %d more)" % (len(problems) - 1) if len(problems) > 1
-                              else "")
-        what += ("; rerun the pack with --data and the arguments it was packed with: it packs "
-                 "those shards again")
-        parts.append("%d of %d shards are on disk without a usable marker and cannot be taken "
-                     "as they are: %s" % (len(problems), n, what))
-    return "cannot merge %s: %s" % (dst, "; ".join(parts))
-
-
-def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = print
-               ) -> Dict[str, Any]:
-    """Write meta.json of each split of a multi-node pack from its plan and shard markers.
-
-    A finished shard without a marker (a node killed between the two, or a finished pack that
-    lost meta.json) gets its marker rebuilt from the shard file (rebuild_markers). Idempotent.
-    Raises PackError naming the missing shards, and those that cannot be taken as they are,
-    while any is left (the split then stays unreadable, as it has no meta.json).
-    """
-    if not os.path.isdir(out):
-        raise PackError("--out %s does not exist or is not a folder" % out)
-    if splits is None:
-        splits = [s for s in ("train", "val") if os.path.exists(os.path.join(out, s, PLAN_FILE))]
-        if not splits:
-            raise PackError("%s holds no split with a %s: nothing to merge (pack it first)"
-                            % (out, PLAN_FILE))
-    done = []
-    for split in splits:
-        dst = os.path.join(out, split)
-        plan = _load_json(os.path.join(dst, PLAN_FILE))
-        if plan is None or plan.get("format") != PLAN_FORMAT:
-            raise PackError("%s has no readable %s; pack it first" % (dst, PLAN_FILE))
-        meta = merge_split(dst, plan, log)
-        problems: List[str] = []
-        if meta is None:
-            # Shards on disk without a marker: finished, but their markers were lost (a kill
-            # between shard and marker, or a finished pack that lost meta.json).
-            rebuilt, problems = rebuild_markers(dst, plan, missing(dst, plan), log)
-            if rebuilt:
-                meta = merge_split(dst, plan, log)
-        if meta is None:
-            raise PackError(_merge_refusal(dst, plan, problems))
-        log("%s: merged, %d records in %d shards" % (split, meta["num_samples"],
-                                                    len(meta["shards"])))
-        done.append({"split": split, "num_samples": meta["num_samples"],
-                     "shards": len(meta["shards"])})
-    return {"out": os.path.abspath(out), "splits": done}

@@ -15,6 +15,9 @@ listed shard file is there with the size meta.json records (packs written before
 recorded are checked against their LMDB header only), no unlisted shard file lies beside them,
 and each shard's LMDB header is intact and holds the record count meta.json gives. All of it
 costs a stat and two page reads per shard; the checksums are for tools/verify_pack.py.
+
+Writing a shard file durably (commits in parts, write-back, the atomic publish) is
+engine.data.shard_writer's, through `record_key` here.
 """
 from __future__ import annotations
 
@@ -24,18 +27,17 @@ import json
 import os
 import re
 import struct
-import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set
 
 import lmdb
 import msgpack
 
-from engine.atomic import atomic_write, fsync_dir
+from engine.atomic import atomic_write
 from engine.errors import UserError, read_error_message
 
 __all__ = [
     "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
-    "unpack_record", "ShardWriter", "write_json_atomic", "is_packed", "read_meta", "open_env",
+    "unpack_record", "write_json_atomic", "read_json", "is_packed", "read_meta", "open_env",
     "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum", "check_shard_file",
     "check_shard", "check_listing", "unlisted_shards", "SPLITS",
 ]
@@ -46,13 +48,6 @@ META_FILE = "meta.json"
 # The splits the packer writes, each into a folder of that name.
 SPLITS = ("train", "val")
 _SHARD_FILE = re.compile(r"shard-\d{5}\.lmdb$")
-# Address space reserved for a shard being written. LMDB grows the file only as pages are
-# written, so this costs nothing; it merely has to exceed any shard's size.
-MAP_SIZE = 1 << 40
-COMMIT_EVERY = 512
-# ShardWriter also commits after this many bytes of records, so that the disk writes a shard
-# in parts while it is being packed (see ShardWriter).
-COMMIT_BYTES = 4 << 20
 # OS readahead on shard files. LMDB's "no readahead" advises the kernel that access is random,
 # so each 4 KB page of a ~110 KB record then faults in with its own disk read; with readahead a
 # record comes in one read. From a cold page cache that made whole epochs 1.7-2.4x faster
@@ -197,117 +192,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
-_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
-
-
-class _WriteBack:
-    """fdatasync of one file in a background thread: the disk writes what the shard writer
-    has committed while the packer goes on decoding, instead of all of it at the end."""
-
-    def __init__(self, path: str):
-        self._fd = os.open(path, os.O_RDONLY)
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[OSError] = None
-
-    def _sync(self) -> None:
-        try:
-            _fdatasync(self._fd)
-        except OSError as exc:  # re-raised by wait(), in the writer's thread
-            self._error = exc
-
-    def start(self) -> None:
-        """Start writing back; a flush still running covers this commit or the next start()."""
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._sync, name="shard-write-back",
-                                            daemon=True)
-            self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-
-
-class ShardWriter:
-    """Writes one shard under a temporary name; `close()` publishes it with an atomic rename.
-
-    A writer killed at any point leaves only the temporary file, which the packer deletes and
-    rewrites on the next run: a file named shard-NNNNN.lmdb is always complete.
-
-    Records are committed about every COMMIT_BYTES, and each commit starts the disk writing it
-    in the background; no commit waits for the disk. close() waits once, with one fdatasync
-    of the whole file, and only then renames it: the same guarantee as a sync per commit,
-    since a crash before the rename leaves only the temporary file.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tmp_path = path + ".tmp"
-        for stale in (self.tmp_path, self.tmp_path + "-lock"):
-            if os.path.exists(stale):
-                os.remove(stale)
-        # lock=False: one writer per file by construction, and no -lock file left behind.
-        # mode 0666: the umask decides, as for any other file (LMDB's default is 0755).
-        self._env = lmdb.open(self.tmp_path, subdir=False, map_size=MAP_SIZE, lock=False,
-                              readahead=False, meminit=False, max_dbs=0, mode=0o666,
-                              sync=False, metasync=False)
-        self._write_back = _WriteBack(self.tmp_path)
-        self._txn = self._env.begin(write=True)
-        self.num_samples = 0
-        self._uncommitted = 0
-
-    def append(self, value: bytes) -> None:
-        self._txn.put(record_key(self.num_samples), value, append=True)
-        self.num_samples += 1
-        self._uncommitted += len(value)
-        if self.num_samples % COMMIT_EVERY == 0 or self._uncommitted >= COMMIT_BYTES:
-            self._txn.commit()
-            self._write_back.start()
-            self._txn = self._env.begin(write=True)
-            self._uncommitted = 0
-
-    def close(self, checksum: bool = False) -> Optional[str]:
-        """Commit, make the file durable, publish it; with checksum=True return its
-        file_checksum(), computed while the disk finishes writing it."""
-        self._txn.commit()
-        self._write_back.wait()
-        self._write_back.start()  # the fdatasync that makes the whole file durable
-        try:
-            digest = file_checksum(self.tmp_path) if checksum else None
-        finally:
-            self._write_back.close()  # waits for it
-        self._env.close()
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        return digest
-
-    def abort(self) -> None:
-        """Drop the partial shard (also after a failed commit, e.g. on a full disk)."""
-        try:
-            self._txn.abort()
-            self._env.close()
-        except lmdb.Error:
-            pass
-        try:
-            self._write_back.close()
-        except OSError:
-            pass
-        for f in (self.tmp_path, self.tmp_path + "-lock"):
-            try:
-                os.remove(f)
-            except OSError:
-                pass
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in `path`, or None if it is absent or unreadable (a partial file)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def is_packed(split_dir: str) -> bool:

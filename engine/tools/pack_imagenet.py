@@ -1,13 +1,13 @@
 """Pack an ImageNet folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) into LMDB shards:
-PackConfig from the command line -> engine.data.pack.pack_imagenet (or engine.data.plan.merge_pack)."""
+PackConfig from the command line -> engine.data.pack.pack_imagenet (or engine.data.merge.merge_pack)."""
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
 from engine.cli import parse
+from engine.data.merge import merge_pack
 from engine.data.pack import PackConfig, pack_imagenet
-from engine.data.plan import merge_pack
 from engine.errors import UserError, run_tool
 
 DESCRIPTION = ("Pack an ImageNet folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) into "
