@@ -87,8 +87,16 @@ class TrainConfig:
         None, "enable DTR (recompute to save memory); THRESHOLD like 5GB, default 80%% of "
               "device memory. Runs the steps eagerly (no trace): MegEngine only supports DTR in "
               "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
-    resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
-                                       "latest checkpoint", metavar="PATH")
+    resume: Optional[str] = _opt(
+        None, "auto (also what happens without --resume): continue the run in the save dir when "
+              "it holds one and this command's run-defining settings agree, else start it; or a "
+              "checkpoint file (or save dir) to continue from, which must exist",
+        metavar="auto|PATH")
+    allow_changes: Optional[str] = _opt(
+        None, "run-defining settings that may differ from the run's when it continues, comma-"
+              "separated (e.g. learning_rate after a divergence), or all", metavar="FIELDS")
+    replace: bool = _opt(False, "start a new run in a save dir that holds one; its files move to "
+                                "<save dir>/replaced-<time>/ (nothing is deleted)")
     trust_pickle: bool = cli.trust_pickle_option("--resume", "checkpoints")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
     # None = resolved from the environment (torchrun-style, Slurm) by dist.resolve_cluster
@@ -109,6 +117,12 @@ class TrainConfig:
                            "-p", "--print-freq")
     save_every: int = _opt(0, "also checkpoint every STEPS steps, for mid-epoch resume (0 = "
                               "epoch ends only)", metavar="STEPS")
+    save_every_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed "
+                                           "since the last checkpoint (0 = off)",
+                                     metavar="MINUTES")
+    keep_checkpoints: int = _opt(3, "the rolling window: keep the last K checkpoints as "
+                                    "checkpoint-<step>.pkl beside checkpoint.pkl (the newest) "
+                                    "and best.pkl (0 = none)", metavar="K")
     max_steps: Optional[int] = _opt(None, "stop after this many global steps")
     evaluate: bool = _opt(True, "validate after every epoch (--no-eval skips it)", "--eval")
     progress: bool = _opt(True, "progress bar on rank 0 (--no-progress for log files)")
@@ -137,6 +151,8 @@ class TrainConfig:
             (c.print_freq >= 1, "--print-freq must be >= 1"),
             (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
+            (c.save_every_minutes >= 0, "--save-every-minutes must be >= 0"),
+            (c.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
             (c.optimizer in OPTIMIZERS, "--optimizer must be one of %s" % "|".join(OPTIMIZERS)),

@@ -14,6 +14,10 @@ Two MegEngine 1.13 facts shape the code:
   skips the update on overflow; the scale is fed in as a tensor so it can change without a retrace.
 - float16 on MegEngine's CPU backend produces nan for real networks, so AMP is refused on
   machines without CUDA before any model is built (`require_amp_device`).
+
+Every graph is compiled at graph optimisation level 1 (`compile_step`), not MegEngine's default
+2, so that a resumed run computes bit for bit what the uninterrupted one does (see
+`TRACE_OPT_LEVEL`).
 """
 from __future__ import annotations
 
@@ -74,8 +78,19 @@ class Normalize:
         return (images.astype("float32") - self.mean) * self.inv_std
 
 
-def _compile(fn: Callable, trace: bool) -> Callable:
-    return jit.trace(fn, symbolic=True) if trace else fn
+# Level 2, MegEngine's default, adds global rewrites of the graph's arithmetic before it is
+# compiled, and in MegEngine 1.13 what they produce depends on the tensors' values when the trace
+# is recorded: a step traced while the momentum buffers are zero (step 0 of a fresh run) rounds
+# the SGD update (momentum, weight decay) exactly as eager execution does, one traced while they
+# are not (the first step after a resume) rounds it differently by about one unit in the last
+# place, and small-batch BatchNorm amplifies that into visibly different weights within a few
+# steps. Level 1 rounds as eager execution does whatever the values, so a resume is exact.
+TRACE_OPT_LEVEL = 1
+
+
+def compile_step(fn: Callable, trace: bool) -> Callable:
+    """`fn` compiled with jit.trace(symbolic=True) at TRACE_OPT_LEVEL, or `fn` itself."""
+    return jit.trace(fn, symbolic=True, opt_level=TRACE_OPT_LEVEL) if trace else fn
 
 
 def parse_bytes(text: str) -> int:
@@ -168,7 +183,7 @@ class TrainStep:
         key = (name, tuple(shape))
         fn = self._graphs.get(key)
         if fn is None:
-            fn = self._graphs[key] = _compile(getattr(self, name), self.traced)
+            fn = self._graphs[key] = compile_step(getattr(self, name), self.traced)
         return fn
 
     def _loss(self, images: mge.Tensor, labels: mge.Tensor, mix: Tuple[mge.Tensor, ...]) -> mge.Tensor:
@@ -264,7 +279,7 @@ class EvalStep:
     def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
         fn = self._graphs.get(tuple(images.shape))
         if fn is None:  # one graph per batch shape (the last val batch is usually smaller)
-            fn = self._graphs[tuple(images.shape)] = _compile(self._eval, self.traced)
+            fn = self._graphs[tuple(images.shape)] = compile_step(self._eval, self.traced)
         return fn(images, labels)
 
 
@@ -274,7 +289,7 @@ class PredictStep:
     def __init__(self, model: Module, *, trace: bool = False):
         self.model = model
         self.normalize = Normalize()
-        self._step = _compile(self._predict, trace)
+        self._step = compile_step(self._predict, trace)
 
     def _predict(self, images: mge.Tensor) -> mge.Tensor:
         return F.softmax(self.model(self.normalize(images)).astype("float32"), axis=1)

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -126,6 +126,14 @@ class TrainResult:
     world_size: int
     num_classes: int
     lr: float                   # the run's base LR (per-GPU LR x world size)
+    stopped: Optional[str] = None  # the signal that stopped the run early (None: it ran out)
+    exit_status: int = 0        # what tools/train.py exits with (engine.stop's table)
+    resumed_from: Optional[str] = None  # the checkpoint this run continued from
+
+
+# A streak of AMP steps whose gradients all overflowed: the loss scale has halved this many times
+# in a row (2**16 -> 2**-34), so the model no longer trains; the run has diverged.
+MAX_OVERFLOW_STREAK = 50
 
 
 def train(config: TrainConfig) -> Optional[TrainResult]:
@@ -134,10 +142,12 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
 
     Everything that can be checked without building a model is checked here, in the parent,
     before any process is launched or tensor created (the launcher's children must not inherit
-    a CUDA context).
+    a CUDA context): the data, the arch, and what starting into the save dir means
+    (engine.run.plan: a new run, the continuation of the one there, or a refusal that changes
+    nothing on disk). SIGTERM, SIGUSR1 and Ctrl-C stop the run after a step with a checkpoint
+    (engine.stop).
     """
-    from engine import steps
-    from engine.checkpoint import resolve_resume
+    from engine import run, steps, stop
 
     if config.dtr and config.trace:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
@@ -147,7 +157,8 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
-    problem, ngpus, resume, sources = None, None, None, []
+    problem, ngpus, sources = None, None, []
+    start = run.RunStart()
     try:
         if layout.num_nodes > 1:
             dist.check_one_process_per_node(os.environ)
@@ -156,31 +167,57 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         train_dir, val_dir = resolve_data(cfg.data)
         sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
                                              else (train_dir,))]
-        resume = resolve_resume(cfg.resume) if cfg.resume else None
         ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+        classes, train_images = source_facts(sources[0])
+        start = run.plan(cfg, world_size=ngpus * layout.num_nodes, classes=classes,
+                         train_images=train_images)
     except UserError as exc:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
     report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
-                              resume=resume)
-    return dist.launch(
-        _train_worker, cfg, sources,
-        ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
-        master_ip=layout.master_ip, master_port=layout.master_port,
-        report=report, rendezvous_timeout=cfg.rendezvous_timeout,
-    )
+                              resume=start.checkpoint)
+    with stop.handling(ranks=(ngpus or 1) * layout.num_nodes > 1):
+        try:
+            result = dist.launch(
+                _train_worker, cfg, sources, start,
+                ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
+                master_ip=layout.master_ip, master_port=layout.master_port,
+                report=report, rendezvous_timeout=cfg.rendezvous_timeout,
+            )
+        except stop.StopNow:
+            stop.end_ranks()
+            raise
+    if result is not None and result.stopped and layout.num_nodes > 1:
+        # srun --kill-on-bad-exit ends the tasks still running when one exits non-zero, and
+        # srun's own status then shows their deaths: let the other nodes (which exit 0 after a
+        # stop) finish first, so that the status a requeue script tests is this node's.
+        time.sleep(stop.NODE_EXIT_GRACE_S)
+    return result
 
 
-def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
+def source_facts(source: Any) -> Tuple[List[str], int]:
+    """(classes, number of records) of what split_source returned, without opening a shard
+    (this process forks the ranks: no LMDB environment may be open across the fork)."""
+    from engine.data import shards
+
+    if isinstance(source, str):
+        meta = shards.read_meta(source, check_files=False)
+        return list(meta["classes"]), int(meta["num_samples"])
+    return list(source.classes), len(source.items)
+
+
+def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = None) -> TrainResult:
     """One rank's run. The position is one number, the global step; everything else (epoch,
     LR, when to log, evaluate and save) is derived from it."""
     import megengine as mge
 
     from engine import checkpoint as ckpt
-    from engine import steps
-    from engine.metrics import TrainLog, plot_curves, read_jsonl
+    from engine import run, steps, stop
+    from engine.metrics import TrainLog, read_metrics
 
+    stop.in_rank()
+    start = start if start is not None else run.RunStart()
     rank, world = dist.get_rank(), dist.get_world_size()
     main = rank == 0  # only global rank 0 writes files: N ranks writing one would corrupt it
     # The same seed on every rank (init_process_group reseeds with time+rank), so every rank
@@ -189,15 +226,21 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
     steps_per_epoch, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
-    ema = _make_ema(cfg, model)
-    run_config = ckpt.run_config(cfg, classes, world)
-    start, best_top1 = _resume(cfg, model, opt, scaler, ema, classes, world, steps_per_epoch) \
-        if cfg.resume else (0, None)
-    if main:
-        _prepare_save_dir(cfg, run_config, train_loader)
+    run_config = ckpt.run_config(cfg, classes, world, train_images=train_loader.num_samples)
+    first, best_top1, best_score, saved_ema = 0, None, None, None
+    if start.checkpoint:
+        saved = ckpt.read(start.checkpoint, trusted=cfg.trust_pickle or None)
+        first = saved.resume_step(cfg, classes, world, steps_per_epoch)
+        saved.restore(model, opt, scaler)
+        best_top1, saved_ema = saved.metrics.get("best_top1"), saved.ema
+        best_score = (saved.metrics.get("best") or {}).get("top1")
+    # The average starts from the weights the run continues with: made after they are loaded.
+    ema = _make_ema(cfg, model, saved_ema)
     total = cfg.epochs * steps_per_epoch
     total = total if cfg.max_steps is None else min(total, cfg.max_steps)
     base_lr = scaled_lr(cfg.learning_rate, world)
+    if main:
+        _prepare_save_dir(cfg, run_config, start)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
     train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
@@ -208,24 +251,51 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
     if ema is not None:  # the averaged weights are scored beside the live ones
         evals["ema"] = (ema.module, steps.EvalStep(
             ema.module, num_classes=len(classes), trace=cfg.trace, amp=cfg.amp))
-    log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=start,
+    log = TrainLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=main, start=first,
                    total=total, world_size=world, reduce=dist.all_reduce_sum,
-                   progress=cfg.progress,
+                   progress=cfg.progress, epochs=cfg.epochs,
                    description="%s, %d steps/epoch" % (cfg.arch, steps_per_epoch),
                    tensorboard=cfg.tensorboard)
+    for line in startup_summary(cfg, world=world, steps_per_epoch=steps_per_epoch, total=total,
+                                first=first, start=start, base_lr=base_lr,
+                                train_loader=train_loader, val_loader=val_loader):
+        log.say(line)
+    if start.checkpoint:
+        log.event("resume", first, checkpoint=start.checkpoint,
+                  changes={c.name: [c.saved, c.now] for c in start.changes})
+    else:
+        log.event("start", 0)
     png = os.path.join(cfg.out_dir, "curves.png")
+    last_saved: Optional[int] = first if start.checkpoint else None
+    newest: Optional[str] = start.checkpoint
+    save_seconds = 60.0 * cfg.save_every_minutes
+    t_saved = time.monotonic()
 
-    def save(step: int) -> Optional[str]:
-        if not main:
+    def save(step: int, best: bool = False) -> Optional[str]:
+        """Rank 0: checkpoint step `step` (never one whose loss or weights are not finite)."""
+        nonlocal last_saved, newest, t_saved
+        if not main or step == last_saved:
             return None
-        return ckpt.write(ckpt.Checkpoint(
-            step=step, steps_per_epoch=steps_per_epoch, model=model.state_dict(), optimizer=opt.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            ema=ema.state_dict() if ema is not None else None,
-            config=run_config, metrics={"best_top1": best_top1}),
-            os.path.join(cfg.out_dir, ckpt.FILE_NAME))
+        log.read_pending()
+        if log.first_nonfinite is not None and not cfg.amp:
+            raise _diverged(cfg, log, newest, last_saved, "the loss is %s at step %d"
+                            % (log.first_nonfinite[1], log.first_nonfinite[0] + 1))
+        try:
+            path = ckpt.save(ckpt.Checkpoint(
+                step=step, steps_per_epoch=steps_per_epoch, model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                ema=ema.state_dict() if ema is not None else None, config=run_config,
+                metrics={"best_top1": best_top1,
+                         "best": {"top1": best_score, "of": "ema" if ema else "live"}}),
+                cfg.out_dir, keep=cfg.keep_checkpoints, best=best)
+        except ckpt.NonFiniteState as exc:
+            raise _diverged(cfg, log, newest, last_saved, "the weights of step %d are not "
+                            "finite (%s holds nan or inf)" % (step, exc.where)) from None
+        last_saved, newest, t_saved = step, path, time.monotonic()
+        return path
 
-    def evaluate(step: int) -> Optional[Dict[str, float]]:
+    def evaluate(step: int) -> Optional[Dict[str, Dict[str, float]]]:
         if val_loader is None:
             return None
         from engine.evaluate import run_eval
@@ -237,13 +307,15 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
             results[name] = run_eval(eval_step, val_loader)
             log.eval(step, (step - 1) // steps_per_epoch, results[name], name)
         model.train()
-        return results[""]
+        return results
 
-    last_eval, checkpoint_path = None, None
+    last_eval, checkpoint_path, stopped = None, None, 0
+    streak = 0
     t_start = time.perf_counter()
-    batches = train_loader.stream(start)
+    t_epoch, eval_seconds = time.perf_counter(), 0.0
+    batches = train_loader.stream(first)
     model.train()
-    for step in range(start, total):
+    for step in range(first, total):
         log.before_data()
         images, labels = next(batches)
         log.after_data(len(labels))
@@ -253,32 +325,147 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = ()) -> TrainResult:
             group["lr"] = lr  # honoured by the traced graph too (it reads the group each call)
         mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
         log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
-                train_step.last_step_skipped)
+                train_step.last_step_skipped, step)
         if ema is not None and not train_step.last_step_skipped:
             ema.update(model)
+        streak = streak + 1 if train_step.last_step_skipped else 0
+        if streak >= MAX_OVERFLOW_STREAK:  # every rank sees the same overflows: all stop here
+            raise _diverged(cfg, log, newest, last_saved, "the gradients overflowed in %d AMP "
+                            "steps in a row (steps %d-%d; the loss scale fell to %g)"
+                            % (streak, step + 2 - streak, step + 1,
+                               getattr(train_step.scaler, "scale_factor", 0.0)))
         done = step + 1
-        epoch_end, stop = done % steps_per_epoch == 0, done == total
-        if done % cfg.print_freq == 0 or epoch_end or stop:
-            log.interval(done, step // steps_per_epoch, lr)
-        if epoch_end or stop:  # a run stopped mid-epoch (max_steps) still reports accuracy
-            last_eval = evaluate(done) or last_eval
-            if last_eval is not None and (best_top1 is None or last_eval["top1"] > best_top1):
-                best_top1 = last_eval["top1"]
-        if epoch_end or stop or (cfg.save_every and done % cfg.save_every == 0):
-            checkpoint_path = save(done) or checkpoint_path
-        if main and (epoch_end or stop):
-            plot_curves(read_jsonl(log.log.path), png, title="%s on %s" % (cfg.arch, cfg.data))
+        epoch_end, last = done % steps_per_epoch == 0, done == total
+        agreed = 0
+        if done % cfg.print_freq == 0 or epoch_end or last:
+            interval = log.interval(done, step // steps_per_epoch, lr, stop=stop.code(world))
+            if interval.nonfinite and not cfg.amp:  # summed over the ranks: all stop here
+                where = log.first_nonfinite
+                what = ("the loss is %s at step %d" % (where[1], where[0] + 1) if where
+                        else "the loss is not finite on another rank by step %d" % done)
+                raise _diverged(cfg, log, newest, last_saved, what)
+            agreed = stop.decode(interval.stop, world)
+        if world == 1 and not agreed:
+            agreed = stop.requested()  # one process needs no agreement: stop after this step
+        stopping = bool(agreed) and not last
+        is_best = False
+        if (epoch_end or last) and not stopping:  # a stop saves first: the time may be short
+            t_eval = time.perf_counter()
+            results = evaluate(done)
+            eval_seconds += time.perf_counter() - t_eval
+            if results is not None:
+                last_eval = results[""]
+                if best_top1 is None or last_eval["top1"] > best_top1:
+                    best_top1 = last_eval["top1"]
+                # best.pkl follows the EMA's score when the run keeps one (what it delivers)
+                score = results["ema" if "ema" in results else ""]["top1"]
+                if best_score is None or score > best_score:
+                    best_score, is_best = score, True
+        timed = main and save_seconds > 0 and time.monotonic() - t_saved >= save_seconds
+        if (epoch_end or last or stopping or timed
+                or (cfg.save_every and done % cfg.save_every == 0)):
+            checkpoint_path = save(done, is_best) or checkpoint_path
+        if epoch_end:
+            log.epoch_done(step // steps_per_epoch, time.perf_counter() - t_epoch, eval_seconds)
+            t_epoch, eval_seconds = time.perf_counter(), 0.0
+        if epoch_end or last:
+            if main:
+                _plot(log, png, read_metrics, "%s on %s" % (cfg.arch, cfg.data))
+        if stopping:
+            stopped = agreed
+            stop.note_agreed(agreed)
+            log.event("stop", done, signal=stop.name(agreed), checkpoint=newest)
+            if epoch_end and val_loader is not None:
+                log.say("the eval of epoch %d is left out to stop quickly (tools/test.py scores "
+                        "%s)" % (step // steps_per_epoch, newest))
+            break
     log.close()
     train_loader.close()
     if val_loader is not None:
         val_loader.close()
-    done = max(start, total)
+    done = step + 1 if stopped else max(first, total)
     return TrainResult(
-        save_dir=cfg.out_dir, checkpoint=checkpoint_path, epoch=done // steps_per_epoch, steps=done,
+        save_dir=cfg.out_dir, checkpoint=checkpoint_path or (newest if main else None),
+        epoch=done // steps_per_epoch, steps=done,
         loss=log.last_loss, top1=last_eval["top1"] if last_eval else None,
         top5=last_eval["top5"] if last_eval else None, best_top1=best_top1,
         img_s=log.mean_img_s(), seconds=time.perf_counter() - t_start, world_size=world,
-        num_classes=len(classes), lr=base_lr)
+        num_classes=len(classes), lr=base_lr, stopped=stop.name(stopped) if stopped else None,
+        exit_status=stop.exit_status(stopped), resumed_from=start.checkpoint)
+
+
+def _plot(log: Any, png: str, read: Any, title: str) -> None:
+    """curves.png from metrics.jsonl; a disk that refuses it costs the picture, not the run."""
+    from engine.metrics import plot_curves
+
+    try:
+        plot_curves(read(log.log.path), png, title=title)
+    except OSError as exc:
+        log._warn("warning: %s; training goes on without the picture"
+                  % disk_error_message(exc, png).split("; ")[0])
+
+
+def _diverged(cfg: TrainConfig, log: Any, newest: Optional[str], newest_step: Optional[int],
+              what: str) -> UserError:
+    """The one-line error of a diverged run: what went wrong, where, and the way back."""
+    finite = log.last_finite
+    last = ("; the last finite loss was %.6g, at step %d" % (finite[1], finite[0] + 1)
+            if finite else "")
+    if newest:
+        way = ("nothing after step %s was saved, so %s (step %s) is the last good checkpoint; "
+               "to continue from it, rerun this command with a lower --lr (this run's is %g) and "
+               "--allow-changes learning_rate" % (newest_step, newest, newest_step,
+                                                   cfg.learning_rate))
+    else:
+        way = ("no checkpoint was saved before it; rerun this command with a lower --lr (this "
+               "run's is %g) and --replace to start the run again" % cfg.learning_rate)
+    return DivergedError("training diverged: %s%s. %s" % (what, last, way))
+
+
+class DivergedError(UserError):
+    """The loss or the weights stopped being finite, or AMP overflowed too long."""
+
+
+def startup_summary(cfg: TrainConfig, *, world: int, steps_per_epoch: int, total: int,
+                    first: int, start: Any, base_lr: float, train_loader: Any,
+                    val_loader: Any) -> List[str]:
+    """The lines a run's log starts with (rank 0): what is about to run, and from where."""
+    nodes = cfg.num_nodes or 1
+    per_node = max(1, world // nodes)
+    if start.checkpoint:
+        epoch, pos = divmod(first, steps_per_epoch)
+        where = ("continuing the run in %s from %s: step %d (epoch %d, step %d of %d in it)"
+                 % (cfg.out_dir, start.checkpoint, first, epoch, pos, steps_per_epoch))
+    else:
+        where = "a new run in %s" % cfg.out_dir
+    lines = ["run: " + where]
+    lines += ["note: " + n for n in start.notes]
+    warmup = ", warmup %g epochs" % cfg.warmup_epochs if cfg.warmup_epochs else ""
+    unit = "GPU" if dist.gpu_count() else "CPU process"
+    lines.append("world: %d rank%s = %d node%s x %d %s%s; global batch %d (%d per rank); LR %g "
+                 "after scaling (%g per rank x %d), %s schedule%s"
+                 % (world, "" if world == 1 else "s", nodes, "" if nodes == 1 else "s", per_node,
+                    unit, "" if per_node == 1 else "es" if unit.endswith("s") else "s",
+                    cfg.batch_size * world, cfg.batch_size, base_lr, cfg.learning_rate, world,
+                    cfg.lr_schedule, warmup))
+    lines.append("steps: %d per epoch, %d in total (%d epochs%s), %d to go"
+                 % (steps_per_epoch, total, cfg.epochs,
+                    ", --max-steps %d" % cfg.max_steps if cfg.max_steps is not None else "",
+                    max(0, total - first)))
+    val = (", val %d images" % val_loader.num_samples) if val_loader is not None else ", no eval"
+    lines.append("data: %s: %d train images%s; %d workers per loader (%d ranks per node), %.1f MB "
+                 "shared ring per loader (%d slots)"
+                 % (cfg.data, train_loader.num_samples, val, train_loader.workers,
+                    train_loader.local_world_size, train_loader.shared_memory_bytes / 1e6,
+                    train_loader.slots))
+    when = ["every %g min" % cfg.save_every_minutes] if cfg.save_every_minutes else []
+    when += ["every %d steps" % cfg.save_every] if cfg.save_every else []
+    when += ["at each epoch end and on SIGTERM/SIGUSR1 (exit 75) or Ctrl-C (exit 130)"]
+    lines.append("checkpoints: %s; checkpoint.pkl is the newest, the last %d kept as "
+                 "checkpoint-<step>.pkl, best.pkl by val top-1 of the %s"
+                 % (", ".join(when), cfg.keep_checkpoints,
+                    "EMA" if cfg.ema_decay is not None else "weights"))
+    return lines
 
 
 def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
@@ -319,13 +506,18 @@ def _model_and_optimizer(cfg: TrainConfig, num_classes: int, world: int):
     return model, gm, opt, scaler
 
 
-def _make_ema(cfg: TrainConfig, model):
-    """The weights' moving average (--ema-decay), or None."""
+def _make_ema(cfg: TrainConfig, model, saved: Optional[Mapping[str, Any]] = None):
+    """The weights' moving average (--ema-decay), or None: made from `model` as it is now (the
+    resumed weights), or the checkpoint's `saved` average at this run's decay."""
     if cfg.ema_decay is None:
         return None
     from engine.ema import ModelEMA
 
-    return ModelEMA(model, cfg.ema_decay, warmup=True, trace=cfg.trace)
+    ema = ModelEMA(model, cfg.ema_decay, warmup=True, trace=cfg.trace)
+    if saved:
+        ema.load_state_dict(dict(saved))
+        ema.decay = float(cfg.ema_decay)  # an allowed change of the decay applies from here
+    return ema
 
 
 def _mix_inputs(cfg: TrainConfig, step: int, rank: int, shape: Tuple[int, ...]):
@@ -342,34 +534,21 @@ def _mix_inputs(cfg: TrainConfig, step: int, rank: int, shape: Tuple[int, ...]):
             mge.tensor(np.float32(plan.lam)))
 
 
-def _resume(cfg: TrainConfig, model, opt, scaler, ema, classes: List[str], world: int,
-            steps_per_epoch: int) -> Tuple[int, Optional[float]]:
-    """Load weights, optimizer, scaler and EMA state; returns (global step, best top-1)."""
-    from engine import checkpoint as ckpt
-
-    assert cfg.resume is not None  # called only for a run with --resume
-    saved = ckpt.read(ckpt.resolve_resume(cfg.resume), trusted=cfg.trust_pickle or None)
-    step = saved.resume_step(cfg, classes, world, steps_per_epoch)
-    saved.restore(model, opt, scaler, ema)
-    return step, saved.metrics.get("best_top1")
-
-
-def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], loader) -> None:
-    """Rank 0: clear dead temp files, say what is about to happen, write config.json."""
+def _prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], start: Any) -> None:
+    """Rank 0: move a replaced run aside, clear dead temp files, write config.json."""
     import json
 
     from engine import checkpoint as ckpt
+    from engine import run
     from engine.atomic import atomic_write
 
+    if start.replace:
+        moved = run.replace_run(cfg.out_dir)
+        if moved:
+            print("note: the run that was in %s is now in %s (nothing was deleted)"
+                  % (cfg.out_dir, moved), file=sys.stderr)
     ckpt.clean_temp_files(cfg.out_dir)
-    if not cfg.resume and ckpt.file_in(cfg.out_dir):
-        print("note: %s already holds a checkpoint; this fresh run will replace it (pass "
-              "--resume %s to continue that run instead)" % (cfg.save_dir, cfg.save_dir),
-              file=sys.stderr)
-    print("data: %d workers per loader (%d ranks per node), %.1f MB shared ring per loader"
-          % (loader.workers, loader.local_world_size, loader.shared_memory_bytes / 1e6),
-          file=sys.stderr)
-    path = os.path.join(cfg.out_dir, "config.json")
+    path = os.path.join(cfg.out_dir, run.CONFIG_FILE)
     text = json.dumps(run_config, indent=1, sort_keys=True) + "\n"
     try:
         atomic_write(path, lambda f: f.write(text.encode()))

@@ -113,8 +113,10 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()
-    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C goes to the whole process group, and a scheduler's stop signals (SIGTERM, SIGUSR1)
+    # to every process of the job: the main process decides and tells us to stop.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     parent = os.getppid()
     while True:
         try:
