@@ -6,14 +6,42 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
+def _libjpeg():
+    """engine/libjpeg.py, loaded by path: where libjpeg-turbo's headers and library are (the
+    package itself may not be importable while it is being built)."""
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_engine_libjpeg",
+                                                  os.path.join(here, "engine", "libjpeg.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class OptionalBuildExt(build_ext):
-    """Build the ROI decoder when libjpeg-turbo's headers exist; otherwise warn and go on.
+    """Build the ROI decoder where libjpeg-turbo's headers are (the system's, or a user's own
+    prefix: engine/libjpeg.py says where it looks); otherwise say so in one line and go on.
 
     The loader falls back to PyTurboJPEG when the extension is missing, so a machine without
     the headers still gets a working (slower) engine instead of a failed install.
     """
 
     def run(self):
+        libjpeg = _libjpeg()
+        found = libjpeg.find_headers()
+        if found is None:
+            sys.stderr.write(
+                "note: the ROI decoder (engine.data._jpegroi) is not built: libjpeg-turbo's "
+                "headers (jpeglib.h) were not found; the loader uses PyTurboJPEG. For the faster "
+                "decoder get them with %s, then rerun.\n" % libjpeg.HOW_TO_GET)
+            return
+        if found.source != "the system":  # a prefix of the user's: build and run against it
+            for ext in self.extensions:
+                ext.include_dirs.append(found.path)
+                if found.lib_dir:
+                    ext.library_dirs.append(found.lib_dir)
+                    ext.runtime_library_dirs.append(found.lib_dir)
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure means "no extension"
@@ -73,6 +101,7 @@ setup(
         "dev": ["pytest", "scikit-image", "matplotlib", "pillow", "ruff==0.8.4", "mypy==1.13.0",
                 "tensorboardX"],
         "tensorboard": ["tensorboardX"],
+        "plot": ["matplotlib"],  # the run's curves.png (optional: a run without it says so)
         # NVIDIA DALI's CPU pipeline, a peer row in benchmarks/bench_loader.py (~790 MB)
         "dali": ["nvidia-dali-cuda120"],
     },

@@ -1,9 +1,14 @@
-"""Atomic file replacement: readers see the old file or the complete new one, never a part."""
+"""Atomic file replacement: readers see the old file or the complete new one, never a part.
+
+Files written here get the mode the process's umask gives any other new file (0644 under umask
+022, 0640 under 027), so a pack or a run written by one user is readable by the teammates the
+umask lets in, as a file made by `open(path, "w")` would be.
+"""
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import IO, Callable
+import secrets
+from typing import IO, Callable, Tuple
 
 __all__ = ["TMP_PREFIX", "atomic_write", "fsync_dir"]
 
@@ -22,6 +27,21 @@ def fsync_dir(folder: str) -> None:
         pass  # some filesystems refuse fsync on directories; the rename is still atomic
 
 
+def _create_temp(folder: str, name: str) -> Tuple[int, str]:
+    """A new, empty hidden file beside `name` in `folder`: (fd, path).
+
+    Created with mode 0666 for the kernel to apply the umask (and a default ACL of the folder)
+    to, exactly as for any other new file; tempfile.mkstemp would force 0600 whatever the
+    umask. O_EXCL makes the random name ours alone."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        path = os.path.join(folder, "%s%s.%s" % (TMP_PREFIX, name, secrets.token_hex(4)))
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], object], durable: bool = True) -> str:
     """Call write(f) on a temp file beside `path`, fsync it, rename it over `path` (whatever
     write returns, e.g. f.write's byte count, is ignored).
@@ -35,7 +55,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], object], durable: bool 
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    fd, tmp = _create_temp(folder, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -15,7 +15,8 @@ become numpy arrays), so it loads with or without MegEngine, of one dict::
      "steps_per_epoch": int,  # what `step` was counted in (epoch = step // steps_per_epoch)
      "state_dict": {...},     # model weights, the key official test.py/inference.py read too
      "optimizer": {...}, "scaler": {...} | None, "ema": {...} | None,
-     "config": {...},         # TrainConfig as a dict + num_classes, classes, world_size
+     "config": {...},         # TrainConfig as a dict + num_classes, classes, world_size,
+                              # command, versions, started (engine.config.RUN_RECORD_KEYS)
      "metrics": {...}}        # best top-1 so far
 
 A save dir's checkpoints (:func:`save`): :data:`FILE_NAME` (the official train.py's name) is
@@ -36,7 +37,8 @@ refused with a message that says to update the engine.
 
 Weights only. Evaluation and inference need just the model and the run config, which every
 version keeps under ``"state_dict"`` and ``"config"``: :func:`config_of` recognises a checkpoint
-among other weight files without the checks a resume needs.
+among other weight files without the checks a resume needs, and :func:`ema_weights_of` finds its
+averaged weights.
 
 Reading is safe by default: the file is unpickled with the allow-list of
 :func:`engine.models.weights.unpickle` (containers, numbers, strings, numpy arrays, MegEngine
@@ -65,8 +67,8 @@ if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["FILE_NAME", "BEST_NAME", "FORMAT", "VERSION", "Checkpoint", "NonFiniteState",
-           "clean_temp_files", "config_of", "dump", "file_in", "files_in", "read",
-           "resolve_resume", "run_config", "save", "window_name", "write"]
+           "clean_temp_files", "config_of", "dump", "ema_weights_of", "file_in", "files_in",
+           "read", "resolve_resume", "run_config", "save", "window_name", "write"]
 
 FORMAT = "engine-checkpoint"
 VERSION = 2
@@ -146,13 +148,17 @@ class Checkpoint:
 def run_config(config: TrainConfig, classes: Sequence[str], world_size: int,
                train_images: Optional[int] = None) -> Dict[str, Any]:
     """What a checkpoint (and a save dir's config.json) records about its run: the TrainConfig,
-    and what test.py/inference.py and a resume need besides (class list, world size, the number
-    of training images when known)."""
+    what test.py/inference.py and a resume need besides (class list, world size, the number
+    of training images when known), and the launch (engine.config.run_facts: command line,
+    versions, start time)."""
+    from engine.config import run_facts
+
     out = dataclasses.asdict(config)
     out.update(num_classes=len(classes), classes=list(classes))
     out["world_size"] = int(world_size)
     if train_images is not None:
         out["train_images"] = int(train_images)
+    out.update(run_facts())
     return out
 
 
@@ -277,6 +283,16 @@ def config_of(obj: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     if obj.get("format") != FORMAT:
         return None
     return dict(obj.get("config") or {})
+
+
+def ema_weights_of(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The state dict of the moving average an engine checkpoint's dict holds (a run with an
+    EMA), or None when it holds none or ``obj`` is another weight file."""
+    if obj.get("format") != FORMAT:
+        return None
+    ema = obj.get("ema")
+    state = ema.get("state_dict") if isinstance(ema, Mapping) else None
+    return state if isinstance(state, Mapping) else None
 
 
 def dump(obj: Mapping[str, Any], path: str) -> str:

@@ -41,8 +41,10 @@ class ModelEMA:
     """EMA of `model`'s parameters, with buffers copied; see the module docstring.
 
     Call `update(model)` after each optimizer step that changed the weights (skip it when an
-    AMP step was dropped for overflow). Evaluate with `ema.module` (already in eval mode).
-    `trace=True` compiles the update into one graph (one launch instead of three per tensor).
+    AMP step was dropped for overflow), or hand the EMA to `engine.steps.TrainStep(ema=...)`,
+    which runs the same update inside its own step graph (the trainer does). Evaluate with
+    `ema.module` (already in eval mode). `trace=True` compiles `update` into one graph (one
+    launch instead of three per tensor).
     """
 
     def __init__(self, model: Module, decay: float = 0.9999, warmup: bool = True,
@@ -67,7 +69,10 @@ class ModelEMA:
                               "the one the EMA was made from")
         return ([(mine_p[k], live_p[k]) for k in mine_p], [(mine_b[k], live_b[k]) for k in mine_b])
 
-    def _bind(self, model: Module) -> None:
+    def update_fn(self, model: Module) -> Callable[[mge.Tensor, mge.Tensor], None]:
+        """The update as plain tensor code, `fn(d, 1 - d)`, for a caller to run inside its own
+        compiled graph (engine.steps.TrainStep folds it into the training step); pair it with
+        `next_decay()` for the decay of each update."""
         params, buffers = self._pairs(model)
 
         def update(d: mge.Tensor, one_minus_d: mge.Tensor) -> None:
@@ -79,17 +84,27 @@ class ModelEMA:
             for mine, live in buffers:
                 mine[...] = live.detach()
 
+        return update
+
+    def next_decay(self) -> float:
+        """The decay of the next update, which this counts as done."""
+        d = ema_decay_at(self.updates, self.decay, self.warmup)
+        self.updates += 1
+        return d
+
+    def _bind(self, model: Module) -> None:
+        update = self.update_fn(model)
         # compiled like the train step, so that a resumed EMA averages bit for bit as before
         self._fn = compile_step(update, self._trace)
         self._bound = model
 
     def update(self, model: Module) -> float:
-        """Fold the model's current weights into the average; returns the decay used."""
+        """Fold the model's current weights into the average, as a graph of its own; returns
+        the decay used."""
         if self._bound is not model:
             self._bind(model)
-        d = ema_decay_at(self.updates, self.decay, self.warmup)
+        d = self.next_decay()
         self._fn(mge.tensor(np.float32(d)), mge.tensor(np.float32(1.0 - d)))
-        self.updates += 1
         return d
 
     # ---- checkpoints ----

@@ -6,33 +6,73 @@ Every tool catches `UserError` once, prints `error: <message>` on one line and e
 `ShardError`, `PackError`) subclass it, so a tool never needs to know which layer raised.
 This module imports nothing, so `engine.data` can use it without pulling in MegEngine.
 """
+from __future__ import annotations
 
-
-from typing import Callable, Optional
+# Not typing: a tool imports this module before Ctrl-C is deferred (defer_startup_interrupts),
+# and typing alone takes a tenth of a second on a loaded machine.
+from collections.abc import Callable
 
 
 class UserError(Exception):
     """A problem the user can fix; the message says what was wrong and what to do."""
 
 
-def run_tool(body: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
+# A tool program's Ctrl-C outside run_tool: [deferred (defer_startup_interrupts), pressed since].
+_deferred = [False, False]
+
+
+def _note_interrupt(signum: int, frame: object) -> None:
+    _deferred[1] = True
+
+
+def defer_startup_interrupts() -> None:
+    """For a tool started as a program, before its imports (engine.tools does this): outside
+    run_tool, Ctrl-C is noted rather than raised. The next run_tool answers a noted one like any
+    other (one line, 130); one noted after the last, while the interpreter exits, is dropped.
+
+    Raised inside an import, a KeyboardInterrupt can come out as an ImportError of a half-
+    initialised extension, or a traceback before any handler exists; raised while the
+    interpreter exits (joining worker processes), as "Exception ignored" tracebacks.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _note_interrupt)
+        _deferred[0] = True
+
+
+def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
     keeps its traceback. MegEngine's cache folder is checked just before `body` first imports
-    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too."""
+    MegEngine (engine.megengine_env), so a bad MGE_HOME is one line too, and MegEngine's
+    CUDA-probing lines on a CPU machine are kept out of the output unless ENGINE_VERBOSE=1."""
+    import signal
     import sys
 
-    from engine.megengine_env import guard_import
+    from engine.megengine_env import guard_import, quiet_megengine
 
-    guard_import(UserError)
+    program = _deferred[0] and signal.getsignal(signal.SIGINT) is _note_interrupt
     try:
+        if program:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if _deferred[1]:  # pressed before this call
+                _deferred[1] = False
+                raise KeyboardInterrupt
+        guard_import(UserError)
+        quiet_megengine()
         status = body()
     except UserError as exc:
         print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if program:  # the answer is being given: another Ctrl-C must not cut into it
+            signal.signal(signal.SIGINT, _note_interrupt)
         print(interrupted, file=sys.stderr)
         return 130
+    finally:
+        if program:
+            signal.signal(signal.SIGINT, _note_interrupt)
     return status or 0
 
 
@@ -61,8 +101,31 @@ def disk_error_message(exc: OSError, path: str, needed: int = 0) -> str:
     return msg
 
 
+
+def read_error_message(exc: OSError, path: str) -> str:
+    """One line for an OSError met while reading `path`, naming it; for a permission problem,
+    whose file it is, its mode and what makes it readable (files another user packed or trained
+    are the usual case on shared storage)."""
+    import errno
+    import os
+    import stat
+
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return "cannot read %s: %s" % (path, exc.strerror or exc)
+    msg = "cannot read %s: permission denied" % path
+    try:
+        st = os.stat(path)
+    except OSError:  # not even stat-able: a folder above it is closed to this user
+        return msg + " (a folder above it does not let this user in); ask its owner to open " \
+                     "the folders on the way to it (chmod a+rx, or g+rx for a shared group)"
+    folder = stat.S_ISDIR(st.st_mode)
+    return ("%s (%s mode %04o, owner uid %d, group gid %d; this process runs as uid %d); ask "
+            "its owner to make it readable (chmod %s, or %s for a shared group)"
+            % (msg, "folder" if folder else "file", stat.S_IMODE(st.st_mode), st.st_uid,
+               st.st_gid, os.geteuid(), "a+rx" if folder else "a+r", "g+rx" if folder else "g+r"))
+
 _SIGNAL_CAUSES = {
-    "SIGKILL": "usually the out-of-memory killer: lower the worker count or the batch size",
+    "SIGKILL": "usually the out-of-memory killer: %s",
     "SIGBUS": "a memory-mapped file was truncated or replaced under it, or its disk filled up: "
               "check the data with tools/verify_pack.py",
     "SIGSEGV": "a crash in native code",
@@ -70,10 +133,12 @@ _SIGNAL_CAUSES = {
 }
 
 
-def describe_exit(code: Optional[int]) -> str:
+def describe_exit(code: int | None,
+                  memory_fix: str = "lower the worker count or the batch size") -> str:
     """How a child process ended, from its exit code as multiprocessing reports it (negative:
     the signal that killed it), with what the user can do about a signal: 'was killed by signal
-    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'."""
+    9 and exited unexpectedly with code -9 (SIGKILL: usually the out-of-memory killer: ...)'.
+    `memory_fix` is the advice for the out-of-memory killer, in the caller's own terms."""
     import signal
 
     if code is None:
@@ -85,6 +150,8 @@ def describe_exit(code: Optional[int]) -> str:
     except ValueError:
         return "was killed by signal %d and exited unexpectedly with code %d" % (-code, code)
     cause = _SIGNAL_CAUSES.get(name)
+    if cause and "%s" in cause:
+        cause = cause % memory_fix
     return "was killed by signal %d and exited unexpectedly with code %d (%s)" % (
         -code, code, "%s: %s" % (name, cause) if cause else name)
 

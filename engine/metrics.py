@@ -243,48 +243,91 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
     return latest_records(read_jsonl(path))
 
 
-def plot_curves(records: Iterable[Dict[str, Any]], png_path: str, title: str = "") -> str:
-    """Training loss and LR per step, eval top-1/top-5 per epoch, as one PNG.
+#: What a run says, once, when it cannot draw curves.png.
+PLOT_HINT = ("curves.png is not drawn: it needs matplotlib (pip install matplotlib, or pip "
+             "install -e .[plot]); metrics.jsonl holds the same figures")
+_plot_noted = False
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
-    headless and never disturbs a caller's interactive backend.
-    """
+
+def curves_figure(records: Iterable[Dict[str, Any]], title: str = ""):
+    """The figure of plot_curves: training loss and LR per step, and val top-1/top-5 of the live
+    weights and of the EMA (when the run kept one) by the epoch metrics.jsonl records.
+
+    A series of a few points is drawn with markers, so a one-point series (a one-epoch run, the
+    first record of a run) shows. Returns a matplotlib Figure (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records = list(records)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-    evals = [r for r in records if r.get("kind") == "eval"]
+
+    def style(n: int) -> Dict[str, Any]:
+        return {"marker": "o", "markersize": 3} if n <= 50 else {}
 
     fig = Figure(figsize=(12, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
 
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1,
+                 **style(len(train)))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("train loss")
     ax_loss.grid(alpha=0.3)
 
-    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1, color="tab:orange")
-    if train and all(r["lr"] > 0 for r in train):
+    lrs = [r for r in train if r.get("lr") is not None]
+    ax_lr.plot([r["step"] for r in lrs], [r["lr"] for r in lrs], lw=1, color="tab:orange",
+               **style(len(lrs)))
+    if lrs and all(r["lr"] > 0 for r in lrs):
         ax_lr.set_yscale("log")  # step decays by 10x read as equal steps
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
 
-    if evals:
-        ep = [r["epoch"] + 1 for r in evals]  # evaluated at the end of epoch r["epoch"]
-        ax_acc.plot(ep, [r["top1"] for r in evals], "o-", label="top-1")
-        ax_acc.plot(ep, [r["top5"] for r in evals], "s-", label="top-5")
+    for kind, name, dash in (("eval", "", "-"), ("eval_ema", " (EMA)", "--")):
+        evals = [r for r in records if r.get("kind") == kind and r.get("top1") is not None]
+        if not evals:
+            continue
+        ep = [r["epoch"] for r in evals]  # the same numbers as metrics.jsonl
+        ax_acc.plot(ep, [r["top1"] for r in evals], "o" + dash, color="tab:blue",
+                    label="top-1" + name)
+        ax_acc.plot(ep, [r["top5"] for r in evals], "s" + dash, color="tab:green",
+                    label="top-5" + name)
+    if ax_acc.lines:
         ax_acc.legend()
-    ax_acc.set_xlabel("epoch")
+    ax_acc.set_xlabel("epoch (as in metrics.jsonl)")
     ax_acc.set_ylabel("val accuracy (%)")
     ax_acc.grid(alpha=0.3)
 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))  # never a half-written image
+    return fig
+
+
+def plot_curves(records: Iterable[Dict[str, Any]], png_path: str,
+                title: str = "") -> Optional[str]:
+    """Write curves_figure(records) as a PNG, atomically (never a half-written image); returns
+    its path, or None where matplotlib is missing (or fails on import): the plot is optional,
+    so a run goes on, and says so once per process (PLOT_HINT).
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works
+    headless and never disturbs a caller's interactive backend.
+    """
+    global _plot_noted
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401  (what curves_figure draws with)
+        import matplotlib.figure  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - missing, or an install that fails on import
+        if not _plot_noted:
+            _plot_noted = True
+            missing = isinstance(exc, ModuleNotFoundError) and \
+                (exc.name or "").split(".")[0] == "matplotlib"
+            detail = "" if missing else " (%s: %s)" % (
+                type(exc).__name__, " ".join(str(exc).split())[:200])
+            print("note: %s%s" % (PLOT_HINT, detail), file=sys.stderr)
+        return None
+    fig = curves_figure(records, title)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
     return png_path
 
 

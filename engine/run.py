@@ -87,9 +87,12 @@ MAY_CHANGE = frozenset({
     "epochs", "max_steps", "data", "workers", "ngpus", "num_nodes", "node_rank", "master_ip",
     "master_port", "rendezvous_timeout", "save_dir", "resume", "trust_pickle", "trace", "dtr",
     "print_freq", "save_every", "save_every_minutes", "keep_checkpoints", "evaluate", "progress",
-    "tensorboard", "allow_changes", "replace",
-    # compared through DERIVED: the per-GPU values may change with the GPU count
-    "batch_size", "learning_rate",
+    "tensorboard", "allow_changes", "replace", "heartbeat_timeout", "train_data", "val_data",
+    # where a new run's weights come from: a continuing run has its own
+    "pretrained", "weights",
+    # compared through DERIVED: the per-GPU values may change with the GPU count, and so may
+    # what a recipe's world size turns them into
+    "batch_size", "learning_rate", "recipe", "recipe_world_size", "keep_global_batch",
 })
 
 

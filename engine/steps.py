@@ -15,13 +15,22 @@ Two MegEngine 1.13 facts shape the code:
 - float16 on MegEngine's CPU backend produces nan for real networks, so AMP is refused on
   machines without CUDA before any model is built (`require_amp_device`).
 
+A step dropped for overflow leaves no trace: the update does not run, and the BN running
+statistics that its forward pass moved are put back (the first graph returns their values from
+before the step). The weights' moving average (`ema=`) is folded into the update graph, so it
+costs no graph launch and no host wait of its own. `fail_early` runs the largest step of the
+schedule once before the first one, so an out-of-memory or a shape problem shows in the first
+minute instead of at the end of a progressive-resizing ramp.
+
 Every graph is compiled at graph optimisation level 1 (`compile_step`), not MegEngine's default
 2, so that a resumed run computes bit for bit what the uninterrupted one does (see
 `TRACE_OPT_LEVEL`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import math
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import megengine as mge
 import megengine.functional as F
@@ -35,6 +44,9 @@ from megengine.optimizer import Optimizer
 
 from engine.errors import UserError
 from engine.models.specs import MEAN_BGR, STD_BGR
+
+if TYPE_CHECKING:
+    from engine.ema import ModelEMA
 
 AMP_CPU_MESSAGE = (
     "--amp needs a CUDA GPU: MegEngine's CPU backend computes float16 incorrectly (the loss "
@@ -106,7 +118,9 @@ def parse_bytes(text: str) -> int:
     try:
         value = float(num) * mult
     except ValueError:
-        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text) from None
+        value = float("nan")
+    if not math.isfinite(value):  # float() also reads "nan" and "inf"
+        raise UserError("cannot read %r as a memory size; use e.g. 5GB or 512MB" % text)
     if value <= 0:
         raise UserError("memory size must be positive, got %r" % text)
     return int(value)
@@ -144,6 +158,9 @@ class TrainStep:
 
     A compiled graph is built per input shape: progressive resizing changes the image size at
     epoch boundaries, and each size keeps its own trace (a handful over a run).
+
+    With `ema` (an engine.ema.ModelEMA of `model`), every update that runs also folds the new
+    weights into the average, inside the same graph; a skipped AMP update skips it too.
     """
 
     def __init__(
@@ -159,6 +176,7 @@ class TrainStep:
         dtr_bytes: Optional[int] = None,
         mix: bool = False,
         num_classes: Optional[int] = None,
+        ema: Optional["ModelEMA"] = None,
     ):
         self.model, self.gm, self.opt = model, gm, opt
         self.amp = amp
@@ -170,6 +188,9 @@ class TrainStep:
         self.num_classes = num_classes
         self.normalize = Normalize()
         self.params = list(gm.attached_tensors())  # what backward writes .grad into
+        self.buffers = list(model.buffers())  # BN running statistics, moved by each forward
+        self.ema = ema
+        self._ema_update = ema.update_fn(model) if ema is not None else None
         self.last_step_skipped = False
         if dtr_bytes:
             # DTR runs eagerly: MegEngine documents and exercises DTR in imperative mode; the
@@ -201,18 +222,47 @@ class TrainStep:
         targets = mix_targets(labels, num_classes, lam, perm, self.label_smoothing)
         return soft_cross_entropy(logits, targets)
 
+    def _update(self, decay: Sequence[mge.Tensor]) -> None:
+        """The optimizer step, then the EMA update with `decay` = (d, 1 - d) when there is one."""
+        self.opt.step().clear_grad()
+        if self._ema_update is not None:
+            self._ema_update(*decay)
+
+    def _decay_inputs(self) -> Tuple[mge.Tensor, ...]:
+        """(d, 1 - d) of the EMA update about to run, as graph inputs; () without an EMA."""
+        if self.ema is None:
+            return ()
+        d = self.ema.next_decay()
+        return mge.tensor(np.float32(d)), mge.tensor(np.float32(1.0 - d))
+
+    def _restore_buffers(self, before: Sequence[mge.Tensor]) -> None:
+        for buf, old in zip(self.buffers, before):
+            buf[...] = old
+
     # ---- float32: the whole step is one graph ----
-    def _fp32_step(self, images: mge.Tensor, labels: mge.Tensor, *mix: mge.Tensor) -> mge.Tensor:
+    def _fp32_step(self, images: mge.Tensor, labels: mge.Tensor, *rest: mge.Tensor) -> mge.Tensor:
+        k = 2 if self.ema is not None else 0  # rest = EMA decay inputs, then the mix plan
+        with self.gm:
+            loss = self._loss(images, labels, rest[k:])
+            self.gm.backward(loss)
+        self._update(rest[:k])
+        return loss
+
+    # ---- float32 forward and backward only, no update: `fail_early`'s probe ----
+    def _fp32_backward(self, images: mge.Tensor, labels: mge.Tensor,
+                       *mix: mge.Tensor) -> List[mge.Tensor]:
+        before = [F.copy(b) for b in self.buffers]
         with self.gm:
             loss = self._loss(images, labels, mix)
             self.gm.backward(loss)
-        self.opt.step().clear_grad()
-        return loss
+        return [loss, *before]
 
     # ---- AMP: graph 1 = forward, scaled backward, unscale, overflow flag ----
     def _amp_backward(
         self, images: mge.Tensor, labels: mge.Tensor, scale: mge.Tensor, *mix: mge.Tensor
-    ) -> Tuple[mge.Tensor, mge.Tensor]:
+    ) -> List[mge.Tensor]:
+        """[loss, overflow flag, *BN buffers as they were before this forward pass]."""
+        before = [F.copy(b) for b in self.buffers]
         with self.gm:
             with mge_amp.autocast(enabled=True):
                 loss = self._loss(images, labels, mix)
@@ -222,11 +272,11 @@ class TrainStep:
             if p.grad is not None:
                 p.grad = p.grad * inv
         overflow = _check_non_finite([p.grad for p in self.params if p.grad is not None], 1.0)
-        return loss, overflow
+        return [loss, overflow, *before]
 
-    # ---- AMP: graph 2 = the optimizer update, run only when the gradients are finite ----
-    def _amp_update(self) -> None:
-        self.opt.step().clear_grad()
+    # ---- AMP: graph 2 = the optimizer (and EMA) update, run only when the gradients are finite
+    def _amp_update(self, *decay: mge.Tensor) -> None:
+        self._update(decay)
 
     def __call__(self, images: mge.Tensor, labels: mge.Tensor,
                  mix: Optional[Sequence[mge.Tensor]] = None) -> mge.Tensor:
@@ -235,21 +285,52 @@ class TrainStep:
                              "exactly when it is True" % self.mix)
         extra = tuple(mix or ())
         if not self.amp:
-            return self._graph("_fp32_step", images.shape)(images, labels, *extra)
+            return self._graph("_fp32_step", images.shape)(images, labels,
+                                                           *self._decay_inputs(), *extra)
         scaler = self.scaler
         assert scaler is not None  # __init__ makes one whenever amp is on
         scale = mge.tensor(np.float32(scaler.scale_factor))
-        loss, overflow = self._graph("_amp_backward", images.shape)(images, labels, scale, *extra)
+        loss, overflow, *before = self._graph("_amp_backward", images.shape)(
+            images, labels, scale, *extra)
         skipped = bool(overflow.numpy())
         if skipped:
+            # Nothing of this step may stay: no update, and the BN statistics its forward
+            # pass moved go back to what they were.
             self.opt.clear_grad()
+            self._restore_buffers(before)
         else:
-            self._graph("_amp_update", ())()
+            self._graph("_amp_update", ())(*self._decay_inputs())
         # Drive GradScaler's own bookkeeping so its state_dict stays the checkpoint format.
         scaler._found_non_finite = skipped
         scaler.update()
         self.last_step_skipped = skipped
         return loss
+
+
+    def probe(self, batch_size: int, size: int) -> None:
+        """One forward and backward of a `batch_size` x `size` px batch that changes nothing:
+        no update runs (weights, optimizer state, loss scale and EMA untouched), the BN
+        statistics are restored and the gradients cleared. Under AMP it is the step's own first
+        graph, kept for when training reaches that size; the float32 probe graph is dropped
+        after (the step's graph includes the update), so it holds no memory afterwards."""
+        images = mge.tensor(np.zeros((batch_size, 3, size, size), np.uint8))
+        labels = mge.tensor(np.zeros((batch_size,), np.int32))
+        mix: Tuple[mge.Tensor, ...] = ()
+        if self.mix:  # the identity plan (no mixing), as for an unmixed batch
+            mix = (mge.tensor(np.arange(batch_size, dtype=np.int32)),
+                   mge.tensor(np.zeros(size, np.float32)), mge.tensor(np.zeros(size, np.float32)),
+                   mge.tensor(np.float32(1.0)))
+        if self.amp:
+            assert self.scaler is not None
+            scale = mge.tensor(np.float32(self.scaler.scale_factor))
+            loss, _overflow, *before = self._graph("_amp_backward", images.shape)(
+                images, labels, scale, *mix)
+        else:
+            loss, *before = self._graph("_fp32_backward", images.shape)(images, labels, *mix)
+            del self._graphs[("_fp32_backward", tuple(images.shape))]
+        loss.numpy()  # waits for the device: an out-of-memory surfaces here
+        self.opt.clear_grad()
+        self._restore_buffers(before)
 
 
 class EvalStep:
@@ -296,3 +377,47 @@ class PredictStep:
 
     def __call__(self, images: mge.Tensor) -> mge.Tensor:
         return self._step(images)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "memalloc" in text or "bad_alloc" in text
+
+
+def fail_early(train_step: TrainStep, evals: Sequence[Tuple[Module, EvalStep]], *,
+               batch_size: int, train_size: Optional[int], eval_size: Optional[int]) -> str:
+    """Before the first step: one forward and backward at `train_size` (the largest training
+    size of the schedule; None when the first step already runs at it) and one eval batch at
+    `eval_size` (None without evaluation) with each eval step, so that an out-of-memory or a
+    shape problem at those sizes shows now. Changes no weight, statistic or optimizer state
+    (see TrainStep.probe; eval-mode forward passes change nothing). Returns the summary line;
+    an out-of-memory is a UserError that says which size did not fit and what to change."""
+    t0 = time.perf_counter()
+    done = []
+    try:
+        if train_size is not None:
+            what = "a training step at %d px" % train_size
+            train_step.model.train()
+            train_step.probe(batch_size, train_size)
+            done.append("one forward and backward at %d px" % train_size)
+        if eval_size is not None and evals:
+            what = "an eval batch at %d px" % eval_size
+            images = mge.tensor(np.zeros((batch_size, 3, eval_size, eval_size), np.uint8))
+            labels = mge.tensor(np.zeros((batch_size,), np.int32))
+            for net, eval_step in evals:
+                net.eval()
+                eval_step(images, labels).numpy()
+            done.append("%d eval batch(es) at %d px" % (len(evals), eval_size))
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise UserError(
+            "%s with %d images per GPU does not fit in memory (%s): lower --batch-size or the "
+            "image size (--image-size, --max-res, --val-image-size), or pass --dtr"
+            % (what, batch_size, " ".join(str(exc).split())[:200])) from None
+    finally:
+        train_step.model.train()
+    if not done:
+        return ""
+    return "fail-early check: %s ran in %.1f s (batch %d)" % (
+        " and ".join(done), time.perf_counter() - t0, batch_size)

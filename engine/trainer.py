@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from engine.data.folder import FolderIndex
 
 from engine.config import TrainConfig
-from engine.dist import resolve_ngpus
 from engine.schedules import lr_at
 
 # --------------------------------------------------------------------------------------------
@@ -42,18 +41,33 @@ def scaled_lr(per_gpu_lr: float, world_size: int) -> float:
     return per_gpu_lr * world_size
 
 
-def resolve_data(data: str) -> Tuple[str, str]:
-    """--data ROOT -> (ROOT/train, ROOT/val); each is a packed split (meta.json) or raw folders."""
-    if not os.path.isdir(data):
+def resolve_data(data: Optional[str], train_data: Optional[str] = None,
+                 val_data: Optional[str] = None, evaluate: bool = True) -> Tuple[str, Optional[str]]:
+    """(train split, val split or None without `evaluate`): --train-data / --val-data, else
+    --data ROOT's train/ and val/; each is a packed split (meta.json) or raw folders."""
+    if data is not None and not os.path.isdir(data):
         raise UserError("--data: no such folder: %s" % data)
-    train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
-    missing = [p for p in (train_dir, val_dir) if not os.path.isdir(p)]
+    wanted = [("--train-data", train_data, "train")] + \
+        ([("--val-data", val_data, "val")] if evaluate else [])
+    dirs, missing = [], []
+    for flag, given, sub in wanted:
+        if given is not None:
+            if not os.path.isdir(given):
+                raise UserError("%s: no such folder: %s" % (flag, given))
+            dirs.append(given)
+            continue
+        assert data is not None, "TrainConfig.finalized() requires --data without %s" % flag
+        dirs.append(os.path.join(data, sub))
+        if not os.path.isdir(dirs[-1]):
+            missing.append(dirs[-1])
     if missing:
         raise UserError(
-            "--data %s must hold train/ and val/ (raw <wnid>/*.JPEG folders or packed shards "
-            "with meta.json); missing: %s" % (data, ", ".join(missing))
-        )
-    return train_dir, val_dir
+            "--data %s must hold train/%s (raw <wnid>/*.JPEG folders or packed shards with "
+            "meta.json); missing: %s%s" % (data, " and val/" if evaluate else "",
+                                          ", ".join(missing),
+                                          "" if not evaluate or val_data else
+                                          " (--no-eval trains without a val split)"))
+    return dirs[0], dirs[1] if evaluate else None
 
 
 def check_arch(arch: str) -> None:
@@ -90,7 +104,8 @@ def loader_kwargs(config: TrainConfig, train: bool, rank: int, world_size: int) 
         dict(image_size=config.train_size_at, max_image_size=config.max_train_size)
         if train and config.progressive else
         dict(image_size=config.image_size) if train else
-        dict(image_size=config.eval_size, crop_ratio=config.val_resize_ratio))
+        dict(image_size=config.eval_size, crop_ratio=config.val_resize_ratio,
+             skip_undecodable=True))  # eval scores each image once: no stand-ins
     return dict(
         batch_size=config.batch_size,
         train=train,
@@ -152,22 +167,30 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
     if config.dtr and config.trace:
         print("note: --dtr runs the steps eagerly (MegEngine supports DTR in eager mode only), "
               "so --trace is off for this run", file=sys.stderr)
+    if dist.cpu_collectives():
+        print(dist.cpu_backend.NOTE, file=sys.stderr)
+        config = dataclasses.replace(config, trace=False)
     cfg = config.finalized().with_cluster(os.environ)
     layout = cfg.node_layout()
+    dist.check_one_process_per_node(os.environ)
+    # This machine's own verdict, so given before any rendezvous: a CPU-only node of a
+    # multi-node run stops now with the reason instead of waiting for the other nodes. (The
+    # test-only CPU collectives run several CPU ranks on purpose.)
+    if not dist.cpu_collectives():
+        dist.require_gpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
     # Each node runs these checks itself (paths may exist on one node and not another); in a
     # multi-node run a failure is reported at the rendezvous instead of raised here, so that
     # every node stops with the same message rather than waiting for this one.
     problem, ngpus, sources = None, None, []
     start = run.RunStart()
     try:
-        if layout.num_nodes > 1:
-            dist.check_one_process_per_node(os.environ)
         steps.require_amp_device(cfg.amp)
         check_arch(cfg.arch)
-        train_dir, val_dir = resolve_data(cfg.data)
-        sources = [split_source(d) for d in ((train_dir, val_dir) if cfg.evaluate
-                                             else (train_dir,))]
-        ngpus = resolve_ngpus(cfg.ngpus, dist.gpu_count(), layout.num_nodes)
+        sources = [split_source(d) for d in _data_dirs(cfg) if d is not None]
+        ngpus = dist.processes_per_node(cfg.ngpus, layout.num_nodes)
+        cfg, note = cfg.for_world_size(ngpus * layout.num_nodes)
+        if note and layout.node_rank == 0:
+            print(note, file=sys.stderr)
         classes, train_images = source_facts(sources[0])
         start = run.plan(cfg, world_size=ngpus * layout.num_nodes, classes=classes,
                          train_images=train_images)
@@ -175,6 +198,8 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
         if layout.num_nodes == 1:
             raise
         problem = " ".join(str(exc).split())
+    if layout.num_nodes > 1:  # before the ranks are forked: they inherit the choice
+        print(dist.configure_interfaces(layout.master_ip, os.environ), file=sys.stderr)
     report = dist.node_report(num_nodes=layout.num_nodes, ngpus=ngpus, error=problem,
                               resume=start.checkpoint)
     with stop.handling(ranks=(ngpus or 1) * layout.num_nodes > 1):
@@ -184,6 +209,7 @@ def train(config: TrainConfig) -> Optional[TrainResult]:
                 ngpus=ngpus or 1, num_nodes=layout.num_nodes, node_rank=layout.node_rank,
                 master_ip=layout.master_ip, master_port=layout.master_port,
                 report=report, rendezvous_timeout=cfg.rendezvous_timeout,
+                heartbeat_timeout=cfg.heartbeat_timeout,
             )
         except stop.StopNow:
             stop.end_ranks()
@@ -223,7 +249,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
     # The same seed on every rank (init_process_group reseeds with time+rank), so every rank
     # builds the same initial weights even before the broadcast.
     mge.random.seed(cfg.seed)
-    train_loader, val_loader = _loaders(cfg, sources or resolve_data(cfg.data), rank, world)
+    train_loader, val_loader = _loaders(cfg, sources or _data_dirs(cfg), rank, world)
     steps_per_epoch, classes = len(train_loader), list(train_loader.classes)
     model, gm, opt, scaler = _model_and_optimizer(cfg, len(classes), world)
     run_config = ckpt.run_config(cfg, classes, world, train_images=train_loader.num_samples)
@@ -234,6 +260,10 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
         saved.restore(model, opt, scaler)
         best_top1, saved_ema = saved.metrics.get("best_top1"), saved.ema
         best_score = (saved.metrics.get("best") or {}).get("top1")
+    else:
+        from engine.finetune import start_from
+
+        start_from(model, cfg, classes)  # --pretrained / --weights (fine-tuning), else nothing
     # The average starts from the weights the run continues with: made after they are loaded.
     ema = _make_ema(cfg, model, saved_ema)
     total = cfg.epochs * steps_per_epoch
@@ -245,7 +275,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
     train_step = steps.TrainStep(
         model, gm, opt, trace=cfg.trace, amp=cfg.amp, scaler=scaler,
         label_smoothing=cfg.label_smoothing, mix=mixing, num_classes=len(classes),
-        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None)
+        dtr_bytes=steps.dtr_threshold(cfg.dtr) if cfg.dtr else None, ema=ema)
     evals = {"": (model, steps.EvalStep(model, num_classes=len(classes),
                                                   trace=cfg.trace, amp=cfg.amp))}
     if ema is not None:  # the averaged weights are scored beside the live ones
@@ -309,6 +339,14 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
         model.train()
         return results
 
+    if first < total:  # the largest sizes now, not hours in at the end of a resizing ramp
+        largest = cfg.max_train_size
+        note = steps.fail_early(
+            train_step, list(evals.values()), batch_size=cfg.batch_size,
+            train_size=largest if cfg.train_size_at(first // steps_per_epoch) < largest else None,
+            eval_size=cfg.eval_size if val_loader is not None else None)
+        if main and note:
+            print(note, file=sys.stderr)
     last_eval, checkpoint_path, stopped = None, None, 0
     streak = 0
     t_start = time.perf_counter()
@@ -326,8 +364,6 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
         mix = _mix_inputs(cfg, step, rank, images.shape) if mixing else None
         log.add(train_step(mge.tensor(images), mge.tensor(labels), mix),
                 train_step.last_step_skipped, step)
-        if ema is not None and not train_step.last_step_skipped:
-            ema.update(model)
         streak = streak + 1 if train_step.last_step_skipped else 0
         if streak >= MAX_OVERFLOW_STREAK:  # every rank sees the same overflows: all stop here
             raise _diverged(cfg, log, newest, last_saved, "the gradients overflowed in %d AMP "
@@ -370,7 +406,7 @@ def _train_worker(cfg: TrainConfig, sources: Sequence[Any] = (), start: Any = No
             t_epoch, eval_seconds = time.perf_counter(), 0.0
         if epoch_end or last:
             if main:
-                _plot(log, png, read_metrics, "%s on %s" % (cfg.arch, cfg.data))
+                _plot(log, png, read_metrics, "%s on %s" % (cfg.arch, cfg.data or cfg.train_data))
         if stopping:
             stopped = agreed
             stop.note_agreed(agreed)
@@ -468,6 +504,10 @@ def startup_summary(cfg: TrainConfig, *, world: int, steps_per_epoch: int, total
     return lines
 
 
+def _data_dirs(cfg: TrainConfig) -> Tuple[str, Optional[str]]:
+    return resolve_data(cfg.data, cfg.train_data, cfg.val_data, cfg.evaluate)
+
+
 def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
     """(train loader, val loader or None): this rank's share of every epoch."""
     from engine.data import Loader
@@ -477,7 +517,8 @@ def _loaders(cfg: TrainConfig, sources: Sequence[Any], rank: int, world: int):
         val_loader = Loader(sources[1], **loader_kwargs(cfg, False, rank, world)) \
             if cfg.evaluate else None
     except (ValueError, OSError) as exc:  # batch larger than the data, unreadable folders
-        raise UserError("--data %s: %s" % (cfg.data, " ".join(str(exc).split()))) from None
+        raise UserError("--data %s: %s" % (cfg.data or cfg.train_data,
+                                           " ".join(str(exc).split()))) from None
     if len(train_loader) == 0:
         raise UserError("the training set has fewer images than one global batch (%d)"
                         % (cfg.batch_size * world))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 
 BENCH = os.path.join(ROOT, "benchmarks")
 if BENCH not in sys.path:

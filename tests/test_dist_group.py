@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def val_split(tmp_path_factory):
-    from conftest import make_imagenet
+    from helpers import make_imagenet
 
     root = make_imagenet(str(tmp_path_factory.mktemp("ev") / "inet"), classes=3, train=1, val=3)
     return os.path.join(root, "val")  # 9 images
@@ -63,6 +63,6 @@ def test_eval_counts_every_image_exactly_once(monkeypatch, val_split, world):
 
 def test_a_rank_without_images_still_joins_the_reduce(monkeypatch, val_split):
     # 9 images on 12 ranks: rank 0 has none, but it must still call the all-reduce once
-    result, calls = _eval_as_rank(monkeypatch, val_split, 0, 12, others=[1.0, 1, 1, 9])
+    result, calls = _eval_as_rank(monkeypatch, val_split, 0, 12, others=[1.0, 1, 1, 9, 0])
     assert len(calls) == 1 and calls[0][3] == 0
     assert result["images"] == 9

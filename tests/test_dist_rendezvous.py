@@ -104,3 +104,79 @@ def test_check_node_reports(tmp_path):
     # errors come first, lowest node first
     assert check_node_reports({0: ok, 1: dict(ok, error="e1"), 2: dict(ok, error="e2")}) == \
         "node 1: e1"
+
+
+# ---- the run's heartbeat (NodeWatch): node processes are threads here, the server is real
+
+def _wait_for(predicate, timeout):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_failure_on_one_node_becomes_every_nodes_message(server_port):
+    from engine.dist.rendezvous import NodeWatch
+
+    watches = [NodeWatch("127.0.0.1", server_port, k, 3, timeout=30) for k in range(3)]
+    for w in watches:
+        w.start()
+    message = "rank 5 (node 2): cannot write /x/checkpoint.pkl: the disk is full"
+    watches[2].report(message)
+    assert watches[2].verdict(message) == message
+    assert _wait_for(lambda: all(w.stop == message for w in watches), 10)
+    watches[0].close()  # node 0 waits for the others to have read it: they have
+
+
+def test_node_zero_keeps_the_first_failure(server_port):
+    from engine.dist.rendezvous import NodeWatch
+
+    watches = [NodeWatch("127.0.0.1", server_port, k, 2, timeout=30) for k in range(2)]
+    for w in watches:
+        w.start()
+    watches[0].report("rank 0 (node 0): first")
+    watches[1].report("rank 1 (node 1): second, a consequence")
+    assert watches[1].verdict("rank 1 (node 1): second, a consequence") == "rank 0 (node 0): first"
+
+
+def test_a_silent_node_is_named_after_the_timeout(server_port):
+    import time
+
+    from engine.dist.rendezvous import NodeWatch
+
+    # node 1 never beats (as if it died right after the handshake)
+    leader = NodeWatch("127.0.0.1", server_port, 0, 2, timeout=1.5)
+    t = time.monotonic()
+    leader.start()
+    assert _wait_for(lambda: leader.stop is not None, 15)
+    assert time.monotonic() - t >= 1.4
+    assert leader.stop.startswith("node 1 stopped answering: no heartbeat for 2 s")
+
+
+def test_a_finished_run_ends_quietly(server_port):
+    from engine.dist.rendezvous import NodeWatch
+
+    watches = [NodeWatch("127.0.0.1", server_port, k, 2, timeout=2) for k in range(2)]
+    for w in watches:
+        w.start()
+    watches[1].finish()
+    watches[0].finish()  # returns once node 1 said it is done, well before the timeout
+    assert all(w.stop is None for w in watches)
+
+
+def test_node_zero_gone_is_named_by_the_others():
+    from megengine.distributed.server import Server
+
+    from engine.dist.rendezvous import NodeWatch
+
+    server = Server(0)
+    follower = NodeWatch("127.0.0.1", server.py_server_port, 1, 2, timeout=30)
+    follower.start()
+    server.proc.kill()
+    assert _wait_for(lambda: follower.stop is not None, 15)
+    assert follower.stop.startswith("node 0 is gone: its rendezvous server at 127.0.0.1:%d "
+                                    "refuses connections" % server.py_server_port)

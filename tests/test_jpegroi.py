@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import photo_bgr
+from helpers import photo_bgr
 
 try:
     from engine.data import _jpegroi as R
@@ -37,6 +37,7 @@ def test_extension_is_built_when_headers_exist():
     from engine.data import _jpegroi  # ImportError here = the extension failed to build
 
     assert callable(_jpegroi.decode_crop) and callable(_jpegroi.header)
+    assert callable(_jpegroi.validate)
 
 
 @pytest.fixture(autouse=True)
@@ -399,7 +400,13 @@ def test_corrupt_data_warning_raises(jpegs):
 
 
 def _try(src, rng):
-    """header + a few decode_crop calls with windows inside the (claimed) image."""
+    """header + a few decode_crop calls with windows inside the (claimed) image, and validate
+    at the smallest and the full scale."""
+    for num in (1, 8):
+        try:
+            R.validate(src, num)
+        except ValueError:
+            pass
     try:
         W, H = R.header(src)
     except ValueError:

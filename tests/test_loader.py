@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import Loader, shards
 from engine.data.decode import roi_available
 from engine.data.pack import pack_imagenet

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, make_imagenet, write
+from helpers import ROOT, make_imagenet, write
 from engine.data import Loader
 from engine.data.pack import pack_imagenet
 from engine.errors import ConfigError, DataError, UserError

@@ -7,7 +7,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from engine.data import Loader, LoaderOptions
 from engine.data.cpus import cgroup_cpu_limit, default_workers, usable_cores
 from engine.data.options import DEFAULT_SLOTS

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from engine.data.pack import PackError, pack_imagenet
 from engine.errors import UserError
 from engine.locks import Holder, LockError, acquire, flock_error_message

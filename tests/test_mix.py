@@ -12,7 +12,7 @@ from engine.errors import ConfigError
 from engine.mix import (cutmix_box, mix_images, mix_plan, mix_targets, smooth_one_hot,
                         soft_cross_entropy)
 
-from conftest import crops
+from helpers import crops
 
 K = 7
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
 from engine.data.decode import decode_bgr, jpeg_info
 from engine.data.pack import PackError, pack_imagenet
@@ -217,14 +217,34 @@ def test_rerun_is_a_no_op_and_different_input_is_refused(tiny_imagenet, tmp_path
         pack(tiny_imagenet, tmp_path / "p", seed=9)
 
 
+def finished_shards(markers):
+    """Shards a pack has finished so far: their markers (the merge removes the folder)."""
+    try:
+        return sum(f.endswith(".lmdb.json") for f in os.listdir(markers))
+    except FileNotFoundError:
+        return 0
+
+
+def wait_until(cond, what, deadline):
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %d s waiting for %s" % (deadline, what))
+        time.sleep(0.01)
+
+
 def test_kill_9_then_rerun_packs_every_file_exactly_once(tmp_path):
     root = make_imagenet(str(tmp_path / "r"), classes=3, train=40, val=4)
     out = str(tmp_path / "p")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "pack_imagenet.py"), "--data", root,
            "--out", out, "--workers", "1", "--shard-size", "7", "--quiet"]
-    for delay in (0.8, 1.6):  # kill mid-run (twice, at different points), then finish
+    markers = os.path.join(out, "train", ".pack")
+    for _ in range(2):  # kill mid-run (twice, at different points), then finish
+        done_before = finished_shards(markers)
         proc = subprocess.Popen(cmd, start_new_session=True)
-        time.sleep(delay)
+        # a real sign of progress, however loaded the machine: this run finished a shard
+        wait_until(lambda: proc.poll() is not None or finished_shards(markers) > done_before,
+                   "the pack to finish a shard", deadline=120)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if not os.path.exists(os.path.join(out, "train", "meta.json")):

@@ -12,7 +12,7 @@ import uuid
 import psutil
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.data import shards
 from engine.data.pack import PackError, pack_imagenet
 

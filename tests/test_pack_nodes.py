@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
+from helpers import ROOT, jpeg_bytes, make_imagenet, photo_bgr, write
 from engine.data import shards
 from engine.data.pack import PackError, pack_imagenet, resolve_nodes
 from engine.data.plan import merge_pack

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.data import shards
 from engine.data.pack import pack_imagenet
 from engine.data.stage import StageError, stage

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 from engine.config import TrainConfig, load_recipe
 from engine.metrics import read_jsonl
 from engine.models.weights import read_file

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import make_imagenet, photo_bgr
+from helpers import make_imagenet, photo_bgr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
@@ -83,13 +83,14 @@ def test_every_config_field_has_a_flag_and_its_default_comes_from_the_dataclass(
 
 # Each tool's flags and their defaults, as its parser (derived from its dataclass) spells them.
 TOOL_FLAGS = {
+    # --arch None: an engine checkpoint's own, else resnet18 (engine.models.load.DEFAULT_ARCH)
     "engine.evaluate:TestConfig": {
-        "-d": None, "--data": None, "-a": "resnet18", "--arch": "resnet18", "-m": None,
+        "-d": None, "--data": None, "-a": None, "--arch": None, "-m": None,
         "--model": None, "--trust-pickle": False, "-n": None, "--ngpus": None, "-b": 100,
         "--batch-size": 100, "-j": None, "--workers": None, "--image-size": None,
         "--no-progress": True},
     "engine.inference:InferenceConfig": {
-        "-a": "resnet18", "--arch": "resnet18", "-m": None, "--model": None,
+        "-a": None, "--arch": None, "-m": None, "--model": None,
         "--trust-pickle": False, "-i": None, "--image": None, "--topk": 5, "--image-size": None},
     "engine.data.pack:PackConfig": {
         "--data": None, "--out": None, "--splits": None, "--workers": None, "--shard-size": 5000,

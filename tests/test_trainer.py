@@ -13,7 +13,7 @@ from engine.metrics import MetricsLog, read_jsonl
 from engine.schedules import lr_at, step_milestones
 from engine.trainer import loader_kwargs, resolve_data, scaled_lr, train
 
-from conftest import make_imagenet
+from helpers import make_imagenet
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -442,9 +442,9 @@ def test_non_main_rank_writes_nothing(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "all_reduce_sum", reduce)
     summary = train(_cfg(data_root, tmp_path / "rank1", max_steps=1, batch_size=2,
                          trace=False, learning_rate=0.01))
-    # each eval (its one 4-number reduce) runs on rank 0's BN statistics, broadcast just before
+    # each eval (its one 5-number reduce: loss, top-1, top-5, images, skipped) runs on rank 0's BN statistics, broadcast just before
     assert events.count("all_reduce_sum/3") == 1  # the one logged interval's loss, all ranks
-    evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/4"]
+    evals = [i for i, e in enumerate(events) if e == "all_reduce_sum/5"]
     assert len(evals) == 1 and events[evals[0] - 1] == "broadcast_buffers"
     assert summary.steps == 1 and summary.checkpoint is None
     assert summary.world_size == 2 and summary.lr == pytest.approx(0.02)

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import jpeg_bytes, photo_bgr
+from helpers import jpeg_bytes, photo_bgr
 from engine.data.decode import decode_bgr, jpeg_size, pick_scale, scaled_dim
 from engine.data.transforms import (ValTransform, center_crop, random_resized_crop, resize_shorter,
                                     sample_rng, val_resize)

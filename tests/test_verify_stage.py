@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_imagenet
+from helpers import ROOT, make_imagenet
 from engine.atomic import TMP_PREFIX
 from engine.data import shards
 from engine.data.pack import pack_imagenet

@@ -18,7 +18,7 @@ import pytest
 
 import megengine.hub.hub as mge_hub
 
-from conftest import jpeg_bytes, photo_bgr
+from helpers import jpeg_bytes, photo_bgr
 from engine.errors import UserError
 from engine.models import hub, weights
 from engine.models.hub import WeightsError, fetch, prefetch_weights

@@ -24,23 +24,12 @@ mge_args=("$MEGENGINE_SPEC")
 mge_want="${mge_args[*]}"
 mge_stamp=$VENV/.engine-megengine
 
+
 mge_plan() {  # install (never recorded) | reinstall (the requirement changed) | ok
   if [ ! -f "$mge_stamp" ]; then echo install
   elif [ "$(cat "$mge_stamp")" != "$mge_want" ]; then echo reinstall
   else echo ok; fi
 }
-
-if [ "${1:-}" = "--megengine-plan" ]; then
-  case $(mge_plan) in
-    install) echo "megengine: install: pip install ${mge_want}" ;;
-    reinstall) echo "megengine: reinstall (was: $(cat "$mge_stamp")): pip install --force-reinstall --no-deps ${mge_want}" ;;
-    ok) echo "megengine: up to date: ${mge_want}" ;;
-  esac
-  exit 0
-elif [ $# -gt 0 ]; then
-  say "unknown argument $1 (the only one is --megengine-plan)"
-  exit 2
-fi
 
 probe() {  # prints the interpreter's path when it runs and is 3.8-3.10
   "$1" -c 'import sys; assert (3, 8) <= sys.version_info[:2] <= (3, 10); print(sys.executable)' 2>/dev/null
@@ -60,20 +49,80 @@ find_python() {
   return 1
 }
 
-need_pkgs=()
-ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so' || need_pkgs+=(libturbojpeg0)
-[ -f /usr/include/jpeglib.h ] || need_pkgs+=(libjpeg62-turbo-dev)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing ${need_pkgs[*]} (libjpeg-turbo runtime for PyTurboJPEG, headers for the ROI decoder)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+# ------------------------------------------------------------------------------ libjpeg-turbo
+
+any_python() {  # a Python to run engine/libjpeg.py with (standard library only)
+  if [ -x $VENV/bin/python ] && probe $VENV/bin/python >/dev/null; then echo $VENV/bin/python
+  elif find_python; then :
+  else command -v python3 || true; fi
+}
+
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+jpeg_find() {  # sets jpeg_runtime, jpeg_runtime_from, jpeg_include, jpeg_include_from, jpeg_link_dir
+  local py; py=$(any_python)
+  if [ -z "$py" ]; then say "no Python found to look for libjpeg-turbo with"; exit 1; fi
+  eval "$("$py" engine/libjpeg.py)"
+}
+
+JPEG_HOW="conda install -c conda-forge libjpeg-turbo (no root; then activate that environment), \
+module load libjpeg-turbo where a module system has it, or TURBOJPEG_LIB=<the library or its \
+prefix>; as root: apt-get install libturbojpeg0 libjpeg62-turbo-dev"
+
+jpeg_missing() {  # the apt packages of what was not found
+  [ -n "$jpeg_runtime" ] || echo libturbojpeg0
+  [ -n "$jpeg_include" ] || echo libjpeg62-turbo-dev
+}
+
+jpeg_report() {  # what was found and what happens next, one line each; 1: the install must stop
+  local missing; missing=$(jpeg_missing | tr '\n' ' ')
+  if [ -n "$jpeg_runtime" ]; then echo "libturbojpeg: $jpeg_runtime (from $jpeg_runtime_from)"
+  else echo "libturbojpeg: not found"; fi
+  if [ -n "$jpeg_include" ]; then
+    echo "ROI decoder: built against $jpeg_include (from $jpeg_include_from${jpeg_link_dir:+, linking $jpeg_link_dir})"
   else
-    say "missing system packages: ${need_pkgs[*]}. Install them, then rerun:"
-    say "  sudo apt-get install ${need_pkgs[*]}"
-    exit 1
+    echo "ROI decoder: skipped, no libjpeg-turbo headers (jpeglib.h) found; the loader uses PyTurboJPEG (for the headers: $JPEG_HOW)"
   fi
+  if [ -n "$missing" ] && can_apt; then
+    echo "as root: apt-get install ${missing% }"
+  elif [ -z "$jpeg_runtime" ]; then
+    echo "cannot continue: libturbojpeg (libjpeg-turbo's runtime library, which PyTurboJPEG decodes with) is needed; looked in TURBOJPEG_LIB, CONDA_PREFIX, EBROOTLIBJPEGMINTURBO, LD_LIBRARY_PATH, LIBRARY_PATH and the system's folders. Get it with $JPEG_HOW, then rerun"
+    return 1
+  fi
+  return 0
+}
+
+if [ "${1:-}" = "--megengine-plan" ]; then
+  case $(mge_plan) in
+    install) echo "megengine: install: pip install ${mge_want}" ;;
+    reinstall) echo "megengine: reinstall (was: $(cat "$mge_stamp")): pip install --force-reinstall --no-deps ${mge_want}" ;;
+    ok) echo "megengine: up to date: ${mge_want}" ;;
+  esac
+  exit 0
+elif [ "${1:-}" = "--check-jpeg" ]; then  # what the install would find and do; changes nothing
+  jpeg_find
+  jpeg_report
+  exit $?
+elif [ $# -gt 0 ]; then
+  say "unknown argument $1 (the only ones are --megengine-plan and --check-jpeg)"
+  exit 2
 fi
+
+jpeg_find
+if [ -n "$(jpeg_missing)" ] && can_apt; then
+  need_pkgs=($(jpeg_missing))
+  say "installing ${need_pkgs[*]} (libjpeg-turbo runtime for PyTurboJPEG, headers for the ROI decoder)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  jpeg_find
+fi
+if ! jpeg_lines=$(jpeg_report); then
+  say "$(echo "$jpeg_lines" | tail -1)"
+  exit 1
+fi
+# one line each for what is not the system's usual: a user's own copy, no headers
+[ "$jpeg_runtime_from" = "the system" ] || say "$(echo "$jpeg_lines" | grep '^libturbojpeg:')"
+[ -n "$jpeg_include" ] || say "$(echo "$jpeg_lines" | grep '^ROI decoder:')"
 
 if ! { [ -x $VENV/bin/python ] && probe $VENV/bin/python >/dev/null; }; then
   PY=$(find_python) || {
@@ -104,7 +153,7 @@ if [ ! -f $stamp ] || [ setup.py -nt $stamp ]; then
   $VENV/bin/python -m pip install -q -e '.[dev]'
   touch $stamp
 fi
-if [ -f engine/data/_jpegroi.c ] && { ! ls engine/data/_jpegroi*.so >/dev/null 2>&1 || [ engine/data/_jpegroi.c -nt "$(ls engine/data/_jpegroi*.so | head -1)" ]; }; then
+if [ -n "$jpeg_include" ] && [ -f engine/data/_jpegroi.c ] && { ! ls engine/data/_jpegroi*.so >/dev/null 2>&1 || [ engine/data/_jpegroi.c -nt "$(ls engine/data/_jpegroi*.so | head -1)" ]; }; then
   say "building the ROI JPEG decoder"
   $VENV/bin/python setup.py -q build_ext --inplace >/dev/null
 fi

@@ -410,17 +410,109 @@ header(PyObject *self, PyObject *args, PyObject *kwargs)
     return Py_BuildValue("(II)", (unsigned int)job.width, (unsigned int)job.height);
 }
 
+/* Runs without the GIL.  The steps of TurboJPEG's tjDecompress2() (read the header, start,
+ * read every scanline, finish: the last step reads the data after the final scan up to EOI) at
+ * scale scale_num/8, into one reused strip of rows.  Returns one of ROI_*. */
+static int
+roi_validate(roi_job *job)
+{
+    struct jpeg_decompress_struct cinfo;
+    roi_error_mgr err;
+    JSAMPARRAY strip;
+
+    roi_init(&cinfo, &err);
+    if (setjmp(err.jump)) {
+        memcpy(job->message, err.message, sizeof(job->message));
+        jpeg_destroy_decompress(&cinfo);
+        return ROI_LIBJPEG;
+    }
+    jpeg_create_decompress(&cinfo);
+    /* No max_memory_to_use here: TurboJPEG sets none, and validation must accept exactly
+     * what its decode accepts. */
+    jpeg_mem_src(&cinfo, job->src, job->src_len);
+    jpeg_read_header(&cinfo, TRUE);
+    job->width = cinfo.image_width;
+    job->height = cinfo.image_height;
+    if (!colorspace_supported(&cinfo)) {
+        jpeg_destroy_decompress(&cinfo);
+        return ROI_COLORSPACE;
+    }
+    cinfo.out_color_space = JCS_EXT_BGR;
+    cinfo.scale_num = (unsigned int)job->scale_num;
+    cinfo.scale_denom = 8;
+    jpeg_start_decompress(&cinfo);
+    strip = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE,
+                                       cinfo.output_width * cinfo.output_components,
+                                       ROI_ROWS_PER_CALL);
+    while (cinfo.output_scanline < cinfo.output_height) {
+        if (jpeg_read_scanlines(&cinfo, strip, ROI_ROWS_PER_CALL) == 0) {
+            jpeg_destroy_decompress(&cinfo);
+            return ROI_SHORT;
+        }
+    }
+    jpeg_finish_decompress(&cinfo);
+    jpeg_destroy_decompress(&cinfo);
+    return ROI_OK;
+}
+
+PyDoc_STRVAR(validate_doc,
+"validate(src, scale_num=1) -> (width, height)\n"
+"\n"
+"Decode the whole JPEG `src` at scale scale_num/8 (1..8), discarding the pixels, and return\n"
+"its size at scale 1.  Raises ValueError exactly where\n"
+"TurboJPEG().decode(src, pixel_format=TJPF_BGR, scaling_factor=(scale_num, 8),\n"
+"flags=TJFLAG_STOPONWARNING) fails or warns: every libjpeg error and warning, including\n"
+"those about data after the last scan, since the decode runs to the end-of-image marker.\n"
+"Also for CMYK/YCCK ('unsupported colour space').  The GIL is released while decoding.");
+
+static PyObject *
+validate(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"src", "scale_num", NULL};
+    Py_buffer src;
+    roi_job job;
+    int status, scale_num = 1;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|i:validate", kwlist, &src, &scale_num))
+        return NULL;
+    if (scale_num < 1 || scale_num > 8) {
+        PyBuffer_Release(&src);
+        PyErr_Format(PyExc_ValueError, "scale_num must be in 1..8, got %d", scale_num);
+        return NULL;
+    }
+    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "src is too large");
+        return NULL;
+    }
+    memset(&job, 0, sizeof(job));
+    job.src = (const unsigned char *)src.buf;
+    job.src_len = (unsigned long)src.len;
+    job.scale_num = scale_num;
+    Py_BEGIN_ALLOW_THREADS
+    status = roi_validate(&job);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    if (status != ROI_OK)
+        return roi_raise(&job, status);
+    return Py_BuildValue("(II)", (unsigned int)job.width, (unsigned int)job.height);
+}
+
 static PyMethodDef roi_methods[] = {
     {"decode_crop", (PyCFunction)(void (*)(void))decode_crop, METH_VARARGS | METH_KEYWORDS,
      decode_crop_doc},
     {"header", (PyCFunction)(void (*)(void))header, METH_VARARGS | METH_KEYWORDS, header_doc},
+    {"validate", (PyCFunction)(void (*)(void))validate, METH_VARARGS | METH_KEYWORDS,
+     validate_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef roi_module = {
     PyModuleDef_HEAD_INIT,
     "engine.data._jpegroi",
-    "Window (region-of-interest) JPEG decoding with libjpeg-turbo: decode_crop, header.",
+    "Window (region-of-interest) JPEG decoding with libjpeg-turbo: decode_crop, header, "
+    "validate.",
     -1,
     roi_methods,
     NULL, NULL, NULL, NULL,

@@ -7,7 +7,8 @@
     pipe (at most 2 outstanding per worker)         libjpeg-turbo (crop window, DCT-scaled),
                                                     resize, flip, write uint8 CHW into its
     batch k is ready when all its chunks are   <--  rows of slot s, reply (k, chunk, failures)
-    back; yield slot s as numpy, no copy, in order
+    back; yield slot s as read-only numpy views,
+    no copy, in order
 
 This module is the main-process side: the batch stream and the supervision of the workers.
 What a worker runs and the ring's layout are in engine.data.worker, where records come from
@@ -27,6 +28,14 @@ no progress for `timeout` seconds (stopped, or stuck in a read) is reported by n
 
 The pipeline is a stream of global batch numbers (epoch x batches per epoch + batch), so the
 next epoch's first batches are already decoding while the current one ends.
+
+A batch is valid until the next one is requested: its slot is refilled from then on. The views
+handed out are read-only, so a write into the ring fails instead of corrupting a later batch,
+and each batch's views hang off one anchor array the loader holds a weak reference to. When the
+caller asks for a batch while one from two batches back in the same pass (whose slot is being
+refilled) is still alive, it kept batches (`list(loader)`, appending to a list): the loader warns once
+(KeptBatchWarning) with the fix, a copy of what it keeps or `copy=True`. The check is a weak
+reference per batch, no copy.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import mmap
 import multiprocessing as mp
 import time
 import warnings
+import weakref
 from multiprocessing.connection import wait as wait_ready
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -47,6 +57,7 @@ from engine.data import shards
 from engine.data.cpus import default_workers
 from engine.data.decode import roi_available
 from engine.data.folder import FolderIndex
+from engine.data.forking import start_process
 from engine.data.options import LoaderOptions, check_int
 from engine.data.sampler import Sampler
 from engine.data.sources import open_source
@@ -54,12 +65,24 @@ from engine.data.transforms import TrainTransform, Transform, ValTransform
 from engine.data.worker import Replacement, RingLayout, Task, fill, worker_main
 from engine.errors import ConfigError, describe_exit
 
-__all__ = ["Loader", "LoaderOptions", "default_workers"]
+__all__ = ["Loader", "LoaderOptions", "KeptBatchWarning", "default_workers"]
 
 # Chunks a worker may hold at once: one decoding, one waiting, so it never idles between them.
 PER_WORKER = 2
 
 log = logging.getLogger("engine.data")
+
+
+class KeptBatchWarning(UserWarning):
+    """A batch the caller kept is being overwritten by a later one (see Loader)."""
+
+
+KEPT_BATCH_ADVICE = (
+    "a batch from this Loader is still referenced while its shared-memory slot is being refilled "
+    "with a later batch: batches are read-only views into the loader's ring, valid only until "
+    "the next batch is requested, so a kept batch (list(loader), appending batches to a list) "
+    "silently changes to other images and labels. Copy what you keep (np.array(images), or "
+    "hand it to the framework: mge.tensor copies), or create the Loader with copy=True")
 
 
 class _Batch:
@@ -89,12 +112,18 @@ class Loader:
             the standard 224/256).
         seed, rank, world_size: the sample order and this rank's share (see Sampler).
         drop_last: drop the last incomplete batch; default True for train, False otherwise.
+        skip_undecodable: leave out a record that fails to decode (its batch is then that much
+            shorter, possibly empty; `num_skipped` counts them) instead of replacing it by the
+            next record (`num_replaced`). Evaluation skips: a replacement would score one image
+            twice. Training replaces: every batch keeps its size.
         options: how it runs (workers, slots, timeout, ...): see LoaderOptions. Its fields
             are also accepted as keywords (`Loader(..., workers=4, slots=3)`), over `options`.
 
-    A yielded images array is a view of a shared slot: it stays valid until the next batch is
-    requested (later batches reuse the slot), and stays readable after the loader closes. Copy
-    it (or hand it to the framework, which copies) before asking for more.
+    A yielded batch is a pair of read-only views of a shared slot: it stays valid until the next
+    batch is requested (later batches reuse the slot), and stays readable after the loader
+    closes. Copy it (or hand it to the framework, which copies) before asking for more; a
+    caller found keeping batches gets a KeptBatchWarning once. With `copy=True` (an option)
+    each batch is a pair of writable arrays of its own instead.
     Iterating runs the current epoch from the current position; when it completes, the epoch
     advances by one. `state_dict()` / `load_state_dict()` resume exactly mid-epoch.
     """
@@ -103,8 +132,8 @@ class Loader:
                  image_size: Union[int, Callable[[int], int]] = 224,
                  max_image_size: Optional[int] = None, crop_ratio: float = 0.875,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: Optional[bool] = None, options: Optional[LoaderOptions] = None,
-                 **knobs: Any):
+                 drop_last: Optional[bool] = None, skip_undecodable: bool = False,
+                 options: Optional[LoaderOptions] = None, **knobs: Any):
         # Every cheap check first, before any file is opened or process started.
         opts = (LoaderOptions() if options is None else options).updated(**knobs)
         if callable(image_size):
@@ -133,6 +162,7 @@ class Loader:
         self.slots = int(opts.slots)
         self.persistent_workers = opts.persistent_workers
         self.timeout = float(opts.timeout)
+        self.copy = bool(opts.copy)
         self.sampler = Sampler(len(self._source), self.batch_size, shuffle=train, seed=seed,
                                rank=rank, world_size=world_size,
                                drop_last=train if drop_last is None else drop_last)
@@ -144,8 +174,13 @@ class Loader:
         self._layout = RingLayout(self.slots, self.batch_size, self.image_size)
         self.epoch = 0
         self.position = 0  # batches handed to the caller in the current epoch
+        self.skip_undecodable = bool(skip_undecodable)
         self.num_replaced = 0
+        self.num_skipped = 0
         self._warned: set = set()
+        # Anchors of the views handed out, newest last: all but the newest should be gone.
+        self._handed: Deque["weakref.ref[np.ndarray]"] = collections.deque()
+        self._warned_kept = False
         self._procs: List[Any] = []
         self._conns: List[Any] = []
         # Per worker: the global batch numbers of the chunks it holds, oldest first.
@@ -206,8 +241,12 @@ class Loader:
         if self.position >= len(self):  # a finished epoch: move on to the next one
             self.epoch, self.position = self.epoch + 1, 0
         it = self._iter_inline() if self.workers == 0 else self._iter_workers()
+        # A loop variable left over from an earlier pass is not a kept batch: only batches of
+        # this pass are watched.
+        self._handed.clear()
         for batch in it:
             yield batch
+            self._check_kept()  # the caller asks for the next one
         self.epoch, self.position = self.epoch + 1, 0
         if not self.persistent_workers:
             self.close()
@@ -256,14 +295,37 @@ class Loader:
     def _iter_inline(self):
         bs, epoch = self.batch_size, self.epoch
         S = self.size_at(epoch)
-        images = np.empty((bs, 3, S, S), np.uint8)
-        labels = np.empty((bs,), np.int32)
+        layout = RingLayout(1, bs, S)  # one slot, in this process: refilled for every batch
+        buf = layout.allocate()
+        images, labels = layout.arrays(buf, 0, S)
         while self.position < len(self):
             indices = self.sampler.batch(epoch, self.position)
-            self._note(fill(self._source, self._decoder, indices, epoch, images, labels))
+            failures = fill(self._source, self._decoder, indices, epoch, images, labels,
+                            self.skip_undecodable)
+            self._note(failures)
             self.position += 1
-            n = len(indices)
-            yield images[:n], labels[:n]
+            n = self._keep(indices, failures, images, labels)
+            yield self._hand_out(layout, buf, 0, S, n)
+
+    def _hand_out(self, layout: RingLayout, buf: mmap.mmap, slot: int, side: int, size: int
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+        """The caller's (images, labels) of a filled slot: read-only views it may hold until
+        it asks for the next batch, or copies of its own with copy=True."""
+        images, labels, anchor = layout.hand_out(buf, slot, side, size)
+        if self.copy:
+            return np.array(images), np.array(labels)
+        self._handed.append(anchor)
+        return images, labels
+
+    def _check_kept(self) -> None:
+        """Warn once if a batch handed out before the newest one is still referenced: its slot
+        is being refilled, so the caller holds data that is changing under it."""
+        while len(self._handed) > 1:
+            kept = self._handed.popleft()() is not None
+            if kept and not self._warned_kept:
+                self._warned_kept = True
+                warnings.warn("Loader(%s): %s" % (self.source_path, KEPT_BATCH_ADVICE),
+                              KeptBatchWarning, stacklevel=3)
 
     # -- iteration with workers ----------------------------------------------------------------
 
@@ -288,11 +350,14 @@ class Loader:
                 mine, theirs = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=worker_main, name="engine-loader-%d" % wid, daemon=True,
                                 args=(wid, theirs, self._source, self._decoder, buf,
-                                      self._layout))
-                p.start()
-                theirs.close()
-                self._procs.append(p)
-                self._conns.append(mine)
+                                      self._layout, self.skip_undecodable))
+                try:  # Ctrl-C can reach neither the fork nor the child's start
+                    start_process(p)
+                finally:
+                    theirs.close()
+                    if p.pid is not None:  # started, even if Ctrl-C came during the fork
+                        self._procs.append(p)
+                        self._conns.append(mine)
         except BaseException:
             cv2.setNumThreads(cv_threads)
             self.close()
@@ -333,7 +398,13 @@ class Loader:
             task = self._pending.popleft()
             if not self._held_by[wid]:
                 self._progress[wid] = time.monotonic()  # idle until now: the clock starts here
-            self._conns[wid].send(task)
+            try:
+                self._conns[wid].send(task)
+            except OSError:  # a broken pipe: the worker died since the last look
+                self._procs[wid].join(1.0)  # its exit code names the cause
+                self._check_workers()
+                self._fail("loader worker %d (pid %d) closed its pipe%s"
+                           % (wid, self._procs[wid].pid, self._where(wid)))
             self._held_by[wid].append(task[0])
 
     def _receive(self, wait: bool, strict: bool = True) -> None:
@@ -423,22 +494,44 @@ class Loader:
                 if self._held is not None:
                     self._free.append(self._held)
                 self._held = batch.slot
+                global_batch = self._next_yield
                 self._next_yield += 1
                 self._submit(limit)  # refill the freed slot while the caller has the batch
                 self.position += 1
                 assert self._ring is not None  # _start made it; close() ends this generator
-                images, labels = self._layout.arrays(self._ring, batch.slot, batch.side)
-                yield images[:batch.size], labels[:batch.size]
+                n = batch.size
+                if batch.failures and self.skip_undecodable:
+                    images, labels = self._layout.arrays(self._ring, batch.slot, batch.side)
+                    n = self._keep(self.sampler.batch_at(global_batch)[1], batch.failures,
+                                   images, labels)
+                yield self._hand_out(self._layout, self._ring, batch.slot, batch.side, n)
         except GeneratorExit:
             raise
         except BaseException:
             self.close()
             raise
 
+    def _keep(self, indices: np.ndarray, failures: List[Replacement], images: np.ndarray,
+              labels: np.ndarray) -> int:
+        """How many rows a batch of `indices` yields: all of them, or with skip_undecodable,
+        the rows whose record decoded, moved up in order over the rows of the skipped ones."""
+        if not (failures and self.skip_undecodable):
+            return len(indices)
+        keep = ~np.isin(np.asarray(indices), [index for index, _path, _reason in failures])
+        n = int(keep.sum())
+        images[:n] = images[:len(indices)][keep]  # fancy indexing copies before the write
+        labels[:n] = labels[:len(indices)][keep]
+        return n
+
     def _note(self, failures: Iterable[Replacement]) -> None:
         for index, path, reason in failures:
-            self.num_replaced += 1
+            if self.skip_undecodable:
+                self.num_skipped += 1
+            else:
+                self.num_replaced += 1
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn("record %d (%s) failed to decode (%s); replaced by the next record"
-                              % (index, path, reason), RuntimeWarning, stacklevel=3)
+                warnings.warn("record %d (%s) failed to decode (%s); %s"
+                              % (index, path, reason, "skipped" if self.skip_undecodable
+                                 else "replaced by the next record"),
+                              RuntimeWarning, stacklevel=3)

@@ -1,6 +1,6 @@
-"""How a Loader runs: its worker count, ring size, stall timeout and decoder choice, grouped in
-one frozen, checked value. None of them changes a batch: they trade memory, processes and
-latency, never pixels or order."""
+"""How a Loader runs: its worker count, ring size, stall timeout, decoder choice and whether it
+hands out copies, grouped in one frozen, checked value. None of them changes a batch's values:
+they trade memory, processes and latency, never pixels or order."""
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +45,9 @@ class LoaderOptions:
             stalled (stopped, or stuck in a read), naming the worker.
         use_roi: use the compiled decoder when it is built: only the crop window is decoded
             for training, and val decodes skip PyTurboJPEG's per-call overhead (same pixels).
+        copy: hand out each batch as arrays of its own (writable, valid for ever) instead of
+            read-only views into the ring (valid until the next batch is requested): for a
+            caller that keeps batches. Costs one copy of every batch.
     """
 
     workers: Optional[int] = None
@@ -53,6 +56,7 @@ class LoaderOptions:
     persistent_workers: bool = True
     timeout: float = DEFAULT_TIMEOUT_S
     use_roi: bool = True
+    copy: bool = False
 
     def __post_init__(self) -> None:
         check_int("local_world_size", self.local_world_size, 1)

@@ -25,16 +25,16 @@ import shutil
 import sys
 import time
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
 import numpy as np
 
 from engine.cli import option
-from engine.data import plan, pool, shards
+from engine.data import plan, pool, shards, verify
 from engine.data.cpus import usable_cores
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff
+from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
 from engine.errors import disk_error_message
@@ -85,7 +85,14 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     try:
         if fmt == "jpeg":
             info = jpeg_info(data)
-            bgr = decode_bgr(data, info=info)  # the strict full decode every kept image passes
+            if not info.needs_conversion and not (max_side and max(info.width, info.height)
+                                                  > max_side):
+                # Kept byte for byte: the scaled strict decode accepts exactly what the full
+                # one does (decode.validate_jpeg), and the pixels are not needed.
+                validate_jpeg(data, info)
+                return {"image": data, "height": info.height, "width": info.width,
+                        "kind": "gray" if info.grayscale else "jpeg"}
+            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
                 kind = "converted:cmyk"
             else:
@@ -146,8 +153,12 @@ def _disk_message(exc: BaseException, path: str, needed: int) -> str:
         path, text, "" if free is None else "; %.1f MB free there" % (free / 1e6))
 
 
-def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
+def _pack_shard(job: Dict[str, Any],
+                records_done: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     """Write one complete shard (decode, validate, serialise, append), then its marker.
+
+    records_done() is called when every record is appended: what is left is short and mostly
+    waiting for the disk (the checksum runs meanwhile), so the next shard may start.
 
     Shards are independent, so workers (and nodes) write different shards concurrently and
     nothing but a small marker crosses a process boundary: piping every image back to one writer
@@ -176,9 +187,10 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
                     writer.append(value)
                     tally.kept(r["kind"], len(value))
                 pool.count(1)
-            writer.close()
+            records_done()
+            checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
             writer = None
-            return tally.publish(dst)
+            return tally.publish(dst, checksum)
         except (lmdb.Error, OSError) as exc:
             if writer is not None:
                 writer.abort()
@@ -195,14 +207,67 @@ def _pack_shard(job: Dict[str, Any]) -> Dict[str, Any]:
 # A split: plan, pack this node's shards, merge
 
 
+def _jobs(sc: Scan, dst: str, ks: Sequence[int]) -> List[Dict[str, Any]]:
+    needed = sum(sc.source_bytes[k] for k in ks)
+    return [{"src": sc.src, "dst": dst, "k": k, "items": sc.shard_items(k), "fp": sc.fingerprint,
+             "max_side": sc.plan["max_side"], "needed": needed} for k in ks]
+
+
+def _run_jobs(jobs: List[Dict[str, Any]], workers: int, counter, bar) -> Dict[int, Dict[str, Any]]:
+    """Pack the shards of `jobs` (in this process, or in `workers` forked ones), moving `bar`;
+    returns their markers by shard index."""
+    if workers == 0:
+        markers = {}
+        for job in jobs:
+            markers[job["k"]] = _pack_shard(job)
+            bar.update(len(job["items"]))
+        return markers
+    start, shown = counter.value, [0]
+
+    def show():
+        now = counter.value - start
+        bar.update(now - shown[0])
+        shown[0] = now
+
+    return pool.run(_pack_shard, jobs, workers, counter, show)
+
+
+def _damaged(dst: str, meta: Dict[str, Any], full: bool) -> List[Tuple[int, str]]:
+    """(shard index, what is wrong) of a finished split's shards that fail their check: with
+    `full`, verification (sizes and checksums; every record of a shard without a checksum),
+    otherwise the check every rerun makes (each file present at its recorded size)."""
+    entries = meta["shards"]
+    if not full:
+        found = [(k, verify.shard_problem(dst, e, checksum=False, structure=False))
+                 for k, e in enumerate(entries)]
+        return [(k, "%s: %s" % (entries[k]["file"], why)) for k, why in found if why]
+    rep = verify.verify_split(dst, fast=all(e.get("checksum") for e in entries))
+    if rep.mismatches and not rep.damaged:  # meta.json itself
+        raise PackError("%s: %s" % (dst, rep.mismatches[0]))
+    index = {e["file"]: k for k, e in enumerate(entries)}
+    return [(index[name], next(m for m in rep.mismatches if m.startswith(name)))
+            for name in rep.damaged]
+
+
 def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
-                counter, progress: bool, log) -> "PackedSplit":
+                counter, progress: bool, log, repair: bool = False) -> "PackedSplit":
     split, fp = sc.split, sc.fingerprint
     dst = os.path.join(out, split)
-    old = plan.finished(dst, fp)
+    old = plan.finished(dst, fp, sc.plan, repair=repair)
     if old is not None:
-        log("%s: already packed (%d records in %s), nothing to do"
-            % (split, old["num_samples"], dst))
+        damaged = _damaged(dst, old, full=repair)
+        if damaged and not repair:
+            raise PackError(
+                "%s is packed but %d of its %d shard(s) are damaged (%s%s); rerun this command "
+                "with --repair to repack only those from the plan"
+                % (dst, len(damaged), len(old["shards"]), "; ".join(d for _, d in damaged[:4]),
+                   "; ..." if len(damaged) > 4 else ""))
+        if damaged:
+            return _repair_split(sc, dst, old, damaged, workers, counter, progress, log)
+        log("%s: already packed (%d records in %s; %s), nothing to do"
+            % (split, old["num_samples"], dst,
+               "every shard verified" if repair else
+               "every shard present at its recorded size; --repair also checks the checksums"))
         return PackedSplit(split, seen=len(sc.items), kept=old["num_samples"],
                            skipped=len(old["skipped"]), kinds=old.get("kinds", {}),
                            bytes=old.get("bytes", 0), seconds=0.0, done_before=True)
@@ -210,31 +275,20 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
     plan.prepare(dst, sc.plan)
     n_nodes, rank = nodes
     mine = [k for k in range(len(sc.plan["shards"])) if k % n_nodes == rank]
+    if repair:  # finished shards whose file changed since are packed again
+        for line in plan.drop_damaged(dst, sc.plan, mine):
+            log("%s: damaged %s; packing it again" % (split, line))
     todo = plan.missing(dst, sc.plan, among=mine)
     if len(todo) < len(mine) and todo:
         log("%s: resuming, %d of %d shards already complete"
             % (split, len(mine) - len(todo), len(mine)))
-    needed = sum(sc.source_bytes[k] for k in todo)
-    jobs = [{"src": sc.src, "dst": dst, "k": k, "items": sc.shard_items(k), "fp": fp,
-             "max_side": sc.plan["max_side"], "needed": needed} for k in todo]
+    jobs = _jobs(sc, dst, todo)
     todo_files = sum(len(j["items"]) for j in jobs)
     mine_files = sum(sc.plan["shards"][k]["num_files"] for k in mine)
     t0 = time.time()
     bar = _progress(mine_files, mine_files - todo_files, "pack " + split, progress)
     try:
-        if workers == 0:
-            for job in jobs:
-                _pack_shard(job)
-                bar.update(len(job["items"]))
-        else:
-            start, shown = counter.value, [0]
-
-            def show():
-                now = counter.value - start
-                bar.update(now - shown[0])
-                shown[0] = now
-
-            pool.run(_pack_shard, jobs, workers, counter, show)
+        _run_jobs(jobs, workers, counter, bar)
     finally:
         bar.close()
     seconds = time.time() - t0
@@ -254,6 +308,31 @@ def _pack_split(sc: Scan, out: str, workers: int, nodes: Tuple[int, int],
                        kept=meta["num_samples"], skipped=len(meta["skipped"]),
                        kinds=meta.get("kinds", {}), bytes=meta.get("bytes", 0),
                        skipped_list=meta["skipped"], **ran)
+
+
+def _repair_split(sc: Scan, dst: str, old: Dict[str, Any], damaged: List[Tuple[int, str]],
+                  workers: int, counter, progress: bool, log) -> "PackedSplit":
+    """Pack the damaged shards of a finished split again, from the plan, and rewrite its
+    meta.json for them."""
+    for _k, line in damaged:
+        log("%s: damaged %s" % (sc.split, line))
+    ks = [k for k, _ in damaged]
+    plan.forget(dst, ks)  # a marker left beside a damaged shard must not stand for it
+    plan.prepare(dst, sc.plan)
+    jobs = _jobs(sc, dst, ks)
+    files = sum(len(j["items"]) for j in jobs)
+    t0 = time.time()
+    bar = _progress(files, 0, "repair " + sc.split, progress)
+    try:
+        markers = _run_jobs(jobs, workers, counter, bar)
+    finally:
+        bar.close()
+    meta = plan.replace_shards(dst, sc.plan, old, markers, log)
+    return PackedSplit(sc.split, seen=meta.get("seen", len(sc.items)), kept=meta["num_samples"],
+                       skipped=len(meta["skipped"]), kinds=meta.get("kinds", {}),
+                       bytes=meta.get("bytes", 0), seconds=time.time() - t0, done_before=False,
+                       processed=files, shards_packed=len(ks),
+                       repaired=[shards.shard_name(k) for k in ks])
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -284,6 +363,9 @@ class PackConfig:
                                             "from SLURM_* / NNODES / GROUP_RANK, else 1)")
     node_rank: Optional[int] = option(None, "this machine's rank, 0..N-1")
     merge: bool = option(False, "only write meta.json from the shards all nodes packed")
+    repair: bool = option(False, "verify a packed split's shards (sizes and checksums; every "
+                                 "record of a shard without one) and repack only those that "
+                                 "fail, from the plan, with the arguments it was packed with")
     quiet: bool = option(False, "no progress bar")
 
     def split_list(self) -> Optional[List[str]]:
@@ -310,6 +392,7 @@ class PackedSplit:
     num_nodes: int = 1
     shards_packed: int = 0
     skipped_list: List[Dict[str, Any]] = field(default_factory=list)  # {path, reason}
+    repaired: List[str] = field(default_factory=list)  # shard files packed again by --repair
 
 
 @dataclass
@@ -326,14 +409,17 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                   max_side: Optional[int] = None, seed: int = PackConfig.seed,
                   strict: bool = False, progress: bool = True, log=print,
                   num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
-                  env: Optional[Mapping[str, str]] = None) -> PackResult:
+                  env: Optional[Mapping[str, str]] = None, repair: bool = False) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
     this node packs shards k with k mod N == rank; whichever node finds every shard present
-    writes meta.json. Raises PackError on bad input, a held lock or a full/read-only disk; with
-    strict=True also when any file had to be skipped (the shards are still written, so a rerun
-    after fixing the files only repacks what changed).
+    writes meta.json. A rerun over a finished split checks that each shard file is there at
+    its recorded size and refuses (PackError) if one is not; with repair=True it verifies the
+    shards (engine.data.verify) and packs only those that fail again. Raises PackError on bad
+    input, a held lock or a full/read-only disk; with strict=True also when any file had to be
+    skipped (the shards are still written, so a rerun after fixing the files only repacks what
+    changed).
     """
     if shard_size < 1:
         raise PackError("--shard-size must be at least 1 (got %d)" % shard_size)
@@ -350,6 +436,9 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--workers must be >= 0 (0 = decode in the main process)")
     n_nodes, rank, source = resolve_nodes(num_nodes, node_rank,
                                           os.environ if env is None else env)
+    if repair and n_nodes > 1:
+        raise PackError("--repair runs on one machine, and this is node %d of %d (from %s); run "
+                        "it once with --num-nodes 1" % (rank, n_nodes, source))
     if not os.path.isdir(data):
         raise PackError("--data %s does not exist or is not a folder" % data)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -370,8 +459,8 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
             log("node %d of %d (from %s): packing shards k with k mod %d == %d"
                 % (rank, n_nodes, source, n_nodes, rank))
         counter = mp.get_context("fork").Value("q", 0) if workers > 0 else None
-        summaries = [_pack_split(sc, out, workers, (n_nodes, rank), counter, progress, log)
-                     for sc in scans]
+        summaries = [_pack_split(sc, out, workers, (n_nodes, rank), counter, progress, log,
+                                 repair=repair) for sc in scans]
     result = PackResult(os.path.abspath(out), workers, n_nodes, rank, summaries)
     for s in summaries:
         if s.merged:
@@ -388,8 +477,15 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
 def _summary_line(s: PackedSplit, out: str) -> str:
     converted = {k.split(":", 1)[1]: v for k, v in s.kinds.items() if k.startswith("converted")}
     conv = ", ".join("%s %d" % kv for kv in sorted(converted.items())) or "none"
-    rate = s.processed / s.seconds if s.seconds > 0 else 0.0
-    return ("%s: %d files seen, %d kept (%d grayscale), converted: %s; %d skipped; "
-            "%.0f img/s; %.1f MB written to %s"
-            % (s.split, s.seen, s.kept or 0, s.kinds.get("gray", 0), conv, s.skipped,
-               rate, s.bytes / 1e6, os.path.join(os.path.abspath(out), s.split)))
+    rate = "%.0f img/s" % (s.processed / s.seconds) if s.processed and s.seconds > 0 else \
+        "nothing decoded"
+    if s.done_before:
+        done = "nothing to do, %.1f MB in" % (s.bytes / 1e6)
+    elif s.repaired:
+        done = "repaired %s (%d files, %s); %.1f MB in" % (", ".join(s.repaired), s.processed,
+                                                          rate, s.bytes / 1e6)
+    else:
+        done = "%s; %.1f MB written to" % (rate, s.bytes / 1e6)
+    return ("%s: %d files seen, %d kept (%d grayscale), converted: %s; %d skipped; %s %s"
+            % (s.split, s.seen, s.kept or 0, s.kinds.get("gray", 0), conv, s.skipped, done,
+               os.path.join(os.path.abspath(out), s.split)))

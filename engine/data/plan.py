@@ -11,7 +11,9 @@ side), so every node computes the same plan and any node can be rerun alone. A m
 finished shard's counts, skipped files and checksum under the fingerprint it was packed for; a
 shard counts as done only when its marker matches the plan and its file is there. meta.json is
 written from the markers, in shard order, by whichever node finds them all present (or by the
-merge), so its content does not depend on which node packed what.
+merge), so its content does not depend on which node packed what. The merge rebuilds the marker
+of a finished shard that has none (a kill between shard and marker, a lost meta.json) from the
+shard file, once every record in it decodes and its file list is the plan's.
 """
 from __future__ import annotations
 
@@ -28,10 +30,12 @@ import numpy as np
 from engine.data import shards
 from engine.data.folder import LayoutError, list_classes, scan_split
 from engine.errors import UserError, disk_error_message
+from engine.locks import LockError, acquire
 
-__all__ = ["PackError", "Scan", "input_classes", "scan", "prepare", "finished", "ShardTally",
-           "read_marker", "missing", "merge_split", "merge_pack", "shard_lock_path", "PLAN_FILE",
-           "PLAN_FORMAT", "PROGRESS_DIR"]
+__all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "finished",
+           "ShardTally", "read_marker", "missing", "rebuild_marker", "rebuild_markers",
+           "merge_split", "merge_pack", "replace_shards", "forget", "drop_damaged",
+           "shard_lock_path", "PLAN_FILE", "PLAN_FORMAT", "PROGRESS_DIR"]
 
 PROGRESS_DIR = ".pack"
 PLAN_FILE = "plan.json"
@@ -197,17 +201,41 @@ def prepare(dst: str, plan: Dict[str, Any]) -> None:
     _write_plan(dst, plan)
 
 
-def finished(dst: str, fp: str) -> Optional[Dict[str, Any]]:
+def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
+             repair: bool = False) -> Optional[Dict[str, Any]]:
     """The meta.json of a complete pack of this plan in `dst`, None if there is none; PackError
-    if `dst` holds a complete pack of other input or arguments."""
+    if `dst` holds a complete pack of other input or arguments (naming what changed when
+    `plan` is given), or a meta.json that cannot be read. With `repair`, an unparsable
+    meta.json is removed and the split counts as not finished: the pack then writes it again."""
     meta_path = os.path.join(dst, shards.META_FILE)
     if not os.path.exists(meta_path):
         return None
-    old = _load_json(meta_path) or {}
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)
+    except OSError as exc:
+        raise PackError("cannot read %s (%s)" % (meta_path, exc.strerror)) from None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        if not repair:
+            raise PackError("%s is not a readable meta.json (damaged?); rerun with --repair to "
+                            "write it again and repack only the shards that fail verification"
+                            % meta_path)
+        os.remove(meta_path)
+        return None
     if old.get("fingerprint") == fp:
+        _drop_progress(dst)  # left by a merge interrupted after it wrote meta.json
         return old
-    raise PackError("%s already holds a complete pack of different input or arguments. Choose "
-                    "another --out, or delete %s to repack." % (dst, dst))
+    changed = ""
+    if plan is not None:
+        changed = " (%s)" % _plan_difference(
+            {"split": old.get("split"), "seed": old.get("seed"),
+             "shard_size": old.get("shard_size"), "max_side": old.get("max_side"),
+             "classes": old.get("classes"), "num_files": old.get("seen")}, plan)
+    raise PackError("%s already holds a complete pack of different input or arguments%s. Rerun "
+                    "with the arguments it was packed with, choose another --out, or delete %s "
+                    "to repack." % (dst, changed, dst))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +252,12 @@ def shard_lock_path(dst: str, k: int) -> str:
 
 
 def read_marker(dst: str, k: int, fp: str) -> Optional[Dict[str, Any]]:
-    """Shard k's marker if it was packed for fingerprint `fp` and its file is there, else None."""
+    """Shard k's marker if it was packed for fingerprint `fp` and its file is there, else None.
+
+    A marker without the shard's size and checksum (written by an engine before they were
+    recorded) counts as missing: that shard is packed again rather than trusted unchecked."""
     m = _load_json(_marker_path(dst, k))
-    if m is None or m.get("fingerprint") != fp:
+    if m is None or m.get("fingerprint") != fp or "size" not in m or "checksum" not in m:
         return None
     if not os.path.exists(os.path.join(dst, shards.shard_name(k))):
         return None
@@ -257,15 +288,129 @@ class ShardTally:
         self.marker["seen"] += 1
         self.marker["skipped"].append({"path": rel, "reason": reason})
 
-    def publish(self, dst: str) -> Dict[str, Any]:
-        """Record the finished shard file (size, checksum) and write the marker atomically."""
+    def publish(self, dst: str, checksum: Optional[str] = None) -> Dict[str, Any]:
+        """Record the finished shard file (size, checksum) and write the marker atomically.
+
+        `checksum` is the file's shards.file_checksum() when the writer already computed it
+        (ShardWriter.close(checksum=True)); otherwise the file is hashed here.
+        """
         m = self.marker
         path = os.path.join(dst, m["file"])
         m["num_samples"] = sum(m["kinds"].values())
         m["size"] = os.path.getsize(path)
-        m["checksum"] = shards.file_checksum(path)
+        m["checksum"] = shards.file_checksum(path) if checksum is None else checksum
         shards.write_json_atomic(_marker_path(dst, self.k), m)
         return m
+
+
+class Unrecoverable(PackError):
+    """A shard file whose marker cannot be rebuilt from it (the message says why)."""
+
+
+def rebuild_marker(dst: str, k: int, plan: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Write shard k's marker again from the shard file itself; None if there is no file.
+
+    A finished shard without a marker is what a pack killed between publishing the shard and
+    its marker leaves, and what a finished pack that lost meta.json is (the merge removes the
+    markers). It is taken only as verify_pack checks a pack: every record is read and its image
+    decoded, and the records must be exactly the files the plan assigns to the shard, in order
+    (the plan's digest of that list). A shard from which files were skipped cannot be taken:
+    the names of those files were in the lost marker alone. The counts per kind of image are
+    not in a shard either; the marker records them as "unrecorded". Raises Unrecoverable if the
+    file is damaged, is not the plan's, or had skipped files.
+    """
+    from engine.data.verify import check_record  # it decodes: only a repair needs it
+
+    name = shards.shard_name(k)
+    path = os.path.join(dst, name)
+    if not os.path.exists(path):
+        return None
+    planned = plan["shards"][k]
+    try:
+        shards.check_shard_file(path)
+        kept: List[Tuple[str, int]] = []
+        nbytes = 0
+        with shards.open_env(path).begin(buffers=True) as txn:
+            n = txn.stat()["entries"]
+            for i in range(n):
+                value = txn.get(shards.record_key(i))
+                raw = None if value is None else bytes(value)
+                problem = check_record(raw, len(plan["classes"]))
+                if problem or raw is None:
+                    raise Unrecoverable("%s record %d: %s (the shard is damaged)"
+                                        % (path, i, problem or "missing"))
+                rec = shards.unpack_record(raw)
+                kept.append((rec["path"], int(rec["label"])))
+                nbytes += len(raw)
+    except Unrecoverable:
+        raise
+    except shards.ShardError as exc:
+        raise Unrecoverable(str(exc).split("; ")[0]) from None
+    except Exception as exc:  # noqa: BLE001 - LMDB's errors of a damaged file, not imported here
+        raise Unrecoverable("%s cannot be read (%s)" % (path, " ".join(str(exc).split()))) \
+            from None
+    finally:
+        # The pack may rewrite this very file next (or fork): no environment of it may stay.
+        shards.close_all_envs()
+    if len(kept) < planned["num_files"]:
+        raise Unrecoverable(
+            "%s holds %d of the %d files planned for it: the names of the %d skipped file(s) "
+            "and why were recorded only in its marker and meta.json, which are gone"
+            % (path, len(kept), planned["num_files"], planned["num_files"] - len(kept)))
+    if _shard_digest(kept) != planned["files_sha256"]:
+        raise Unrecoverable(
+            "%s does not hold the files %s assigns to it (%d records, %d files planned): it is "
+            "from another pack" % (path, PLAN_FILE, len(kept), planned["num_files"]))
+    m = {"file": name, "fingerprint": plan["fingerprint"], "seen": planned["num_files"],
+         "num_samples": len(kept), "kinds": {"unrecorded": len(kept)} if kept else {},
+         "skipped": [], "bytes": nbytes, "size": os.path.getsize(path),
+         "checksum": shards.file_checksum(path)}
+    shards.write_json_atomic(_marker_path(dst, k), m)
+    return m
+
+
+def rebuild_markers(dst: str, plan: Dict[str, Any], among: Iterable[int], log: Log
+                    ) -> Tuple[List[int], List[str]]:
+    """Rebuild the markers of the shards of `among` whose file is there but which have no
+    marker at all (see rebuild_marker; a marker of another kind, e.g. one without a checksum,
+    means the shard is packed again).
+
+    Returns (the shards whose marker was rebuilt, a problem line for each one that could not
+    be). A shard another pack is writing right now is left alone (it is a problem line).
+    """
+    done: List[int] = []
+    problems: List[str] = []
+    present = [k for k in among if os.path.exists(os.path.join(dst, shards.shard_name(k)))]
+    todo = [k for k in present if not os.path.exists(_marker_path(dst, k))]
+    problems += ["%s has a marker that does not match %s (another pack's, or one written before "
+                 "markers recorded checksums)" % (os.path.join(dst, shards.shard_name(k)),
+                                                  PLAN_FILE)
+                 for k in present if k not in todo]
+    if not todo:
+        return done, problems
+    try:  # the merge removed the folder of the markers and locks
+        os.makedirs(os.path.join(dst, PROGRESS_DIR), exist_ok=True)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, os.path.join(dst, PROGRESS_DIR))) from None
+    log("%s: %d finished shard(s) have no marker; checking them as verify_pack does (every "
+        "image is decoded) to rebuild their markers" % (dst, len(todo)))
+    for k in todo:
+        path = os.path.join(dst, shards.shard_name(k))
+        try:
+            with acquire(shard_lock_path(dst, k), refused=lambda holder: (
+                    "%s is being written by another pack right now (%s)" % (path, holder))):
+                if os.path.exists(_marker_path(dst, k)):  # written meanwhile by its pack
+                    continue
+                if rebuild_marker(dst, k, plan) is not None:
+                    done.append(k)
+        except (LockError, Unrecoverable) as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            raise PackError(disk_error_message(exc, _marker_path(dst, k))) from None
+    if done:
+        log("%s: rebuilt the markers of %d shard(s) from the shard files (the counts per kind "
+            "of image are not in a shard: 'unrecorded')" % (dst, len(done)))
+    return done, problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,11 +439,8 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
     for k in range(len(plan["shards"])):  # in shard order, whoever packed them
         m = markers[k]
         stats.add_marker(m)
-        path = os.path.join(dst, m["file"])
-        size = m.get("size", os.path.getsize(path))
-        checksum = m.get("checksum") or shards.file_checksum(path)  # markers of older packs
-        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": size,
-                        "checksum": checksum})
+        entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": m["size"],
+                        "checksum": m["checksum"]})
     return {
         "format": shards.FORMAT,
         "version": shards.VERSION,
@@ -318,6 +460,11 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
     }
 
 
+def _drop_progress(dst: str) -> None:
+    """Remove the markers and shard locks of a split whose meta.json is written."""
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+
+
 def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, Any]]:
     """Write meta.json from the markers if every shard is present; else return None.
 
@@ -327,6 +474,7 @@ def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, 
     meta_path = os.path.join(dst, shards.META_FILE)
     old = _load_json(meta_path)
     if old is not None and old.get("fingerprint") == plan["fingerprint"]:
+        _drop_progress(dst)
         return old
     fp = plan["fingerprint"]
     markers = {k: m for k in range(len(plan["shards"]))
@@ -339,17 +487,102 @@ def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, 
         shards.write_json_atomic(meta_path, meta)
     except OSError as exc:
         raise PackError(disk_error_message(exc, meta_path)) from None
-    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    _drop_progress(dst)
     log("%s: all %d shards present; wrote %s" % (plan["split"], len(plan["shards"]), meta_path))
     return meta
+
+
+def replace_shards(dst: str, plan: Dict[str, Any], meta: Dict[str, Any],
+                   markers: Dict[int, Dict[str, Any]], log: Log) -> Dict[str, Any]:
+    """Rewrite the meta.json of a finished split whose shards `markers` (by shard index) were
+    packed again (a repair): their size and checksum become the new files'; nothing else
+    changes, as the same files packed the same way give the same records. A repacked shard of
+    another record count means the input changed behind the fingerprint: PackError."""
+    entries = [dict(e) for e in meta["shards"]]
+    for k, m in sorted(markers.items()):
+        e = entries[k]
+        if e["file"] != m["file"] or e["num_samples"] != m["num_samples"]:
+            raise PackError(
+                "%s repacked holds %d records where %s recorded %d: the input files changed "
+                "since the pack although their names, sizes and times did not; delete %s and "
+                "pack it again" % (m["file"], m["num_samples"], shards.META_FILE,
+                                   e["num_samples"], dst))
+        e.update(size=m["size"], checksum=m["checksum"])
+    repaired = dict(meta, shards=entries)
+    meta_path = os.path.join(dst, shards.META_FILE)
+    try:
+        shards.write_json_atomic(meta_path, repaired)
+    except OSError as exc:
+        raise PackError(disk_error_message(exc, meta_path)) from None
+    shutil.rmtree(os.path.join(dst, PROGRESS_DIR), ignore_errors=True)
+    log("%s: repacked %s; wrote %s" % (plan["split"], ", ".join(
+        shards.shard_name(k) for k in sorted(markers)), meta_path))
+    return repaired
+
+
+def forget(dst: str, ks: Iterable[int]) -> None:
+    """Remove the markers of shards `ks`, so that the pack writes them again."""
+    for k in ks:
+        try:
+            os.remove(_marker_path(dst, k))
+        except FileNotFoundError:
+            pass
+
+
+def drop_damaged(dst: str, plan: Dict[str, Any], among: Iterable[int]) -> List[str]:
+    """Of the shards of `among` that have a marker, forget those whose file no longer matches
+    the size and checksum the marker recorded (marker and file removed), so that the pack
+    writes them again; one line per shard dropped."""
+    dropped = []
+    for k in among:
+        m = read_marker(dst, k, plan["fingerprint"])
+        if m is None:
+            continue
+        path = os.path.join(dst, m["file"])
+        size = os.path.getsize(path)
+        if size != m["size"]:
+            why = "%d bytes, its marker says %d" % (size, m["size"])
+        elif shards.file_checksum(path) != m["checksum"]:
+            why = "checksum differs from its marker"
+        else:
+            continue
+        for f in (_marker_path(dst, k), path):
+            try:
+                os.remove(f)
+            except FileNotFoundError:
+                pass
+        dropped.append("%s: %s" % (m["file"], why))
+    return dropped
+
+
+def _merge_refusal(dst: str, plan: Dict[str, Any], problems: List[str]) -> str:
+    """Why the split `dst` cannot be merged: its absent shards and the unusable ones."""
+    n = len(plan["shards"])
+    absent = [shards.shard_name(k) for k in missing(dst, plan)
+              if not os.path.exists(os.path.join(dst, shards.shard_name(k)))]
+    parts = []
+    if absent:
+        parts.append("%d of %d shards are missing (%s%s); rerun the node(s) that own them "
+                     "(shard k belongs to node k mod --num-nodes), then merge again"
+                     % (len(absent), n, ", ".join(absent[:8]), " ..." if len(absent) > 8 else ""))
+    if problems:
+        what = problems[0] + (" (and %d more)" % (len(problems) - 1) if len(problems) > 1
+                              else "")
+        what += ("; rerun the pack with --data and the arguments it was packed with: it packs "
+                 "those shards again")
+        parts.append("%d of %d shards are on disk without a usable marker and cannot be taken "
+                     "as they are: %s" % (len(problems), n, what))
+    return "cannot merge %s: %s" % (dst, "; ".join(parts))
 
 
 def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = print
                ) -> Dict[str, Any]:
     """Write meta.json of each split of a multi-node pack from its plan and shard markers.
 
-    Idempotent. Raises PackError naming the missing shards while any is absent (the split then
-    stays unreadable, as it has no meta.json).
+    A finished shard without a marker (a node killed between the two, or a finished pack that
+    lost meta.json) gets its marker rebuilt from the shard file (rebuild_markers). Idempotent.
+    Raises PackError naming the missing shards, and those that cannot be taken as they are,
+    while any is left (the split then stays unreadable, as it has no meta.json).
     """
     if not os.path.isdir(out):
         raise PackError("--out %s does not exist or is not a folder" % out)
@@ -365,13 +598,15 @@ def merge_pack(out: str, splits: Optional[Sequence[str]] = None, log: Log = prin
         if plan is None or plan.get("format") != PLAN_FORMAT:
             raise PackError("%s has no readable %s; pack it first" % (dst, PLAN_FILE))
         meta = merge_split(dst, plan, log)
+        problems: List[str] = []
         if meta is None:
-            absent = [shards.shard_name(k) for k in missing(dst, plan)]
-            raise PackError(
-                "cannot merge %s: %d of %d shards are missing (%s%s); rerun the node(s) that "
-                "own them (shard k belongs to node k mod --num-nodes), then merge again"
-                % (dst, len(absent), len(plan["shards"]), ", ".join(absent[:8]),
-                   " ..." if len(absent) > 8 else ""))
+            # Shards on disk without a marker: finished, but their markers were lost (a kill
+            # between shard and marker, or a finished pack that lost meta.json).
+            rebuilt, problems = rebuild_markers(dst, plan, missing(dst, plan), log)
+            if rebuilt:
+                meta = merge_split(dst, plan, log)
+        if meta is None:
+            raise PackError(_merge_refusal(dst, plan, problems))
         log("%s: merged, %d records in %d shards" % (split, meta["num_samples"],
                                                     len(meta["shards"])))
         done.append({"split": split, "num_samples": meta["num_samples"],

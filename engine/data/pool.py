@@ -3,7 +3,10 @@
 Self-managed rather than a multiprocessing.Pool, which silently replaces a killed worker and
 waits forever for its task. A worker's death is an end-of-file on its pipe, seen within one
 poll; the pack then stops the others, removes their partial shards and names the shard that was
-lost. Workers die with the packer (PR_SET_PDEATHSIG) and leave Ctrl-C to it.
+lost. A worker that has appended all its records says so and gives its core to the next shard
+while it finishes (checksum, disk). Workers die with the packer (PR_SET_PDEATHSIG) and leave
+Ctrl-C to it: they start with SIGINT blocked and ignore it, and the packer acts on it only
+between its own steps (see engine.data.forking), then stops them.
 """
 from __future__ import annotations
 
@@ -13,13 +16,18 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
+from engine.data.forking import DeferredInterrupt, ignore_stop_signals, start_process
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
-__all__ = ["run", "count"]
+__all__ = ["run", "count", "Target"]
+
+# What to do when the out-of-memory killer takes a packing worker (each decodes one image at a
+# time, so only fewer of them use less memory).
+MEMORY_FIX = "pack with fewer --workers"
 
 # Files processed, shared with the forked workers so the progress bar moves per file.
 _progress_counter = None
@@ -45,13 +53,13 @@ def _die_with_parent() -> None:
 
 def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
+    ignore_stop_signals()  # Ctrl-C and SIGTERM are the packer's to handle: it stops the workers
     _die_with_parent()
     if os.getppid() != parent:  # the packer died before the line above took effect
         os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the packer's to handle
     _progress_counter = counter
     try:
-        conn.send(("ok", target(job)))
+        conn.send(("ok", target(job, lambda: conn.send(("records_done", None)))))
         code = 0
     except UserError as exc:
         conn.send(("user", str(exc)))
@@ -72,9 +80,31 @@ def _remove_partial(dst: str, k: int) -> None:
             pass
 
 
-def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
-        workers: int, counter, on_progress: Callable[[], None]) -> Dict[int, Dict[str, Any]]:
-    """Run `target(job)` for each of `jobs` in up to `workers` forked processes, one per shard.
+def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
+    """Stop the workers still running and remove their partial shards."""
+    for proc, recv, job in running:
+        if proc.pid is not None and proc.is_alive():
+            proc.terminate()
+    for proc, recv, job in running:
+        if proc.pid is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        recv.close()
+        _remove_partial(job["dst"], job["k"])
+
+
+Target = Callable[[Dict[str, Any], Callable[[], None]], Dict[str, Any]]
+
+
+def run(target: Target, jobs: List[Dict[str, Any]], workers: int, counter,
+        on_progress: Callable[[], None]) -> Dict[int, Dict[str, Any]]:
+    """Run `target(job, records_done)` for each of `jobs` in forked processes, one per shard.
+
+    Up to `workers` of them decode at a time: a target calls records_done() when what is left
+    of its job is mostly waiting for the disk, and the next job then starts; at most `workers`
+    such finishing processes run besides, so never more than 2 * workers in all.
 
     Self-managed rather than a multiprocessing.Pool: a Pool silently replaces a worker that was
     killed and waits forever for its task. Here each worker holds the write end of a pipe, so
@@ -84,51 +114,56 @@ def run(target: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str,
     ctx = mp.get_context("fork")
     pending = list(jobs)
     running: Dict[int, Tuple[Any, Any, Dict[str, Any]]] = {}
+    finishing: Set[int] = set()  # jobs whose records are done, result not yet received
     markers: Dict[int, Dict[str, Any]] = {}
     shards.close_all_envs()  # a child must not inherit an open LMDB environment
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                job = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker, args=(target, job, send, counter, os.getpid()),
-                                   name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
-                proc.start()
-                send.close()  # only the child holds the write end: its death is EOF here
-                running[job["k"]] = (proc, recv, job)
-            ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
-            for k, (proc, recv, job) in list(running.items()):
-                if recv not in ready:
-                    continue
-                try:
-                    kind, payload = recv.recv()
-                except (EOFError, OSError):
-                    kind, payload = "lost", None
-                proc.join(10)
-                recv.close()
-                del running[k]
-                where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
-                if kind == "ok":
-                    markers[k] = payload
-                elif kind == "user":
-                    raise PackError(payload)
-                elif kind == "bug":
-                    raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
-                else:
-                    raise PackError(
-                        "the worker packing %s (pid %s) %s; the other workers were stopped. "
-                        "Rerun the same command to resume (finished shards are kept)"
-                        % (where, proc.pid, describe_exit(proc.exitcode)))
-            on_progress()
-    finally:
-        for proc, recv, job in running.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc, recv, job in running.values():
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-            recv.close()
-            _remove_partial(job["dst"], job["k"])
+    # Ctrl-C is noted and raised at the checks below, never inside a fork or the cleanup (see
+    # engine.data.forking); the wait's timeout bounds how long it takes to be acted on.
+    with DeferredInterrupt() as interrupt:
+        try:
+            while pending or running:
+                while (pending and len(running) - len(finishing) < workers
+                       and len(running) < 2 * workers):
+                    interrupt.check()
+                    job = pending.pop(0)
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_worker,
+                                       args=(target, job, send, counter, os.getpid()),
+                                       name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
+                    running[job["k"]] = (proc, recv, job)
+                    try:
+                        start_process(proc)
+                    finally:
+                        send.close()  # only the child holds the write end: its death is EOF
+                ready = mp.connection.wait([r for _, r, _ in running.values()], timeout=0.2)
+                interrupt.check()
+                for k, (proc, recv, job) in list(running.items()):
+                    if recv not in ready:
+                        continue
+                    try:
+                        kind, payload = recv.recv()
+                    except (EOFError, OSError):
+                        kind, payload = "lost", None
+                    if kind == "records_done":
+                        finishing.add(k)
+                        continue
+                    proc.join(10)
+                    recv.close()
+                    del running[k]
+                    finishing.discard(k)
+                    where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
+                    if kind == "ok":
+                        markers[k] = payload
+                    elif kind == "user":
+                        raise PackError(payload)
+                    elif kind == "bug":
+                        raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
+                    else:
+                        raise PackError(
+                            "the worker packing %s (pid %s) %s; the other workers were stopped. "
+                            "Rerun the same command to resume (finished shards are kept)"
+                            % (where, proc.pid, describe_exit(proc.exitcode, MEMORY_FIX)))
+                on_progress()
+        finally:
+            _stop(running.values())
     return markers

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple, Union
 
 from engine.data import shards
 from engine.data.folder import FolderIndex, index_folder
-from engine.errors import ConfigError, MissingPathError
+from engine.errors import ConfigError, DataError, MissingPathError, read_error_message
 
 __all__ = ["Record", "Source", "ShardSource", "FolderSource", "open_source"]
 
@@ -53,8 +53,12 @@ class FolderSource:
 
     def read(self, i: int) -> Record:
         rel, label = self.items[i]
-        with open(os.path.join(self.root, rel), "rb") as f:
-            return f.read(), label, rel, None
+        path = os.path.join(self.root, rel)
+        try:
+            with open(path, "rb") as f:
+                return f.read(), label, rel, None
+        except OSError as exc:  # unreadable, not undecodable: the user's to fix, not to skip
+            raise DataError(read_error_message(exc, path)) from None
 
     def files_of(self, indices) -> List[str]:
         """Nothing to add to an error: the record's path already names its file."""

@@ -19,7 +19,8 @@ from engine.cli import option
 from engine.data import shards
 from engine.data.decode import DecodeError, decode_bgr
 
-__all__ = ["VerifyConfig", "SplitReport", "verify_split", "verify", "find_splits"]
+__all__ = ["VerifyConfig", "SplitReport", "verify_split", "verify", "find_splits",
+           "shard_problem", "check_record"]
 
 
 @dataclass
@@ -36,11 +37,14 @@ class VerifyConfig:
 
 @dataclass
 class SplitReport:
-    """What verify_split() found; `mismatches` lists every problem (empty: all good)."""
+    """What verify_split() found; `mismatches` lists every problem (empty: all good), `damaged`
+    the shard files they were found in, in shard order (a problem with meta.json itself names
+    no shard)."""
 
     split_dir: str
     fast: bool
     mismatches: List[str] = field(default_factory=list)
+    damaged: List[str] = field(default_factory=list)
     shards: int = 0
     records: int = 0
     bytes: int = 0                # on disk, of the shards present
@@ -90,38 +94,47 @@ def verify_split(split_dir: str, sample: Optional[int] = None, fast: bool = Fals
     readable = []  # shards whose records can be read safely
     for e in entries:
         path = os.path.join(split_dir, e["file"])
-        if not os.path.exists(path):
-            bad.append("%s: missing" % e["file"])
-            continue
-        size = os.path.getsize(path)
-        rep.bytes += size
-        if "size" in e and size != e["size"]:
-            bad.append("%s: %d bytes, meta.json says %d (truncated or replaced)"
-                       % (e["file"], size, e["size"]))
-            continue
-        if e.get("checksum"):
-            got = shards.file_checksum(path)
-            rep.checksummed_bytes += size
-            if got != e["checksum"]:
-                bad.append("%s: checksum differs from meta.json (the file is damaged)"
-                           % e["file"])
-                continue
-        if fast:
-            continue
-        try:
-            shards.check_shard_file(path)
-        except shards.ShardError as exc:
-            bad.append("%s: %s" % (e["file"], exc))
-            continue
-        problem = _check_keys(path, int(e["num_samples"]))
+        if os.path.exists(path):
+            rep.bytes += os.path.getsize(path)
+        problem = shard_problem(split_dir, e, checksum=True, structure=not fast, rep=rep)
         if problem:
             bad.append("%s: %s" % (e["file"], problem))
-            continue
-        readable.append(e)
+            rep.damaged.append(e["file"])
+        elif not fast:
+            readable.append(e)
     if not fast and readable:
         _check_records(split_dir, meta, readable, sample, seed, rep)
+    order = {e["file"]: i for i, e in enumerate(entries)}
+    rep.damaged = sorted(set(rep.damaged), key=order.__getitem__)
     rep.seconds = time.time() - t0
     return rep
+
+
+def shard_problem(split_dir: str, entry: Dict[str, Any], checksum: bool = True,
+                  structure: bool = True, rep: Optional[SplitReport] = None) -> Optional[str]:
+    """What is wrong with the shard file of one meta.json entry, None if nothing: missing, a
+    size other than recorded, then (`checksum`) a checksum other than recorded, then
+    (`structure`) an LMDB header or record keys other than the contract's. Only the first
+    problem found is named. `rep` counts the bytes checksummed."""
+    path = os.path.join(split_dir, entry["file"])
+    if not os.path.exists(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if "size" in entry and size != entry["size"]:
+        return "%d bytes, meta.json says %d (truncated or replaced)" % (size, entry["size"])
+    if checksum and entry.get("checksum"):
+        got = shards.file_checksum(path)
+        if rep is not None:
+            rep.checksummed_bytes += size
+        if got != entry["checksum"]:
+            return "checksum differs from meta.json (the file is damaged)"
+    if not structure:
+        return None
+    try:
+        shards.check_shard_file(path)
+    except shards.ShardError as exc:
+        return str(exc)
+    return _check_keys(path, int(entry["num_samples"]))
 
 
 def _check_keys(path: str, expected: int) -> Optional[str]:
@@ -162,13 +175,16 @@ def _check_records(split_dir: str, meta: Dict[str, Any], entries: List[Dict[str,
     for name, local in by_file.items():
         with shards.open_env(os.path.join(split_dir, name)).begin() as txn:
             for j in local:
-                problem = _check_record(txn.get(shards.record_key(j)), n_classes)
+                problem = check_record(txn.get(shards.record_key(j)), n_classes)
                 rep.decoded += 1
                 if problem:
                     bad.append("%s record %d: %s" % (name, j, problem))
+                    rep.damaged.append(name)
 
 
-def _check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+def check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
+    """What is wrong with a shard record's bytes (None: it is a complete record whose image
+    decodes to its recorded size and whose label is one of `n_classes`)."""
     if value is None:
         return "missing"
     try:

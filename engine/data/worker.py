@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import mmap
 import os
-import signal
 import traceback
+import weakref
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
 from engine.data.decode import DecodeError
+from engine.data.forking import ignore_stop_signals
 from engine.data.sources import Source
 from engine.data.transforms import Transform
 from engine.errors import DataError, UserError
@@ -28,7 +29,7 @@ __all__ = ["MAX_REPLACEMENTS", "Replacement", "Task", "RingLayout", "fill", "wor
 # that is mostly corrupt is a packing problem, not something to paper over).
 MAX_REPLACEMENTS = 16
 
-# (index, path, reason) of a record that failed to decode and was replaced by the next one
+# (index, path, reason) of a record that failed to decode (replaced by the next one, or skipped)
 Replacement = Tuple[int, str, str]
 # (global batch, epoch, slot, first row, sample indices, output side)
 Task = Tuple[int, int, int, int, np.ndarray, int]
@@ -66,14 +67,45 @@ class RingLayout:
         labels: np.ndarray = np.ndarray((bs,), np.int32, buf, base + bs * 3 * M * M)
         return images, labels
 
+    def hand_out(self, buf: mmap.mmap, slot: int, side: int, size: int
+                 ) -> Tuple[np.ndarray, np.ndarray, "weakref.ref[np.ndarray]"]:
+        """Read-only (images [size, 3, side, side], labels [size]) of one slot for the caller,
+        and a weak reference that is alive while any array made from them is.
+
+        Both arrays are views of one fresh read-only array over the slot (the anchor). numpy
+        points every view of a view at the first array whose own base is not an array, so any
+        slice or reshape the caller makes keeps the anchor alive: the loader can tell, when the
+        slot is refilled, that the caller still holds something of it."""
+        bs, M = self.batch_size, self.max_side
+        # Over a read-only memoryview (frombuffer keeps it as the base), so that no view can be
+        # made writable again.
+        anchor = np.frombuffer(memoryview(buf).toreadonly(), np.uint8, self.slot_bytes,
+                               slot * self.slot_bytes)
+        images = anchor[:bs * 3 * side * side].reshape(bs, 3, side, side)[:size]
+        at = bs * 3 * M * M
+        labels = anchor[at:at + 4 * bs].view(np.int32)[:size]
+        return images, labels, weakref.ref(anchor)
+
 
 def fill(source: Source, decoder: Transform, indices: np.ndarray, epoch: int, images: np.ndarray,
-         labels: np.ndarray) -> List[Replacement]:
-    """Decode samples into (images, labels); returns the records replaced by their successor."""
+         labels: np.ndarray, skip: bool = False) -> List[Replacement]:
+    """Decode samples into (images, labels); returns the records that failed to decode.
+
+    A failed record is replaced by its successor, or, with `skip`, left out: its row is not
+    written and the caller drops the rows of the returned indices (an evaluation must score each
+    image once, not a stand-in twice)."""
     n = len(source)
     failures: List[Replacement] = []
     for j, idx in enumerate(indices):
         idx = int(idx)
+        if skip:
+            data, label, path, size = source.read(idx)
+            try:
+                decoder(data, idx, epoch, images[j], size)
+                labels[j] = label
+            except DecodeError as exc:
+                failures.append((idx, path, str(exc)))
+            continue
         for attempt in range(MAX_REPLACEMENTS):
             cur = (idx + attempt) % n
             data, label, path, size = source.read(cur)
@@ -91,7 +123,8 @@ def fill(source: Source, decoder: Transform, indices: np.ndarray, epoch: int, im
 
 
 def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mmap,
-         layout: RingLayout) -> Tuple[int, List[Replacement], Union[None, UserError, str]]:
+         layout: RingLayout, skip: bool = False
+         ) -> Tuple[int, List[Replacement], Union[None, UserError, str]]:
     """One task -> (global batch, replacements, error): error is None, a UserError to re-raise
     as is in the main process, or a bug's traceback for it to raise."""
     global_batch, epoch, slot, start, indices, side = task
@@ -99,7 +132,7 @@ def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mma
     images, labels = layout.arrays(buf, slot, side)
     try:
         return global_batch, fill(source, decoder, indices, epoch, images[start:stop],
-                                  labels[start:stop]), None
+                                  labels[start:stop], skip), None
     except UserError as exc:  # the user's to fix
         return global_batch, [], exc
     except Exception:  # noqa: BLE001 - a bug: the main process raises it with this traceback
@@ -107,16 +140,15 @@ def _run(wid: int, task: Task, source: Source, decoder: Transform, buf: mmap.mma
 
 
 def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mmap.mmap,
-                layout: RingLayout) -> None:
+                layout: RingLayout, skip: bool = False) -> None:
     """A worker process: run tasks from `conn` until it sends None, closes, or the main process
     dies."""
+    # Ctrl-C goes to the whole process group, and a scheduler's stop signals (SIGTERM, SIGUSR1)
+    # to every process of the job: the main process decides and tells us to stop.
+    ignore_stop_signals()
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()
-    # Ctrl-C goes to the whole process group, and a scheduler's stop signals (SIGTERM, SIGUSR1)
-    # to every process of the job: the main process decides and tells us to stop.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
     parent = os.getppid()
     while True:
         try:
@@ -130,6 +162,6 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
         if task is None:
             return
         try:
-            conn.send(_run(wid, task, source, decoder, buf, layout))
+            conn.send(_run(wid, task, source, decoder, buf, layout, skip))
         except (BrokenPipeError, OSError):
             return

@@ -5,6 +5,14 @@ import nothing heavy, so the tools and `engine.config` resolve a layout without 
 Each source has its own reader (`_from_flags`, `_from_torchrun`, `_from_slurm`); the resolver
 takes the node count and rank together from the first source that sets a count, and every other
 field from the first source that sets it: flags > torchrun-style > Slurm > single-node defaults.
+A layout that a source states only in part (a node count without this node's rank, a rank
+without a count) is refused up front, naming the variable that is missing: guessing "node 0"
+would make this machine wait for nodes that are not coming.
+
+The Slurm-derived master port is `SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN`, 20000-29999:
+every node of a job computes the same one without talking to the others, and it stays below
+Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the source
+ports of outgoing connections (so a port there may be taken by any client at any time).
 """
 from __future__ import annotations
 
@@ -17,10 +25,16 @@ from typing import List, Mapping, Optional, TypeVar
 from engine.dist.env import env_int, group_nodes, launcher_nodes, slurm_nodes, world_nodes
 from engine.errors import UserError
 
-__all__ = ["SOURCES", "Cluster", "resolve_cluster", "expand_nodelist", "is_loopback",
-           "check_one_process_per_node", "resolve_ngpus"]
+__all__ = ["SOURCES", "SLURM_PORT_BASE", "SLURM_PORT_SPAN", "EPHEMERAL_PORTS", "Cluster",
+           "resolve_cluster", "expand_nodelist", "is_loopback", "slurm_port",
+           "check_one_process_per_node", "require_gpus", "resolve_ngpus"]
 
 SOURCES = ("flags", "torchrun", "slurm", "default")
+
+#: Linux's default ephemeral port range (net.ipv4.ip_local_port_range), inclusive.
+EPHEMERAL_PORTS = (32768, 60999)
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 10000
 
 
 @dataclass(frozen=True)
@@ -128,12 +142,22 @@ class _Said:
     addr: Optional[str] = None
     port: Optional[int] = None
     gpus: Optional[int] = None
+    # What to say when this source's layout is incomplete: a count > 1 without a rank (the
+    # first), a rank without a count, no master address, no master port.
+    no_rank: str = ""
+    no_count: str = ""
+    no_addr: str = ""
+    no_port: str = ""
 
 
 def _from_flags(num_nodes: Optional[int], node_rank: Optional[int], master_ip: Optional[str],
                 master_port: Optional[int], ngpus: Optional[int]) -> _Said:
     """`--num-nodes --node-rank --master-ip --master-port --ngpus`."""
-    return _Said(num_nodes, node_rank, master_ip, master_port, ngpus)
+    return _Said(num_nodes, node_rank, master_ip, master_port, ngpus,
+                 no_rank="--num-nodes %s also needs --node-rank, this machine's index (0 to %s)"
+                 % (num_nodes, (num_nodes or 1) - 1),
+                 no_addr="pass --master-ip (or set MASTER_ADDR, or run under Slurm)",
+                 no_port="pass --master-port (or set MASTER_PORT)")
 
 
 def _from_torchrun(env: Mapping[str, str]) -> _Said:
@@ -146,10 +170,23 @@ def _from_torchrun(env: Mapping[str, str]) -> _Said:
     nodes, rank = launcher_nodes(env)
     if rank is None:
         rank = group_nodes(env)[1]
+    said = "NNODES=%s" % nodes
     if nodes is None:
         nodes, world_rank = world_nodes(env)
         rank = world_rank if rank is None else rank
-    return _Said(nodes, rank, env.get("MASTER_ADDR") or None, env_int(env, "MASTER_PORT"))
+        said = "WORLD_SIZE=%s with LOCAL_WORLD_SIZE=%s" % (env_int(env, "WORLD_SIZE"),
+                                                          env_int(env, "LOCAL_WORLD_SIZE") or 1)
+    rank_vars = "NODE_RANK, GROUP_RANK" + (" or RANK" if said.startswith("WORLD") else "")
+    return _Said(
+        nodes, rank, env.get("MASTER_ADDR") or None, env_int(env, "MASTER_PORT"),
+        no_rank="%s means %s nodes, but none of %s says which one this machine is: set "
+                "NODE_RANK (0 to %s) on every node, or pass --node-rank"
+                % (said, nodes, rank_vars, (nodes or 1) - 1),
+        no_count="NODE_RANK=%s is set, but neither NNODES nor WORLD_SIZE says how many nodes "
+                 "the run has: set NNODES, or pass --num-nodes" % rank,
+        no_addr="MASTER_ADDR is not set: set it to node 0's address (or pass --master-ip)",
+        no_port="MASTER_PORT is not set: set it to a free port on node 0 that every node uses "
+                "(or pass --master-port)")
 
 
 def _from_slurm(env: Mapping[str, str]) -> _Said:
@@ -163,12 +200,25 @@ def _from_slurm(env: Mapping[str, str]) -> _Said:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     master = expand_nodelist(nodelist)[0] if nodelist else None
     job_id = env_int(env, "SLURM_JOB_ID")
-    # Same on every node of the job, and different for two jobs sharing a node.
-    port = None if job_id is None else 20000 + job_id % 20000
+    port = None if job_id is None else slurm_port(job_id)
     gpus = env_int(env, "SLURM_GPUS_ON_NODE")
     if gpus is None and "CUDA_VISIBLE_DEVICES" in env:
         gpus = _count_visible(env["CUDA_VISIBLE_DEVICES"])
-    return _Said(nodes, rank, master, port, gpus)
+    return _Said(
+        nodes, rank, master, port, gpus,
+        no_rank="SLURM_NNODES=%d but SLURM_NODEID is not set, so nothing says which node this "
+                "is: start the run with srun --ntasks-per-node=1 (which sets it), or pass "
+                "--node-rank" % nodes,
+        no_addr="SLURM_JOB_NODELIST is not set, so node 0 is unknown: set MASTER_ADDR (or "
+                "pass --master-ip)",
+        no_port="SLURM_JOB_ID is not set, so no port can be derived: set MASTER_PORT (or pass "
+                "--master-port)")
+
+
+def slurm_port(job_id: int) -> int:
+    """The master port of Slurm job `job_id`: the same on every node of the job, different for
+    jobs whose ids differ by less than SLURM_PORT_SPAN, and below the ephemeral range."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
 # ------------------------------------------------------------------------------ the resolver
@@ -203,20 +253,30 @@ def resolve_cluster(
 
     Raises UserError for values that cannot work: a node rank out of range, a multi-node run
     without a master address or port, or a loopback master address (the other nodes would
-    wait forever for a server on their own machine).
+    wait forever for a server on their own machine), and for a layout stated in part: a node
+    count without this node's rank, or (torchrun-style) a node rank without a count. Each
+    message names the variable or flag that is missing.
     """
     said = {"flags": _from_flags(num_nodes, node_rank, master_ip, master_port, ngpus),
             "torchrun": _from_torchrun(env), "slurm": _from_slurm(env)}
     source = next((s for s, v in said.items() if v.nodes is not None), None)
     if source is None:
+        stray = said["torchrun"].rank
+        if node_rank is None and stray:  # NODE_RANK=1 alone: one of several nodes, but which?
+            raise UserError(said["torchrun"].no_count)
         source = "flags" if node_rank is not None or master_ip is not None else "default"
         nodes, nrank = 1, _or(0, node_rank)
+        rank_known = True
     else:
-        nodes, nrank = _or(1, said[source].nodes), _or(0, node_rank, said[source].rank)
+        nodes = _or(1, said[source].nodes)
+        rank = _first(node_rank, said[source].rank)
+        nrank, rank_known = _or(0, rank), rank is not None
     addr = _first(*(v.addr for v in said.values()))
     port = _or(0, *(v.port for v in said.values()))
     gpus = _first(*(v.gpus for v in said.values()))
     _check_layout(nodes, nrank, addr, port, gpus, source)
+    if nodes > 1:
+        _check_complete(said, source, rank_known, addr, port)
     return Cluster(num_nodes=int(nodes), node_rank=int(nrank),
                    master_addr=addr if addr is not None else "localhost",
                    master_port=int(port), gpus_per_node=gpus, source=source)
@@ -233,53 +293,81 @@ def _check_layout(nodes: int, nrank: int, addr: Optional[str], port: int, gpus: 
         raise UserError("master port %d is not a TCP port (0-65535)" % port)
     if gpus is not None and gpus < 0:
         raise UserError("--ngpus must be >= 0 (got %d)" % gpus)
-    if nodes > 1:
-        if addr is None:
-            raise UserError(
-                "a %d-node run needs the address of node 0: pass --master-ip (or set "
-                "MASTER_ADDR, or run under Slurm)" % nodes)
-        if is_loopback(addr):
-            raise UserError(
-                "--master-ip %s is this machine's loopback address, which the other nodes "
-                "cannot reach: pass node 0's hostname or IP as every node sees it" % addr)
-        if port == 0:
-            raise UserError(
-                "a %d-node run needs a fixed rendezvous port that every node uses: pass "
-                "--master-port (or set MASTER_PORT)" % nodes)
+    if nodes > 1 and addr is not None and is_loopback(addr):
+        raise UserError(
+            "--master-ip %s is this machine's loopback address, which the other nodes "
+            "cannot reach: pass node 0's hostname or IP as every node sees it" % addr)
+
+
+def _check_complete(said: Mapping[str, _Said], source: str, rank_known: bool,
+                    addr: Optional[str], port: int) -> None:
+    """A multi-node layout needs this node's rank, node 0's address and a fixed port; each
+    refusal names what the source that set the node count lacks."""
+    nodes = said[source].nodes
+    if addr is None:
+        raise UserError("a %s-node run needs the address of node 0: %s" % (nodes,
+                                                                          said[source].no_addr))
+    if port == 0:
+        raise UserError("a %s-node run needs a fixed rendezvous port that every node uses: %s"
+                        % (nodes, said[source].no_port))
+    if not rank_known:
+        raise UserError(said[source].no_rank)
 
 
 # ----------------------------------------------------------------------- processes per node
 
 def check_one_process_per_node(env: Mapping[str, str]) -> None:
-    """Refuse being started several times per node by torchrun or srun.
+    """Refuse being started several times per node by torchrun, srun or mpirun, whatever the
+    node count.
 
-    MegEngine's launcher forks one process per GPU itself, so a second copy on the same node
-    would take the same GPUs and ranks and hang at the rendezvous.
+    MegEngine's launcher forks one process per GPU itself, so N copies on one node would each
+    take every GPU and the same ranks: on one node, N runs writing one save dir; on several,
+    a hang at the rendezvous.
     """
     local = env_int(env, "LOCAL_WORLD_SIZE")
     if local is not None and local > 1:
         raise UserError(
             "LOCAL_WORLD_SIZE=%d: start one process per node (torchrun --nproc-per-node 1, or "
             "srun --ntasks-per-node 1); the engine launches one process per GPU itself" % local)
-    # Set by srun for the job step it runs (not by sbatch/salloc, whose shell is one process).
+    # Set by srun for the job step it runs (not by sbatch/salloc, whose shell is one process):
+    # a comma list of per-node counts, each possibly "N(xK)" (K nodes with N tasks).
     tasks = env.get("SLURM_STEP_TASKS_PER_NODE")
     if tasks:
-        n = env_int({"v": tasks.split(",")[0]}, "v")
-        if n is not None and n > 1:
+        counts = [env_int({"SLURM_STEP_TASKS_PER_NODE": part}, "SLURM_STEP_TASKS_PER_NODE")
+                  for part in tasks.split(",")]
+        n = max((c for c in counts if c is not None), default=1)
+        if n > 1:
             raise UserError(
-                "Slurm runs %d tasks per node: use --ntasks-per-node=1; the engine launches one "
-                "process per GPU itself" % n)
+                "Slurm runs %d tasks per node (SLURM_STEP_TASKS_PER_NODE=%s): use srun "
+                "--ntasks-per-node=1; the engine launches one process per GPU itself"
+                % (n, tasks))
+    for name, launcher in (("OMPI_COMM_WORLD_LOCAL_SIZE", "mpirun -npernode 1"),
+                           ("MPI_LOCALNRANKS", "mpiexec -ppn 1")):
+        local = env_int(env, name)
+        if local is not None and local > 1:
+            raise UserError(
+                "%s=%d: start one process per node (%s); the engine launches one process per "
+                "GPU itself" % (name, local, launcher))
+
+
+def require_gpus(requested: Optional[int], available: int, num_nodes: int = 1) -> None:
+    """Refuse a multi-GPU or multi-node run on a machine without a CUDA GPU.
+
+    This machine decides it alone, so the trainer calls it before any rendezvous: a CPU node of
+    a multi-node run says so at once instead of waiting for the other nodes first.
+    """
+    if available == 0 and (requested not in (None, 0, 1) or num_nodes > 1):
+        raise UserError(
+            "no CUDA GPU is visible on this machine, so training runs as one CPU process; "
+            "multi-GPU and multi-node need CUDA (got --ngpus %s, %d node(s))"
+            % (requested, num_nodes))
 
 
 def resolve_ngpus(requested: Optional[int], available: int, num_nodes: int = 1) -> int:
     """Processes per node. CPU-only machines run one process (MegEngine's distributed
     backend is CUDA-only), so asking for more there is an error, not a silent downgrade."""
     if available == 0:
-        if requested not in (None, 0, 1) or num_nodes > 1:
-            raise UserError(
-                "no CUDA GPU is visible, so training runs as one CPU process; multi-GPU and "
-                "multi-node need CUDA (got --ngpus %s, --num-nodes %d)" % (requested, num_nodes)
-            )
+        require_gpus(requested, available, num_nodes)
         return 1
     if requested is None or requested == 0:
         return available

@@ -4,8 +4,10 @@ The one seam between the engine and `megengine.distributed`'s process group: eve
 broadcast and all-reduce the engine makes goes through these functions. Each is a no-op (or the
 obvious single-process answer) when the process group was never initialised, so the trainer
 reads the same in one process as in N. MegEngine is imported inside the functions, never at
-module level. Multi-GPU needs CUDA: MegEngine's launcher and process groups refuse the CPU
-backend, so nothing below the `get_world_size() > 1` branches runs in CPU-only tests.
+module level. MegEngine's collectives need CUDA; on a CPU machine the test suite runs the
+branches below `get_world_size() > 1` through the test-only backend in `engine.dist.cpu_backend`,
+which stands in for exactly the MegEngine functions these reach (the gradient all-reduce under
+`make_allreduce_cb`, the broadcast under `bcast_list_`, and `functional.all_reduce_sum`).
 """
 from __future__ import annotations
 

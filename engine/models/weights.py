@@ -26,7 +26,7 @@ from typing import IO, Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from engine.errors import UserError
+from engine.errors import UserError, read_error_message
 from engine.models import hub
 from engine.models.hub import WeightsError
 
@@ -153,6 +153,8 @@ def read_file(path: str, *, trusted: Optional[bool] = None, what: str = "checkpo
         obj = unpickle(path, trusted=trusted)
     except UnsafePickleError:
         raise
+    except OSError as exc:  # permissions, a stale mount: the bytes may be fine
+        raise WeightsError(read_error_message(exc, path)) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise WeightsError(
             "cannot read %s %s (%s: %s): it is truncated or not a MegEngine/pickle file"

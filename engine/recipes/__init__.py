@@ -67,8 +67,19 @@ def load_recipe(path_or_name: str, schema: Mapping[str, Any],
     key or a value of the wrong type raises ConfigError in one line."""
     path = recipe_path(path_or_name)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError("cannot read recipe %s (%s)" % (path, exc.strerror or exc)) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark some editors write is fine
+    except UnicodeDecodeError as exc:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:64]
+        raise ConfigError("recipe %s is not UTF-8 text (%sbyte %d cannot be read); save it as "
+                          "UTF-8" % (path, "it looks like UTF-16: " if utf16 else "",
+                                     exc.start)) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("recipe %s is not valid JSON: %s (line %d, column %d)"
                           % (path, exc.msg, exc.lineno, exc.colno)) from None

@@ -18,7 +18,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run() -> None:
         top = predict(c.arch, c.model, c.image, topk=c.topk, image_size=c.image_size,
-                      trusted=c.trust_pickle or None)
+                      trusted=c.trust_pickle or None, ema=c.ema)
         for rank, (_index, name, prob) in enumerate(top):
             print(format_prediction(rank, name, prob))
 

@@ -13,7 +13,9 @@ from engine.errors import UserError, run_tool
 DESCRIPTION = ("Pack an ImageNet folder (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) into "
                "LMDB shards.")
 EPILOG = ("Rerunning with the same arguments resumes an interrupted pack; a finished split is left "
-          "alone. Output: OUT/<split>/shard-NNNNN.lmdb + plan.json (written first) + meta.json "
+          "alone once each shard file is found at its recorded size (if one is not, the rerun "
+          "says which and stops: add --repair to repack only the shards that fail "
+          "verification). Output: OUT/<split>/shard-NNNNN.lmdb + plan.json (written first) + meta.json "
           "(written last). Several nodes: run the same command on each with --num-nodes N "
           "--node-rank r (or under Slurm/torchrun, which set them); the last node to finish "
           "writes meta.json, or run --merge.")
@@ -25,13 +27,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def run() -> None:
         splits = c.split_list()
         if c.merge:
+            if c.repair:
+                raise UserError("--repair packs shards again, so it needs --data, not --merge")
             merge_pack(c.out, splits)
             return
         if c.data is None:
             raise UserError("--data is required (except with --merge)")
         pack_imagenet(c.data, c.out, splits=splits or ["train", "val"], workers=c.workers,
                       shard_size=c.shard_size, max_side=c.max_side, seed=c.seed, strict=c.strict,
-                      progress=not c.quiet, num_nodes=c.num_nodes, node_rank=c.node_rank)
+                      progress=not c.quiet, num_nodes=c.num_nodes, node_rank=c.node_rank,
+                      repair=c.repair)
 
     return run_tool(run, interrupted="interrupted; rerun to resume")
 

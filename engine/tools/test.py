@@ -9,8 +9,10 @@ from engine.cli import parse
 from engine.errors import run_tool
 from engine.evaluate import TestConfig, test
 
-DESCRIPTION = ("Evaluate a classifier on ImageNet val (resize to image-size/0.875, center crop). "
-               "The last line reads 'top1 <x> top5 <y>' (percent).")
+DESCRIPTION = ("Evaluate a classifier on ImageNet val (resize the shorter side to image-size / "
+               "ratio, center crop), an engine checkpoint as its run evaluated. Files that do not "
+               "decode are skipped and counted. The last line reads 'top1 <x> top5 <y>' "
+               "(percent).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -18,8 +20,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run() -> None:
         result = test(config)
-        print("Test %s on %d images: top1 %.3f top5 %.3f"
-              % (config.arch, result.images, result.top1, result.top5))
+        skipped = (" (%d undecodable file%s skipped)"
+                   % (result.skipped, "" if result.skipped == 1 else "s")) if result.skipped else ""
+        print("Test %s%s at %d px (crop ratio %g) on %d images%s: top1 %.3f top5 %.3f"
+              % (result.arch, " EMA" if result.ema else "", result.image_size, result.crop_ratio,
+                 result.images, skipped, result.top1, result.top5))
 
     return run_tool(run)
 

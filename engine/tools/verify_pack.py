@@ -38,8 +38,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("  MISMATCH %s" % m)
             problems += len(r.mismatches)
         if problems:
-            raise UserError("%d mismatch(es) found in %s (listed above); repack or restage the "
-                            "damaged shards" % (problems, c.path))
+            raise UserError("%d mismatch(es) found in %s (listed above); to repack only the "
+                            "damaged shards, rerun tools/pack_imagenet.py with the arguments the "
+                            "pack was made with and --repair (a staged copy: rerun "
+                            "tools/stage_shards.py from the intact source, which copies them "
+                            "again)" % (problems, c.path))
 
     return run_tool(run)
 

@@ -1,0 +1,78 @@
+"""Ctrl-C at random moments while Loaders start their workers and serve batches: one line, exit
+130, no process left. A program in a subprocess with a deadline (a hang is a failure)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from helpers import make_imagenet
+from engine.data.pack import pack_imagenet
+
+DEADLINE = 60  # seconds; only catches a hang, never measures speed
+
+# Loaders are opened and closed over and over, so that the interrupts also fall into the forks
+# of their workers, not only into the steady state.
+PROGRAM = """
+import sys
+from engine.data import Loader
+from engine.errors import run_tool
+
+def body():
+    print("ready", flush=True)
+    while True:
+        with Loader(sys.argv[1], batch_size=4, train=True, workers=2, image_size=32) as ld:
+            for i, _ in enumerate(ld):
+                if i == 2:
+                    break
+
+sys.exit(run_tool(body))
+"""
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = make_imagenet(str(tmp_path_factory.mktemp("li") / "r"), classes=2, train=12, val=2)
+    out = tmp_path_factory.mktemp("li-p") / "p"
+    pack_imagenet(root, str(out), workers=0, shard_size=6, progress=False, log=lambda *a: None)
+    return str(out / "train")
+
+
+def left_in_group(pgid):
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (OSError, psutil.Error):
+            pass
+    return alive
+
+
+def test_ctrl_c_while_loaders_start_and_run_is_one_line(split, tmp_path):
+    program = tmp_path / "loop.py"
+    program.write_text(PROGRAM)
+    rng = random.Random(5)
+    for trial in range(10):
+        proc = subprocess.Popen([sys.executable, str(program), split], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            delay = rng.uniform(0, 1.5)
+            time.sleep(delay)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, stderr = proc.communicate(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        what = "trial %d: SIGINT %.2f s after the start" % (trial, delay)
+        assert (proc.returncode, stderr.strip()) == (130, "interrupted"), (what, stderr)
+        end = time.monotonic() + 10
+        while left_in_group(proc.pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not left_in_group(proc.pid), what

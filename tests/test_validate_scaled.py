@@ -1,0 +1,282 @@
+"""decode.validate_jpeg (a strict decode at DCT scale 1/8) rejects exactly the JPEGs that the
+strict full decode (decode_bgr) rejects, with the same message, so the packer may validate with
+it and keep what it kept before.
+
+The corpus: real photographs encoded every way the packer meets (qualities, 4:2:0 / 4:2:2 /
+4:4:4 / 4:1:1 / 4:4:0, baseline and progressive, optimised Huffman tables, restart intervals,
+grayscale, CMYK, odd and tiny sizes), and damaged copies of them made deterministically from a
+seed: truncations at many offsets, bit flips and byte overwrites in the headers and in the
+entropy-coded data, inserted markers and bytes, deleted and duplicated runs, a lost EOI and
+trailing garbage. Each file is judged by the full decode, by validate_jpeg, and by each of its
+two paths on its own (the compiled decoder's validate, and TurboJPEG's scaled decode).
+"""
+import functools
+import io
+import os
+from typing import List, Optional, Tuple
+
+import cv2
+import numpy as np
+import pytest
+
+from helpers import photo_bgr
+from engine.data import decode as D
+from engine.data.decode import DecodeError, decode_bgr, jpeg_info, validate_jpeg
+from engine.data.pack import process_file
+
+SAMPLING = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+            "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+            "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+            "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
+            "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440}
+
+
+def _photo(name: str, h: int, w: int) -> np.ndarray:
+    return cv2.resize(photo_bgr(name), (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _enc(img: np.ndarray, quality: int = 90, sampling: str = "420", progressive: bool = False,
+         restart: int = 0, optimize: bool = False) -> bytes:
+    flags = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    if img.ndim == 3:
+        flags += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING[sampling]]
+    if progressive:
+        flags += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    if restart:
+        flags += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
+    if optimize:
+        flags += [cv2.IMWRITE_JPEG_OPTIMIZE, 1]
+    ok, buf = cv2.imencode(".jpg", img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+def _cmyk(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[..., ::-1]).convert("CMYK").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def sources() -> Tuple[Tuple[str, bytes], ...]:
+    """Intact JPEGs; sizes are odd (partial iMCU rows and columns) and small (a fast test)."""
+    chelsea, coffee = _photo("chelsea", 117, 173), _photo("coffee", 130, 197)
+    astro, rocket = _photo("astronaut", 141, 141), _photo("rocket", 99, 149)
+    gray = cv2.cvtColor(coffee, cv2.COLOR_BGR2GRAY)
+    out = [
+        ("420 q90", _enc(chelsea, 90, "420")),
+        ("422 q75", _enc(coffee, 75, "422")),
+        ("444 q95", _enc(astro, 95, "444")),
+        ("411 q85", _enc(rocket, 85, "411")),
+        ("440 q80", _enc(chelsea, 80, "440")),
+        ("420 q60 optimised", _enc(astro, 60, "420", optimize=True)),
+        ("420 progressive", _enc(coffee, 90, "420", progressive=True)),
+        ("444 progressive q75", _enc(rocket, 75, "444", progressive=True)),
+        ("422 progressive q95", _enc(astro, 95, "422", progressive=True)),
+        ("420 restart 2", _enc(rocket, 90, "420", restart=2)),
+        ("444 restart 5", _enc(chelsea, 85, "444", restart=5)),
+        ("420 progressive restart 3", _enc(chelsea, 90, "420", progressive=True, restart=3)),
+        ("gray", _enc(gray, 90)),
+        ("gray progressive", _enc(gray, 80, progressive=True)),
+        ("cmyk", _cmyk(rocket)),
+        ("tiny 7x5", _enc(astro[:5, :7], 90, "420")),
+        ("tiny 3x17 progressive", _enc(coffee[:17, :3], 90, "444", progressive=True)),
+    ]
+    for name, data in out:
+        assert _full(data) is None, name  # intact sources decode
+    return tuple(out)
+
+
+MARKERS = [b"\xff\xd0", b"\xff\xd3", b"\xff\xd7", b"\xff\xd9", b"\xff\xda", b"\xff\xc4",
+           b"\xff\xdb", b"\xff\xe1", b"\xff\xc0", b"\xff\xff", b"\xff\x00", b"\xff\xd8"]
+
+
+def _scan_start(data: bytes) -> int:
+    """Offset of the first entropy-coded byte (after the first SOS segment)."""
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+
+
+def damage(data: bytes, rng: np.random.Generator) -> Tuple[str, bytes]:
+    """One damaged copy: (what was done, bytes)."""
+    n = len(data)
+    ecs = _scan_start(data)
+    b = bytearray(data)
+
+    def in_header() -> int:
+        return int(rng.integers(2, ecs))
+
+    def in_data() -> int:
+        return int(rng.integers(ecs, n - 2))
+
+    kind = int(rng.integers(0, 13))
+    if kind == 0:  # truncation anywhere
+        cut = int(rng.integers(1, n))
+        return "truncate@%d" % cut, data[:cut]
+    if kind == 1:  # truncation near the end: the last rows, the last bytes, the EOI
+        cut = n - int(rng.integers(1, min(n - ecs, 400)))
+        return "truncate-tail@%d" % cut, data[:cut]
+    if kind == 2:  # bit flips in the entropy-coded data
+        what = []
+        for _ in range(int(rng.integers(1, 4))):
+            pos, bit = in_data(), int(rng.integers(0, 8))
+            b[pos] ^= 1 << bit
+            what.append("%d.%d" % (pos, bit))
+        return "flip-data@" + ",".join(what), bytes(b)
+    if kind == 3:  # bit flip in the headers
+        pos, bit = in_header(), int(rng.integers(0, 8))
+        b[pos] ^= 1 << bit
+        return "flip-header@%d.%d" % (pos, bit), bytes(b)
+    if kind == 4:  # byte overwrite in the headers
+        pos = in_header()
+        b[pos] = int(rng.integers(0, 256))
+        return "byte-header@%d" % pos, bytes(b)
+    if kind == 5:  # byte overwrites in the entropy-coded data
+        pos = in_data()
+        for k in range(int(rng.integers(1, 5))):
+            if pos + k < n:
+                b[pos + k] = int(rng.integers(0, 256))
+        return "bytes-data@%d" % pos, bytes(b)
+    if kind == 6:  # a marker inserted into the entropy-coded data
+        pos, m = in_data(), MARKERS[int(rng.integers(0, len(MARKERS)))]
+        return "insert-marker@%d:%s" % (pos, m.hex()), data[:pos] + m + data[pos:]
+    if kind == 7:  # a marker written over the entropy-coded data
+        pos, m = in_data(), MARKERS[int(rng.integers(0, len(MARKERS)))]
+        b[pos:pos + 2] = m
+        return "overwrite-marker@%d:%s" % (pos, m.hex()), bytes(b)
+    if kind == 8:  # a run deleted
+        pos, k = in_data(), int(rng.integers(1, 65))
+        return "delete@%d+%d" % (pos, k), data[:pos] + data[pos + k:]
+    if kind == 9:  # random bytes inserted
+        pos, k = in_data(), int(rng.integers(1, 17))
+        junk = rng.integers(0, 256, k, dtype=np.uint8).tobytes()
+        return "insert@%d+%d" % (pos, k), data[:pos] + junk + data[pos:]
+    if kind == 10:  # a run duplicated
+        pos, k = in_data(), int(rng.integers(1, 129))
+        return "duplicate@%d+%d" % (pos, k), data[:pos + k] + data[pos:]
+    if kind == 11:  # the EOI lost, or garbage after it
+        if rng.random() < 0.5:
+            return "no-eoi", data[:-2]
+        junk = rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+        return "after-eoi", data + junk
+    pos = int(rng.integers(2, n - 1))  # two adjacent bytes swapped anywhere
+    b[pos], b[pos + 1] = b[pos + 1], b[pos]
+    return "swap@%d" % pos, bytes(b)
+
+
+def _verdict(check, data: bytes) -> Optional[str]:
+    """None if accepted, else the error message. jpeg_info runs first, as in the packer."""
+    try:
+        check(data, jpeg_info(data))
+        return None
+    except DecodeError as exc:
+        return str(exc)
+    except MemoryError:
+        return "MemoryError"  # a damaged header may claim more pixels than fit in memory
+
+
+def _full(data: bytes) -> Optional[str]:
+    return _verdict(lambda d, info: decode_bgr(d, info=info), data)
+
+
+def _scaled_turbojpeg(data: bytes) -> Optional[str]:
+    return _verdict(lambda d, info: decode_bgr(d, (D.VALIDATE_SCALE, 8), info=info), data)
+
+
+NOT_ITS_OWN = "CMYK: not the compiled decoder's (validate_jpeg sends it to TurboJPEG)"
+
+
+def _scaled_compiled(data: bytes) -> Optional[str]:
+    def check(d, info):
+        if info.needs_conversion:
+            raise DecodeError(NOT_ITS_OWN)
+        try:
+            D._jpegroi.validate(d, D.VALIDATE_SCALE)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+    return _verdict(check, data)
+
+
+def _check_corpus(per_source: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    paths = [("validate_jpeg", lambda d: _verdict(validate_jpeg, d)),
+             ("TurboJPEG at 1/8", _scaled_turbojpeg)]
+    if D.roi_available():
+        paths.append(("compiled validate", _scaled_compiled))
+    rejected = accepted = 0
+    wrong: List[str] = []
+    for name, src in sources():
+        for _ in range(per_source):
+            what, data = damage(src, rng)
+            full = _full(data)
+            if full == "MemoryError":
+                # The full decode cannot even allocate its output; the scaled one must reject.
+                assert _verdict(validate_jpeg, data) not in (None, "MemoryError"), (name, what)
+                continue
+            rejected += full is not None
+            accepted += full is None
+            for label, judge in paths:
+                got = judge(data)
+                if got == NOT_ITS_OWN:
+                    continue
+                if (got is None) != (full is None):
+                    wrong.append("%s, %s: full decode %s, %s %s"
+                                 % (name, what, full or "accepts", label, got or "accepts"))
+                elif label != "compiled validate" and got != full:
+                    wrong.append("%s, %s: messages differ: full %r, %s %r"
+                                 % (name, what, full, label, got))
+    assert not wrong, "\n".join(wrong[:20])
+    total = rejected + accepted
+    # A corpus that is all one verdict would prove nothing.
+    assert rejected > 0.3 * total and accepted > 0.1 * total, (rejected, accepted)
+
+
+def test_intact_files_are_accepted_with_their_header():
+    for name, src in sources():
+        info = validate_jpeg(src)
+        assert (info.width, info.height) == decode_bgr(src).shape[1::-1], name
+
+
+def test_damaged_corpus_same_verdicts():
+    _check_corpus(per_source=40, seed=2024)  # 680 damaged files
+
+
+@pytest.mark.slow
+def test_damaged_corpus_same_verdicts_large():
+    _check_corpus(per_source=400, seed=7)  # 6800 damaged files
+
+
+def test_every_truncation_offset_of_the_last_rows():
+    """Truncations byte by byte over the end of the data, where a decode at 1/8 writes its last
+    output row: the full decode's last 16 pixel rows come from the same bytes."""
+    for name, src in sources():
+        if name.startswith(("420 q90", "420 progressive", "gray", "444 restart")):
+            for cut in range(len(src) - 120, len(src) + 1):
+                assert _full(src[:cut]) == _verdict(validate_jpeg, src[:cut]), (name, cut)
+
+
+def test_process_file_keeps_and_skips_as_the_full_decode_decides(tmp_path):
+    """The packer's verdict per file: kept byte for byte with the header's size where the full
+    decode accepts, skipped with the full decode's message where it rejects."""
+    rng = np.random.default_rng(99)
+    n_skipped = 0
+    for k, (name, src) in enumerate(sources()):
+        for j in range(6):
+            what, data = damage(src, rng) if j else ("intact", src)
+            path = os.path.join(str(tmp_path), "%d_%d.JPEG" % (k, j))
+            with open(path, "wb") as f:
+                f.write(data)
+            full = _full(data)
+            got = process_file(path)
+            if full is not None:
+                assert got == {"skip": "corrupt JPEG: " + full}, (name, what)
+                n_skipped += 1
+            elif name != "cmyk":
+                h, w = decode_bgr(data).shape[:2]
+                assert got == {"image": data, "height": h, "width": w,
+                               "kind": "gray" if name.startswith("gray") else "jpeg"}, (name, what)
+            else:
+                assert got["kind"] == "converted:cmyk", what
+    assert n_skipped > 20
