@@ -193,7 +193,8 @@ class TrainConfig:
                            "mixup_alpha", "cutmix_alpha", "min_res", "max_res", "start_ramp",
                            "end_ramp")),
         ("precision and compile", ("amp", "trace", "dtr")),
-        ("checkpoints", ("save_dir", "resume", "trust_pickle", "save_every")),
+        ("checkpoints", ("save_dir", "resume", "allow_changes", "replace", "trust_pickle",
+                         "save_every", "save_every_minutes", "keep_checkpoints")),
         ("distributed", ("ngpus", "num_nodes", "node_rank", "master_ip", "master_port",
                          "rendezvous_timeout", "heartbeat_timeout")),
         ("logging", ("print_freq", "progress", "tensorboard")),
@@ -212,7 +213,7 @@ class TrainConfig:
         if c.pretrained and c.weights:
             raise UserError("--pretrained and --weights both name the weights to start from; "
                             "pass one")
-        if (c.pretrained or c.weights) and c.resume:
+        if (c.pretrained or c.weights) and c.resume not in (None, "auto"):
             raise UserError("%s starts a new run from other weights, but --resume %s continues "
                             "an existing run from its own checkpoint; pass one (to continue a "
                             "fine-tuning run, --resume alone: its checkpoint holds the "

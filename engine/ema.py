@@ -27,7 +27,7 @@ import numpy as np
 from megengine.module import Module
 
 from engine.errors import ConfigError
-from engine.steps import compile_step
+from engine.tracing import compile_step
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:

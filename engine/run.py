@@ -32,18 +32,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from engine.errors import UserError
+from engine.errors import UserError, disk_error_message
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
 __all__ = ["RUN_DEFINING", "DERIVED", "MAY_CHANGE", "Change", "RunStart", "settings_of",
            "compare", "plan", "parse_allowed", "allowed_fields", "replace_run", "run_files",
-           "RUN_FILES", "CONFIG_FILE"]
+           "RUN_FILES", "CONFIG_FILE", "startup_summary", "prepare_save_dir"]
 
 CONFIG_FILE = "config.json"
 # What a run writes to its save dir besides its checkpoints (engine.checkpoint.files_in).
@@ -323,8 +324,6 @@ def replace_run(save_dir: str) -> Optional[str]:
     while os.path.lexists(target):
         n += 1
         target = os.path.join(save_dir, "replaced-%s-%d" % (stamp, n))
-    from engine.errors import disk_error_message
-
     try:
         os.makedirs(target)
         for path in files:
@@ -332,3 +331,66 @@ def replace_run(save_dir: str) -> Optional[str]:
     except OSError as exc:
         raise UserError(disk_error_message(exc, target)) from None
     return target
+
+
+def startup_summary(cfg: TrainConfig, *, world: int, steps_per_epoch: int, total: int,
+                    first: int, start: Any, base_lr: float, train_loader: Any,
+                    val_loader: Any) -> List[str]:
+    """The lines a run's log starts with (rank 0): what is about to run, and from where."""
+    from engine import dist
+
+    nodes = cfg.num_nodes or 1
+    per_node = max(1, world // nodes)
+    if start.checkpoint:
+        epoch, pos = divmod(first, steps_per_epoch)
+        where = ("continuing the run in %s from %s: step %d (epoch %d, step %d of %d in it)"
+                 % (cfg.out_dir, start.checkpoint, first, epoch, pos, steps_per_epoch))
+    else:
+        where = "a new run in %s" % cfg.out_dir
+    lines = ["run: " + where]
+    lines += ["note: " + n for n in start.notes]
+    warmup = ", warmup %g epochs" % cfg.warmup_epochs if cfg.warmup_epochs else ""
+    unit = "GPU" if dist.gpu_count() else "CPU process"
+    lines.append("world: %d rank%s = %d node%s x %d %s%s; global batch %d (%d per rank); LR %g "
+                 "after scaling (%g per rank x %d), %s schedule%s"
+                 % (world, "" if world == 1 else "s", nodes, "" if nodes == 1 else "s", per_node,
+                    unit, "" if per_node == 1 else "es" if unit.endswith("s") else "s",
+                    cfg.batch_size * world, cfg.batch_size, base_lr, cfg.learning_rate, world,
+                    cfg.lr_schedule, warmup))
+    lines.append("steps: %d per epoch, %d in total (%d epochs%s), %d to go"
+                 % (steps_per_epoch, total, cfg.epochs,
+                    ", --max-steps %d" % cfg.max_steps if cfg.max_steps is not None else "",
+                    max(0, total - first)))
+    val = (", val %d images" % val_loader.num_samples) if val_loader is not None else ", no eval"
+    lines.append("data: %s: %d train images%s; %d workers per loader (%d ranks per node), %.1f MB "
+                 "shared ring per loader (%d slots)"
+                 % (cfg.data or cfg.train_data, train_loader.num_samples, val, train_loader.workers,
+                    train_loader.local_world_size, train_loader.shared_memory_bytes / 1e6,
+                    train_loader.slots))
+    when = ["every %g min" % cfg.save_every_minutes] if cfg.save_every_minutes else []
+    when += ["every %d steps" % cfg.save_every] if cfg.save_every else []
+    when += ["at each epoch end and on SIGTERM/SIGUSR1 (exit 75) or Ctrl-C (exit 130)"]
+    lines.append("checkpoints: %s; checkpoint.pkl is the newest, the last %d kept as "
+                 "checkpoint-<step>.pkl, best.pkl by val top-1 of the %s"
+                 % (", ".join(when), cfg.keep_checkpoints,
+                    "EMA" if cfg.ema_decay is not None else "weights"))
+    return lines
+
+
+def prepare_save_dir(cfg: TrainConfig, run_config: Dict[str, Any], start: Any) -> None:
+    """Rank 0: move a replaced run aside, clear dead temp files, write config.json."""
+    from engine import checkpoint as ckpt
+    from engine.atomic import atomic_write
+
+    if start.replace:
+        moved = replace_run(cfg.out_dir)
+        if moved:
+            print("note: the run that was in %s is now in %s (nothing was deleted)"
+                  % (cfg.out_dir, moved), file=sys.stderr)
+    ckpt.clean_temp_files(cfg.out_dir)
+    path = os.path.join(cfg.out_dir, CONFIG_FILE)
+    text = json.dumps(run_config, indent=1, sort_keys=True) + "\n"
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as exc:
+        raise UserError(disk_error_message(exc, path)) from None

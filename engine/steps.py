@@ -22,9 +22,9 @@ costs no graph launch and no host wait of its own. `fail_early` runs the largest
 schedule once before the first one, so an out-of-memory or a shape problem shows in the first
 minute instead of at the end of a progressive-resizing ramp.
 
-Every graph is compiled at graph optimisation level 1 (`compile_step`), not MegEngine's default
-2, so that a resumed run computes bit for bit what the uninterrupted one does (see
-`TRACE_OPT_LEVEL`).
+Every graph is compiled at graph optimisation level 1 (engine.tracing.compile_step), not
+MegEngine's default 2, so that a resumed run computes bit for bit what the uninterrupted one
+does (see `engine.tracing.TRACE_OPT_LEVEL`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import megengine as mge
 import megengine.functional as F
 import numpy as np
 from megengine import amp as mge_amp
-from megengine import jit
 from megengine.autodiff import GradManager
 from megengine.functional.math import _check_non_finite
 from megengine.module import Module
@@ -44,6 +43,7 @@ from megengine.optimizer import Optimizer
 
 from engine.errors import UserError
 from engine.models.specs import MEAN_BGR, STD_BGR
+from engine.tracing import compile_step
 
 if TYPE_CHECKING:
     from engine.ema import ModelEMA
@@ -88,21 +88,6 @@ class Normalize:
 
     def __call__(self, images: mge.Tensor) -> mge.Tensor:
         return (images.astype("float32") - self.mean) * self.inv_std
-
-
-# Level 2, MegEngine's default, adds global rewrites of the graph's arithmetic before it is
-# compiled, and in MegEngine 1.13 what they produce depends on the tensors' values when the trace
-# is recorded: a step traced while the momentum buffers are zero (step 0 of a fresh run) rounds
-# the SGD update (momentum, weight decay) exactly as eager execution does, one traced while they
-# are not (the first step after a resume) rounds it differently by about one unit in the last
-# place, and small-batch BatchNorm amplifies that into visibly different weights within a few
-# steps. Level 1 rounds as eager execution does whatever the values, so a resume is exact.
-TRACE_OPT_LEVEL = 1
-
-
-def compile_step(fn: Callable, trace: bool) -> Callable:
-    """`fn` compiled with jit.trace(symbolic=True) at TRACE_OPT_LEVEL, or `fn` itself."""
-    return jit.trace(fn, symbolic=True, opt_level=TRACE_OPT_LEVEL) if trace else fn
 
 
 def parse_bytes(text: str) -> int:

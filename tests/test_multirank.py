@@ -177,7 +177,7 @@ def one_rank_reference(data, world, steps, per_rank_batch=2, lr=0.001, size=64):
     import megengine as mge
     import megengine.functional as F
 
-    from engine import trainer
+    from engine import loop, trainer
     from engine.config import TrainConfig
     from engine.data import Loader
     from engine.steps import Normalize
@@ -190,7 +190,7 @@ def one_rank_reference(data, world, steps, per_rank_batch=2, lr=0.001, size=64):
     loader = Loader(train_dir, **trainer.loader_kwargs(whole, True, 0, 1))
     mge.random.seed(cfg.seed)
     # With the default step schedule the LR stays at its base value over these first steps.
-    model, gm, opt, _ = trainer._model_and_optimizer(cfg, len(loader.classes), world)
+    model, gm, opt, _ = loop._model_and_optimizer(cfg, len(loader.classes), world)
     model.train()
     normalize = Normalize()
     batches = loader.stream(0)
