@@ -136,6 +136,12 @@ def exit_status(signum: int) -> int:
 
 
 def _handler(signum: int, frame: Any) -> None:
+    if os.getpid() != _owner:
+        # A helper process forked while the handlers were installed (MegEngine's rendezvous
+        # server, say), not a rank: the signal keeps its default meaning there.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     first, second, _ = _get()
     if not first:
         _set(0, signum)

@@ -81,10 +81,11 @@ def _remove_partial(dst: str, k: int) -> None:
 
 
 def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
-    """Stop the workers still running and remove their partial shards."""
+    """Stop the workers still running and remove their partial shards. SIGKILL: the workers
+    leave the stop signals to the packer, and what they leave half-written is removed here."""
     for proc, recv, job in running:
         if proc.pid is not None and proc.is_alive():
-            proc.terminate()
+            proc.kill()
     for proc, recv, job in running:
         if proc.pid is not None:
             proc.join(5)
