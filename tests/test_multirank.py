@@ -300,11 +300,14 @@ def assert_same(params, reference):
 def test_sigterm_to_every_process_of_two_ranks_saves_once_and_a_rerun_continues_exactly(
         data, tmp_path, straight_2x7):
     """What Slurm does at the time limit: SIGTERM to every process of the job step (the
-    launcher, both ranks, their loaders). The ranks agree on one step, rank 0 saves it, the node
-    exits 75 leaving nothing behind; the same command continues to the straight run's weights,
-    bit for bit, on both ranks."""
+    launcher, both ranks, their loader workers). The workers leave the signal to the run, which
+    needs their batches until the ranks agree on a step (a worker that died of it would end the
+    run with an error); rank 0 saves that step, the node exits 75 leaving nothing behind; the
+    same command continues to the straight run's weights, bit for bit, on both ranks (the
+    batches do not depend on the worker count)."""
     stopped = tmp_path / "stopped"
-    nodes = start_run(stopped, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval")
+    nodes = start_run(stopped, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval",
+                      "--workers", 1)
     wait_for_steps(stopped / "dump", [0, 1], step=1)
     nodes[0].signal(signal.SIGTERM)
     try:
@@ -321,7 +324,8 @@ def test_sigterm_to_every_process_of_two_ranks_saves_once_and_a_rerun_continues_
                                                            "checkpoint.pkl") in err
 
     again = tmp_path / "again"
-    finish(start_run(again, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval"))
+    finish(start_run(again, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval",
+                     "--workers", 1))
     params = rank_params(again / "dump", 2)
     assert_same_on_every_rank(params)
     assert_same(params[0], straight_2x7[0])

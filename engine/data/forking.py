@@ -26,14 +26,18 @@ Standard library only, so engine.data may use it.
 """
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
+import weakref
 from types import FrameType, TracebackType
 from typing import Any, Optional, Type
 
 __all__ = ["DeferredInterrupt", "start_process", "ignore_stop_signals"]
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+_started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # children of start_process, for the exit
+_exit_hook = False
 
 
 class DeferredInterrupt:
@@ -90,6 +94,24 @@ def start_process(proc: Any) -> None:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    global _exit_hook
+    _started.add(proc)
+    if not _exit_hook:  # registered after multiprocessing's own exit handler, so it runs first
+        atexit.register(_kill_at_exit)
+        _exit_hook = True
+
+
+def _kill_at_exit() -> None:
+    """At exit, SIGKILL this process's children that start_process started and nobody stopped
+    (a loader that was never closed). multiprocessing's own exit handler would send them SIGTERM,
+    which they ignore, and then wait for them for ever."""
+    for proc in list(_started):
+        try:
+            if proc.is_alive():  # raises in a forked child for its parent's processes
+                proc.kill()
+                proc.join(5)
+        except (AssertionError, OSError, ValueError):
+            pass
 
 
 def ignore_stop_signals() -> None:
