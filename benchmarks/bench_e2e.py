@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End to end: real training steps fed by the engine Loader vs the same model fed a fixed batch.
 
-Both loops are the trainer's inner loop (engine/trainer.py): `images, labels = next(batches)`,
+Both loops are the trainer's inner loop (engine/loop.py): `images, labels = next(batches)`,
 `step(mge.tensor(images), mge.tensor(labels))`, a loss read every --sync-every steps. They use
 the same traced step object; the only difference is where the batch comes from:
   loader     engine.data.Loader over the sample set (LMDB shards by default, --source raw for

@@ -19,9 +19,14 @@ become numpy arrays), so it loads with or without MegEngine, of one dict::
                               # command, versions, started (engine.config.RUN_RECORD_KEYS)
      "metrics": {...}}        # best top-1 so far
 
-A save dir holds one checkpoint, :data:`FILE_NAME` (the official train.py's name), always the
-newest state of its run. It is written atomically (temp file in the same folder, fsync, rename):
-a crash or kill -9 at any moment leaves the previous file or the new one, never a torn one.
+A save dir's checkpoints (:func:`save`): :data:`FILE_NAME` (the official train.py's name) is
+always the newest state of its run, what a resume continues from; ``checkpoint-<step>.pkl`` are
+the last ``keep`` of them (a rolling window), and :data:`BEST_NAME` the one with the best val
+top-1 so far. Each save writes :data:`FILE_NAME` atomically (temp file in the same folder, fsync,
+rename: a crash or kill -9 at any moment leaves the previous file or the new one, never a torn
+one), then hard-links the others to it (a copy where the file system has no hard links), and only
+then drops the oldest window files: the newest checkpoint is never the one deleted. A state with
+a non-finite number (a diverged run) is never written (:class:`NonFiniteState`).
 
 Versions. Version 1 stored the position as ``"epoch"`` plus the loader's ``{"epoch",
 "position"}``, counted in steps per epoch it did not record. **Version 1 is still owed:** a
@@ -46,24 +51,39 @@ import dataclasses
 import glob
 import os
 import pickle
+import re
+import shutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from megengine import Tensor
 
-from engine.atomic import TMP_PREFIX, atomic_write
+from engine.atomic import TMP_PREFIX, atomic_write, fsync_dir
 from engine.errors import UserError, disk_error_message
 from engine.models.weights import load_weights, read_file
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
 
-__all__ = ["FILE_NAME", "FORMAT", "VERSION", "Checkpoint", "clean_temp_files", "config_of",
-           "dump", "ema_weights_of", "file_in", "read", "resolve_resume", "run_config", "write"]
+__all__ = ["FILE_NAME", "BEST_NAME", "FORMAT", "VERSION", "Checkpoint", "NonFiniteState",
+           "clean_temp_files", "config_of", "dump", "ema_weights_of", "file_in", "files_in",
+           "read", "resolve_resume", "run_config", "save", "window_name", "write"]
 
 FORMAT = "engine-checkpoint"
 VERSION = 2
-FILE_NAME = "checkpoint.pkl"  # the official train.py's name; the one checkpoint of a save dir
+FILE_NAME = "checkpoint.pkl"  # the official train.py's name; the newest state of a save dir's run
+BEST_NAME = "best.pkl"
+_WINDOW = re.compile(r"^checkpoint-(\d+)\.pkl$")
+
+
+class NonFiniteState(UserError):
+    """A state to be saved holds nan or inf: the run diverged, and the file is not written.
+    `where` names the first such entry (state_dict.fc.weight, optimizer.state...)."""
+
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass
@@ -125,15 +145,19 @@ class Checkpoint:
             ema.load_state_dict(self.ema)
 
 
-def run_config(config: TrainConfig, classes: Sequence[str], world_size: int) -> Dict[str, Any]:
+def run_config(config: TrainConfig, classes: Sequence[str], world_size: int,
+               train_images: Optional[int] = None) -> Dict[str, Any]:
     """What a checkpoint (and a save dir's config.json) records about its run: the TrainConfig,
-    what test.py/inference.py and a resume need besides (class list, world size), and the
-    launch (engine.config.run_facts: command line, versions, start time)."""
+    what test.py/inference.py and a resume need besides (class list, world size, the number
+    of training images when known), and the launch (engine.config.run_facts: command line,
+    versions, start time)."""
     from engine.config import run_facts
 
     out = dataclasses.asdict(config)
     out.update(num_classes=len(classes), classes=list(classes))
     out["world_size"] = int(world_size)
+    if train_images is not None:
+        out["train_images"] = int(train_images)
     out.update(run_facts())
     return out
 
@@ -145,17 +169,46 @@ def run_config(config: TrainConfig, classes: Sequence[str], world_size: int) -> 
 
 def write(checkpoint: Checkpoint, path: str) -> str:
     """Write ``checkpoint`` to ``path`` atomically; returns ``path``. A full disk, a quota or a
-    read-only folder is a UserError, and the previous checkpoint, if any, is unchanged."""
+    read-only folder is a UserError, and the previous checkpoint, if any, is unchanged; so is a
+    state holding nan or inf (:class:`NonFiniteState`), which is never written."""
     ck = checkpoint
     obj = {"format": FORMAT, "version": VERSION, "step": ck.step,
            "steps_per_epoch": ck.steps_per_epoch, "state_dict": ck.model,
            "optimizer": ck.optimizer, "scaler": ck.scaler, "ema": ck.ema, "config": ck.config,
            "metrics": ck.metrics}
+    host = _to_host(obj)
+    bad = _first_non_finite(host, "")
+    if bad is not None:
+        raise NonFiniteState("the state of step %d is not finite (%s holds nan or inf), so it is "
+                             "not saved; %s is unchanged" % (ck.step, bad, path), bad)
     try:
-        return dump(obj, path)
+        return atomic_write(path, lambda f: pickle.dump(host, f, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError as exc:
         raise UserError(disk_error_message(exc, path) + " (the previous checkpoint, if any, is "
                         "unchanged)") from None
+
+
+def _first_non_finite(obj: Any, where: str) -> Optional[str]:
+    """The key path of the first float array or number in `obj` that is not finite, or None."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if k == "config":
+                continue
+            found = _first_non_finite(v, "%s.%s" % (where, k) if where else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _first_non_finite(v, "%s[%d]" % (where, i))
+            if found:
+                return found
+        return None
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return None if np.isfinite(obj).all() else where
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return where
+    return None
 
 
 def read(path: str, *, trusted: Optional[bool] = None) -> Checkpoint:
@@ -272,9 +325,71 @@ def _to_host(obj: Any) -> Any:
 
 
 def file_in(save_dir: str) -> Optional[str]:
-    """The save dir's checkpoint, or None when it has none. Temp files are never returned."""
+    """The save dir's newest checkpoint, or None when it has none. Temp files are never
+    returned."""
     path = os.path.join(save_dir, FILE_NAME)
     return path if os.path.isfile(path) else None
+
+
+def window_name(step: int) -> str:
+    """The name of step `step`'s file in the rolling window."""
+    return "checkpoint-%08d.pkl" % step
+
+
+def files_in(save_dir: str) -> List[str]:
+    """Every checkpoint file of a save dir: the newest, the window, the best."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(os.path.join(save_dir, n) for n in names
+                  if n in (FILE_NAME, BEST_NAME) or _WINDOW.match(n))
+
+
+def save(checkpoint: Checkpoint, save_dir: str, *, keep: int = 0, best: bool = False) -> str:
+    """Write `checkpoint` as the save dir's newest (:data:`FILE_NAME`), put it in the rolling
+    window of the last `keep` saves (``checkpoint-<step>.pkl``), as :data:`BEST_NAME` too when
+    `best`, then drop the window's oldest files (by when they were written, never the newest).
+    Returns the path of :data:`FILE_NAME`. Errors as :func:`write`; a window or best file that
+    cannot be made is a UserError too (the newest checkpoint is written by then)."""
+    path = write(checkpoint, os.path.join(save_dir, FILE_NAME))
+    try:
+        if keep > 0:
+            _link_over(path, os.path.join(save_dir, window_name(checkpoint.step)))
+        if best:
+            _link_over(path, os.path.join(save_dir, BEST_NAME))
+        fsync_dir(save_dir)
+        _drop_old(save_dir, keep)
+    except OSError as exc:
+        raise UserError(disk_error_message(exc, save_dir) + " (%s is saved)" % path) from None
+    return path
+
+
+def _link_over(src: str, dst: str) -> None:
+    """`dst` becomes another name of `src`'s file, atomically (a copy where links fail)."""
+    folder = os.path.dirname(dst)
+    tmp = os.path.join(folder, "%s%s.%d.link" % (TMP_PREFIX, os.path.basename(dst), os.getpid()))
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems): copy instead
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 22))
+        return
+    os.replace(tmp, dst)
+
+
+def _drop_old(save_dir: str, keep: int) -> None:
+    window = []
+    for name in os.listdir(save_dir):
+        match = _WINDOW.match(name)
+        if match:
+            st = os.stat(os.path.join(save_dir, name))
+            window.append((st.st_mtime_ns, int(match.group(1)), name))
+    window.sort(reverse=True)  # newest first
+    for _, _, name in window[max(0, keep):]:
+        os.unlink(os.path.join(save_dir, name))
 
 
 def resolve_resume(resume: str) -> str:

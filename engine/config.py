@@ -33,13 +33,14 @@ SCHEDULES = ("step", "cosine", "linear", "poly")
 OPTIMIZERS = ("sgd", "lars")
 
 #: What a run's config (config.json, a checkpoint's "config") holds besides the options: facts of
-#: the run, not settings. classes, num_classes and world_size come from checkpoint.run_config,
-#: the rest from run_facts().
-RUN_RECORD_KEYS = ("classes", "num_classes", "world_size", "command", "versions", "started")
+#: the run, not settings. classes, num_classes, world_size and train_images come from
+#: checkpoint.run_config, the rest from run_facts().
+RUN_RECORD_KEYS = ("classes", "num_classes", "world_size", "train_images", "command", "versions",
+                   "started")
 #: Options of a run's config that belong to its launch rather than to its recipe: a replay of the
 #: config takes its own (a new save dir, a fresh start, this machine's node layout).
-LAUNCH_KEYS = ("save_dir", "resume", "ngpus", "num_nodes", "node_rank", "master_ip",
-               "master_port")
+LAUNCH_KEYS = ("save_dir", "resume", "allow_changes", "replace", "ngpus", "num_nodes",
+               "node_rank", "master_ip", "master_port")
 
 
 class NodeLayout(NamedTuple):
@@ -124,8 +125,16 @@ class TrainConfig:
         None, "enable DTR (recompute to save memory); THRESHOLD like 5GB, default 80%% of "
               "device memory. Runs the steps eagerly (no trace): MegEngine only supports DTR in "
               "eager mode", nargs="?", const="auto", metavar="THRESHOLD")
-    resume: Optional[str] = _opt(None, "checkpoint file, or a save dir to continue from its "
-                                       "latest checkpoint", metavar="PATH")
+    resume: Optional[str] = _opt(
+        None, "auto (also what happens without --resume): continue the run in the save dir when "
+              "it holds one and this command's run-defining settings agree, else start it; or a "
+              "checkpoint file (or save dir) to continue from, which must exist",
+        metavar="auto|PATH")
+    allow_changes: Optional[str] = _opt(
+        None, "run-defining settings that may differ from the run's when it continues, comma-"
+              "separated (e.g. learning_rate after a divergence), or all", metavar="FIELDS")
+    replace: bool = _opt(False, "start a new run in a save dir that holds one; its files move to "
+                                "<save dir>/replaced-<time>/ (nothing is deleted)")
     trust_pickle: bool = cli.trust_pickle_option("--resume and --weights",
                                                  "checkpoints and weight files")
     seed: int = _opt(0, "seed of the sample order, augmentation and initial weights")
@@ -152,6 +161,12 @@ class TrainConfig:
                            "-p", "--print-freq")
     save_every: int = _opt(0, "also checkpoint every STEPS steps, for mid-epoch resume (0 = "
                               "epoch ends only)", metavar="STEPS")
+    save_every_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed "
+                                           "since the last checkpoint (0 = off)",
+                                     metavar="MINUTES")
+    keep_checkpoints: int = _opt(3, "the rolling window: keep the last K checkpoints as "
+                                    "checkpoint-<step>.pkl beside checkpoint.pkl (the newest) "
+                                    "and best.pkl (0 = none)", metavar="K")
     max_steps: Optional[int] = _opt(None, "stop after this many global steps")
     evaluate: bool = _opt(True, "validate after every epoch (--no-eval skips it)", "--eval")
     progress: bool = _opt(True, "progress bar on rank 0 (--no-progress for log files)")
@@ -178,7 +193,8 @@ class TrainConfig:
                            "mixup_alpha", "cutmix_alpha", "min_res", "max_res", "start_ramp",
                            "end_ramp")),
         ("precision and compile", ("amp", "trace", "dtr")),
-        ("checkpoints", ("save_dir", "resume", "trust_pickle", "save_every")),
+        ("checkpoints", ("save_dir", "resume", "allow_changes", "replace", "trust_pickle",
+                         "save_every", "save_every_minutes", "keep_checkpoints")),
         ("distributed", ("ngpus", "num_nodes", "node_rank", "master_ip", "master_port",
                          "rendezvous_timeout", "heartbeat_timeout")),
         ("logging", ("print_freq", "progress", "tensorboard")),
@@ -197,7 +213,7 @@ class TrainConfig:
         if c.pretrained and c.weights:
             raise UserError("--pretrained and --weights both name the weights to start from; "
                             "pass one")
-        if (c.pretrained or c.weights) and c.resume:
+        if (c.pretrained or c.weights) and c.resume not in (None, "auto"):
             raise UserError("%s starts a new run from other weights, but --resume %s continues "
                             "an existing run from its own checkpoint; pass one (to continue a "
                             "fine-tuning run, --resume alone: its checkpoint holds the "
@@ -223,6 +239,8 @@ class TrainConfig:
             (c.rendezvous_timeout > 0, "--rendezvous-timeout must be > 0"),
             (c.heartbeat_timeout > 0, "--heartbeat-timeout must be > 0"),
             (c.save_every >= 0, "--save-every must be >= 0"),
+            (c.save_every_minutes >= 0, "--save-every-minutes must be >= 0"),
+            (c.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
             (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
             (c.ngpus is None or c.ngpus >= 0, "--ngpus must be >= 0"),
             (c.recipe_world_size is None or c.recipe_world_size >= 1,

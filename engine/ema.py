@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import megengine as mge
 import numpy as np
-from megengine import jit
 from megengine.module import Module
 
 from engine.errors import ConfigError
+from engine.tracing import compile_step
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool = True) -> float:
@@ -94,7 +94,8 @@ class ModelEMA:
 
     def _bind(self, model: Module) -> None:
         update = self.update_fn(model)
-        self._fn = jit.trace(update, symbolic=True) if self._trace else update
+        # compiled like the train step, so that a resumed EMA averages bit for bit as before
+        self._fn = compile_step(update, self._trace)
         self._bound = model
 
     def update(self, model: Module) -> float:

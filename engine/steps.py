@@ -21,6 +21,10 @@ before the step). The weights' moving average (`ema=`) is folded into the update
 costs no graph launch and no host wait of its own. `fail_early` runs the largest step of the
 schedule once before the first one, so an out-of-memory or a shape problem shows in the first
 minute instead of at the end of a progressive-resizing ramp.
+
+Every graph is compiled at graph optimisation level 1 (engine.tracing.compile_step), not
+MegEngine's default 2, so that a resumed run computes bit for bit what the uninterrupted one
+does (see `engine.tracing.TRACE_OPT_LEVEL`).
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ import megengine as mge
 import megengine.functional as F
 import numpy as np
 from megengine import amp as mge_amp
-from megengine import jit
 from megengine.autodiff import GradManager
 from megengine.functional.math import _check_non_finite
 from megengine.module import Module
@@ -40,6 +43,7 @@ from megengine.optimizer import Optimizer
 
 from engine.errors import UserError
 from engine.models.specs import MEAN_BGR, STD_BGR
+from engine.tracing import compile_step
 
 if TYPE_CHECKING:
     from engine.ema import ModelEMA
@@ -84,10 +88,6 @@ class Normalize:
 
     def __call__(self, images: mge.Tensor) -> mge.Tensor:
         return (images.astype("float32") - self.mean) * self.inv_std
-
-
-def _compile(fn: Callable, trace: bool) -> Callable:
-    return jit.trace(fn, symbolic=True) if trace else fn
 
 
 def parse_bytes(text: str) -> int:
@@ -189,7 +189,7 @@ class TrainStep:
         key = (name, tuple(shape))
         fn = self._graphs.get(key)
         if fn is None:
-            fn = self._graphs[key] = _compile(getattr(self, name), self.traced)
+            fn = self._graphs[key] = compile_step(getattr(self, name), self.traced)
         return fn
 
     def _loss(self, images: mge.Tensor, labels: mge.Tensor, mix: Tuple[mge.Tensor, ...]) -> mge.Tensor:
@@ -345,7 +345,7 @@ class EvalStep:
     def __call__(self, images: mge.Tensor, labels: mge.Tensor) -> mge.Tensor:
         fn = self._graphs.get(tuple(images.shape))
         if fn is None:  # one graph per batch shape (the last val batch is usually smaller)
-            fn = self._graphs[tuple(images.shape)] = _compile(self._eval, self.traced)
+            fn = self._graphs[tuple(images.shape)] = compile_step(self._eval, self.traced)
         return fn(images, labels)
 
 
@@ -355,7 +355,7 @@ class PredictStep:
     def __init__(self, model: Module, *, trace: bool = False):
         self.model = model
         self.normalize = Normalize()
-        self._step = _compile(self._predict, trace)
+        self._step = compile_step(self._predict, trace)
 
     def _predict(self, images: mge.Tensor) -> mge.Tensor:
         return F.softmax(self.model(self.normalize(images)).astype("float32"), axis=1)

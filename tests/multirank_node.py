@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def install_hooks(dump: str) -> None:
     import numpy as np
 
-    from engine import dist, trainer
+    from engine import dist, loop
     from engine.errors import UserError
 
     fail = os.environ.get("ENGINE_TEST_FAIL")
     fail_rank, fail_step, fail_kind = fail.split(":") if fail else (None, None, None)
     models = []
-    real_model, real_worker, real_lr = (trainer._model_and_optimizer, trainer._train_worker,
-                                        trainer.lr_at)
+    real_model, real_worker, real_lr = (loop._model_and_optimizer, loop.run_rank,
+                                        loop.lr_at)
 
     def model_and_optimizer(*args, **kwargs):
         out = real_model(*args, **kwargs)
@@ -45,15 +45,15 @@ def install_hooks(dump: str) -> None:
             1 / 0
         return real_lr(step, **kwargs)
 
-    def worker(cfg, sources=()):
-        summary = real_worker(cfg, sources)
+    def worker(cfg, sources=(), start=None):
+        summary = real_worker(cfg, sources, start)
         params = {name: p.numpy() for name, p in models[-1].named_parameters()}
         np.savez(os.path.join(dump, "rank-%d.npz" % dist.get_rank()), **params)
         return summary
 
-    trainer._model_and_optimizer = model_and_optimizer
-    trainer._train_worker = worker
-    trainer.lr_at = lr_at
+    loop._model_and_optimizer = model_and_optimizer
+    loop.run_rank = worker
+    loop.lr_at = lr_at
 
 
 if __name__ == "__main__":

@@ -97,8 +97,11 @@ def test_check_node_reports(tmp_path):
     assert file_fingerprint(str(a)) != file_fingerprint(str(b))
     ok = node_report(num_nodes=2, ngpus=8, resume=str(a))
     assert check_node_reports({0: ok, 1: dict(ok)}) is None
-    assert "checkpoint differs between nodes" in check_node_reports(
+    assert "the checkpoint to continue from differs between nodes" in check_node_reports(
         {0: ok, 1: node_report(num_nodes=2, ngpus=8, resume=str(b))})
+    # a node-local save dir that is empty on node 1: it would start a new run
+    assert "node 1 has none (a new run), node 0 has 1000 bytes" in check_node_reports(
+        {0: ok, 1: node_report(num_nodes=2, ngpus=8, resume=None)})
     assert "same --num-nodes" in check_node_reports(
         {0: ok, 1: dict(ok, num_nodes=3)})
     # errors come first, lowest node first

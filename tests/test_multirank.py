@@ -177,7 +177,7 @@ def one_rank_reference(data, world, steps, per_rank_batch=2, lr=0.001, size=64):
     import megengine as mge
     import megengine.functional as F
 
-    from engine import trainer
+    from engine import loop, trainer
     from engine.config import TrainConfig
     from engine.data import Loader
     from engine.steps import Normalize
@@ -190,7 +190,7 @@ def one_rank_reference(data, world, steps, per_rank_batch=2, lr=0.001, size=64):
     loader = Loader(train_dir, **trainer.loader_kwargs(whole, True, 0, 1))
     mge.random.seed(cfg.seed)
     # With the default step schedule the LR stays at its base value over these first steps.
-    model, gm, opt, _ = trainer._model_and_optimizer(cfg, len(loader.classes), world)
+    model, gm, opt, _ = loop._model_and_optimizer(cfg, len(loader.classes), world)
     model.train()
     normalize = Normalize()
     batches = loader.stream(0)
@@ -273,6 +273,88 @@ def test_two_ranks_resumed_mid_epoch_equal_the_straight_run(data, tmp_path):
     a, b = rank_params(straight / "dump", 2), rank_params(resumed / "dump", 2)
     assert_same_on_every_rank(b)
     assert_close(b[0], a[0])
+
+
+# -------------------------------------------------------------------- stops and requeues
+
+def _checkpoint_step(save):
+    from engine.models.weights import read_file
+
+    return read_file(str(save / "checkpoint.pkl"))["step"]
+
+
+@pytest.fixture(scope="module")
+def straight_2x7(data, tmp_path_factory):
+    """2 ranks, 7 steps (6 per epoch: the stop, the resume and the epoch end all fall inside)."""
+    run = tmp_path_factory.mktemp("straight_2x7")
+    finish(start_run(run, data, run / "run", 1, 2, "--max-steps", 7, "--no-eval"))
+    return rank_params(run / "dump", 2)
+
+
+def assert_same(params, reference):
+    assert params.keys() == reference.keys()
+    for k in reference:
+        assert np.array_equal(params[k], reference[k]), k
+
+
+def test_sigterm_to_every_process_of_two_ranks_saves_once_and_a_rerun_continues_exactly(
+        data, tmp_path, straight_2x7):
+    """What Slurm does at the time limit: SIGTERM to every process of the job step (the
+    launcher, both ranks, their loader workers). The workers leave the signal to the run, which
+    needs their batches until the ranks agree on a step (a worker that died of it would end the
+    run with an error); rank 0 saves that step, the node exits 75 leaving nothing behind; the
+    same command continues to the straight run's weights, bit for bit, on both ranks (the
+    batches do not depend on the worker count)."""
+    stopped = tmp_path / "stopped"
+    nodes = start_run(stopped, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval",
+                      "--workers", 1)
+    wait_for_steps(stopped / "dump", [0, 1], step=1)
+    nodes[0].signal(signal.SIGTERM)
+    try:
+        assert nodes[0].wait(120) == 75, nodes[0].stderr[-3000:]
+        time.sleep(1.0)
+        assert nodes[0].leftovers() == []
+    finally:
+        nodes[0].kill()
+    err = nodes[0].stderr
+    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    step = _checkpoint_step(stopped / "run")
+    assert 1 <= step < 7  # stopped early: at a log step or the epoch end (step 6)
+    assert "stopped by SIGTERM after step %d: saved %s" % (step, stopped / "run" /
+                                                           "checkpoint.pkl") in err
+
+    again = tmp_path / "again"
+    finish(start_run(again, data, stopped / "run", 1, 2, "--max-steps", 7, "--no-eval",
+                     "--workers", 1))
+    params = rank_params(again / "dump", 2)
+    assert_same_on_every_rank(params)
+    assert_same(params[0], straight_2x7[0])
+    assert _checkpoint_step(stopped / "run") == 7
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_node_stops_both_nodes_at_one_step_and_both_continue_exactly(
+        data, tmp_path, straight_2x7):
+    """Slurm's --signal=B:USR1@120 reaching only node 1's launcher (its batch step): both nodes
+    stop after the same step, node 0 saves it and exits 75, node 1 exits 0; the same commands
+    then continue both nodes to the straight run's weights (2 nodes x 1 rank = the same 2
+    ranks)."""
+    stopped = tmp_path / "stopped"
+    nodes = start_run(stopped, data, stopped / "run", 2, 1, "--max-steps", 7, "--no-eval")
+    wait_for_steps(stopped / "dump", [0, 1], step=1)
+    os.kill(nodes[1].proc.pid, signal.SIGUSR1)
+    try:
+        codes = [n.wait(120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert codes == [75, 0], [n.stderr[-2000:] for n in nodes]
+    assert 1 <= _checkpoint_step(stopped / "run") < 7
+    again = tmp_path / "again"
+    finish(start_run(again, data, stopped / "run", 2, 1, "--max-steps", 7, "--no-eval"))
+    params = rank_params(again / "dump", 2)
+    assert_same_on_every_rank(params)
+    assert_same(params[0], straight_2x7[0])
 
 
 # ---------------------------------------------------------------------------- failures

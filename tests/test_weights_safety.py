@@ -82,7 +82,7 @@ def trained():
 
 
 def engine_checkpoint(model, opt, scaler) -> dict:
-    """Every entry the trainer writes (engine/trainer.py), version 2, with an EMA."""
+    """Every entry the trainer writes (engine/loop.py), version 2, with an EMA."""
     return {
         "format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 17, "steps_per_epoch": 8,
         "state_dict": model.state_dict(), "optimizer": opt.state_dict(),

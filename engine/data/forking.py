@@ -12,8 +12,12 @@ an interrupt through as something else:
   run carried on as if nothing had been pressed;
 - a parent interrupted while stopping its workers left the cleanup half done.
 
-`start_process` forks with SIGINT blocked, so the child begins with it blocked and `ignore_sigint`
-(the child's first call) turns it off for good before unblocking; the parent keeps any pending
+A scheduler's stop signals (SIGTERM at the time limit or on preemption, SIGUSR1 with Slurm's
+`--signal`) likewise reach every process of the job, and are likewise the main process's to act on.
+
+`start_process` forks with SIGINT, SIGTERM and SIGUSR1 blocked, so the child begins with them
+blocked and `ignore_stop_signals` (the child's first call) turns them off for good before
+unblocking; the parent keeps any pending
 interrupt and receives it once the fork is complete. `DeferredInterrupt` replaces the parent's
 KeyboardInterrupt-raising handler by one that only notes the interrupt; the caller raises it
 with `check()` where nothing can swallow it, and at the latest when the block ends.
@@ -22,14 +26,18 @@ Standard library only, so engine.data may use it.
 """
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
+import weakref
 from types import FrameType, TracebackType
 from typing import Any, Optional, Type
 
-__all__ = ["DeferredInterrupt", "start_process", "ignore_sigint"]
+__all__ = ["DeferredInterrupt", "start_process", "ignore_stop_signals"]
 
-_SIGINT = {signal.SIGINT}
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+_started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # children of start_process, for the exit
+_exit_hook = False
 
 
 class DeferredInterrupt:
@@ -78,18 +86,38 @@ class DeferredInterrupt:
 
 def start_process(proc: Any) -> None:
     """`proc.start()` for a fork-context multiprocessing Process whose target calls
-    `ignore_sigint()` first: an interrupt during the fork reaches the parent (as a
-    KeyboardInterrupt once the fork is complete), never the child."""
+    `ignore_stop_signals()` first: an interrupt or stop signal during the fork reaches the parent
+    (an interrupt as a KeyboardInterrupt once the fork is complete), never the child."""
     with DeferredInterrupt():
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    global _exit_hook
+    _started.add(proc)
+    if not _exit_hook:  # registered after multiprocessing's own exit handler, so it runs first
+        atexit.register(_kill_at_exit)
+        _exit_hook = True
 
 
-def ignore_sigint() -> None:
-    """In a child started by `start_process`: ignore SIGINT from now on (an interrupt that
-    arrived since the fork is discarded), then unblock it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+def _kill_at_exit() -> None:
+    """At exit, SIGKILL this process's children that start_process started and nobody stopped
+    (a loader that was never closed). multiprocessing's own exit handler would send them SIGTERM,
+    which they ignore, and then wait for them for ever."""
+    for proc in list(_started):
+        try:
+            if proc.is_alive():  # raises in a forked child for its parent's processes
+                proc.kill()
+                proc.join(5)
+        except (AssertionError, OSError, ValueError):
+            pass
+
+
+def ignore_stop_signals() -> None:
+    """In a child started by `start_process`: ignore SIGINT, SIGTERM and SIGUSR1 from now on (one
+    that arrived since the fork is discarded), then unblock them. The child still dies with its
+    parent (its parent-death signal) and when the parent stops it."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

@@ -19,7 +19,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
-from engine.data.forking import DeferredInterrupt, ignore_sigint, start_process
+from engine.data.forking import DeferredInterrupt, ignore_stop_signals, start_process
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
@@ -53,7 +53,7 @@ def _die_with_parent() -> None:
 
 def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
-    ignore_sigint()  # Ctrl-C is the packer's to handle: it stops the workers
+    ignore_stop_signals()  # Ctrl-C and SIGTERM are the packer's to handle: it stops the workers
     _die_with_parent()
     if os.getppid() != parent:  # the packer died before the line above took effect
         os._exit(1)
@@ -81,10 +81,11 @@ def _remove_partial(dst: str, k: int) -> None:
 
 
 def _stop(running: Iterable[Tuple[Any, Any, Dict[str, Any]]]) -> None:
-    """Stop the workers still running and remove their partial shards."""
+    """Stop the workers still running and remove their partial shards. SIGKILL: the workers
+    leave the stop signals to the packer, and what they leave half-written is removed here."""
     for proc, recv, job in running:
         if proc.pid is not None and proc.is_alive():
-            proc.terminate()
+            proc.kill()
     for proc, recv, job in running:
         if proc.pid is not None:
             proc.join(5)

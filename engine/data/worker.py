@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 
 from engine.data.decode import DecodeError
-from engine.data.forking import ignore_sigint
+from engine.data.forking import ignore_stop_signals
 from engine.data.sources import Source
 from engine.data.transforms import Transform
 from engine.errors import DataError, UserError
@@ -143,8 +143,9 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
                 layout: RingLayout, skip: bool = False) -> None:
     """A worker process: run tasks from `conn` until it sends None, closes, or the main process
     dies."""
-    # Ctrl-C goes to the whole process group; the main process decides and tells us to stop.
-    ignore_sigint()
+    # Ctrl-C goes to the whole process group, and a scheduler's stop signals (SIGTERM, SIGUSR1)
+    # to every process of the job: the main process decides and tells us to stop.
+    ignore_stop_signals()
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()

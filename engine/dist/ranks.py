@@ -144,7 +144,7 @@ def processes_per_node(requested: Optional[int], num_nodes: int = 1) -> int:
 
 # ------------------------------------------------------------------ forking and supervising
 
-_STOP_GRACE_S = 5.0  # a terminated rank gets this long before SIGKILL (it may be in a collective)
+_STOP_GRACE_S = 5.0  # how long reaping killed ranks may take
 
 
 def _die_with_parent() -> None:
@@ -200,17 +200,16 @@ def _start_server(port: int) -> Tuple[Any, int]:
 
 
 def _stop_ranks(procs: Sequence[Any]) -> None:
-    """SIGTERM every rank still running, SIGKILL after a grace period, reap them all."""
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    deadline = time.monotonic() + _STOP_GRACE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+    """SIGKILL every rank still running and reap them all. Not SIGTERM: the ranks leave the stop
+    signals to this process (engine.stop), and a rank blocked in a collective would not run a
+    handler anyway; a checkpoint write cut short leaves only a temp file, removed at the next
+    start."""
     for p in procs:
         if p.exitcode is None:
             p.kill()
-            p.join(5)
+    deadline = time.monotonic() + _STOP_GRACE_S
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
 
 
 def _failure(folder: str, exits: Mapping[int, Tuple[int, int]], where: str) -> Tuple[bool, str]:

@@ -77,9 +77,10 @@ def check_node_reports(reports: Mapping[int, Mapping[str, Any]]) -> Optional[str
             return ("node %d runs %s GPU processes but node 0 runs %s: every node must use the "
                     "same number (pass the same --ngpus everywhere)" % (k, r["ngpus"], base["ngpus"]))
         if r.get("resume") != base.get("resume"):
-            return ("the --resume checkpoint differs between nodes: node %d has %s, node 0 has "
-                    "%s; copy node 0's checkpoint to every node (or keep the save dir on shared "
-                    "storage)" % (k, r.get("resume"), base.get("resume")))
+            return ("the checkpoint to continue from differs between nodes: node %d has %s, "
+                    "node 0 has %s; copy node 0's checkpoint to every node (or keep the save dir "
+                    "on shared storage)" % (k, r.get("resume") or "none (a new run)",
+                                            base.get("resume") or "none (a new run)"))
     return None
 
 

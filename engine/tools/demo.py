@@ -94,7 +94,8 @@ def run_demo(c: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     trained = train(TrainConfig(
         data=packed, arch="resnet18", batch_size=c.batch_size, save_dir=run,
         learning_rate=c.learning_rate, epochs=c.epochs, workers=c.workers,
-        image_size=c.image_size, warmup_epochs=0.5, lr_schedule="cosine", seed=0, print_freq=5))
+        image_size=c.image_size, warmup_epochs=0.5, lr_schedule="cosine", seed=0, print_freq=5,
+        replace=True))  # each demo trains anew; an earlier demo's run moves to replaced-<time>/
     assert trained is not None and trained.checkpoint  # one process: rank 0, which saves
     ckpt = trained.checkpoint
     log("== 4/5 evaluate %s on %s" % (ckpt, os.path.join(packed, "val")))

@@ -205,25 +205,25 @@ _OBSERVED: Dict[str, Optional[str]] = {"dir": None}
 
 def observe_ranks(dump_dir: str) -> None:
     """In this process and the ranks it forks from now on: after each rank's training, write
-    its parameter digest and peak device memory to dump_dir/rank-R.json. Wraps the trainer's
-    `_model_and_optimizer` (to keep the model) and `_train_worker` (to write when it
-    returns), once; what they compute is unchanged."""
-    from engine import dist, trainer
+    its parameter digest and peak device memory to dump_dir/rank-R.json. Wraps engine.loop's
+    `_model_and_optimizer` (to keep the model) and `run_rank` (to write when it returns), once;
+    what they compute is unchanged."""
+    from engine import dist, loop
 
     first = _OBSERVED["dir"] is None
     _OBSERVED["dir"] = dump_dir
     if not first:
         return
     models: List[Any] = []
-    real_model, real_worker = trainer._model_and_optimizer, trainer._train_worker
+    real_model, real_worker = loop._model_and_optimizer, loop.run_rank
 
     def model_and_optimizer(*args: Any, **kwargs: Any) -> Any:
         out = real_model(*args, **kwargs)
         models.append(out[0])
         return out
 
-    def worker(cfg: Any, sources: Sequence[Any] = ()) -> Any:
-        result = real_worker(cfg, sources)
+    def worker(cfg: Any, sources: Sequence[Any] = (), start: Any = None) -> Any:
+        result = real_worker(cfg, sources, start)
         h = hashlib.sha256()
         for name, p in models[-1].named_parameters():
             h.update(name.encode())
@@ -244,8 +244,8 @@ def observe_ranks(dump_dir: str) -> None:
             json.dump(record, f)
         return result
 
-    trainer._model_and_optimizer = model_and_optimizer
-    trainer._train_worker = worker
+    loop._model_and_optimizer = model_and_optimizer
+    loop.run_rank = worker
 
 
 def _rank_records(dump_dir: str) -> List[Dict[str, Any]]:
