@@ -39,3 +39,20 @@ def test_close_without_checksum_and_abort(tmp_path):
         w.append(v)
     w.abort()
     assert sorted(os.listdir(tmp_path)) == [shards.shard_name(1)]
+
+
+def test_a_writer_that_fails_once_its_file_exists_leaves_no_file(tmp_path, monkeypatch):
+    """A full disk can strike after LMDB has created the temp file (here: where the write-back
+    opens it): the writer removes what it made, so a failed pack leaves no partial shard."""
+    import errno
+
+    import pytest
+
+    def full(path):
+        assert os.path.exists(path)  # the file LMDB made
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(shard_writer, "_WriteBack", full)
+    with pytest.raises(OSError, match="No space left"):
+        shard_writer.ShardWriter(str(tmp_path / "shard-00000.lmdb"))
+    assert os.listdir(tmp_path) == []

@@ -84,13 +84,23 @@ class ShardWriter:
         for stale in (self.tmp_path, self.tmp_path + "-lock"):
             if os.path.exists(stale):
                 os.remove(stale)
-        # lock=False: one writer per file by construction, and no -lock file left behind.
-        # mode 0666: the umask decides, as for any other file (LMDB's default is 0755).
-        self._env = lmdb.open(self.tmp_path, subdir=False, map_size=MAP_SIZE, lock=False,
-                              readahead=False, meminit=False, max_dbs=0, mode=0o666,
-                              sync=False, metasync=False)
-        self._write_back = _WriteBack(self.tmp_path)
-        self._txn = self._env.begin(write=True)
+        env, write_back = None, None
+        try:
+            # lock=False: one writer per file by construction, and no -lock file left behind.
+            # mode 0666: the umask decides, as for any other file (LMDB's default is 0755).
+            env = lmdb.open(self.tmp_path, subdir=False, map_size=MAP_SIZE, lock=False,
+                            readahead=False, meminit=False, max_dbs=0, mode=0o666,
+                            sync=False, metasync=False)
+            write_back = _WriteBack(self.tmp_path)
+            self._txn = env.begin(write=True)
+        except BaseException:  # a full disk can strike once the file exists: leave none behind
+            if write_back is not None:
+                write_back.close()
+            if env is not None:
+                env.close()
+            self._remove_files()
+            raise
+        self._env, self._write_back = env, write_back
         self.num_samples = 0
         self._uncommitted = 0
 
@@ -130,6 +140,9 @@ class ShardWriter:
             self._write_back.close()
         except OSError:
             pass
+        self._remove_files()
+
+    def _remove_files(self) -> None:
         for f in (self.tmp_path, self.tmp_path + "-lock"):
             try:
                 os.remove(f)
