@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_imagenet
 
 from engine import checkpoint as ckpt
 from engine import run, stop
@@ -27,8 +28,6 @@ from engine.errors import UserError
 from engine.metrics import read_jsonl, read_metrics
 from engine.models.weights import read_file
 from engine.trainer import train
-
-from conftest import make_imagenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "train.py")
@@ -100,23 +99,46 @@ def _env():
 
 def _run_until(cmd, pattern, signals=(signal.SIGTERM,), timeout=600, **kw):
     """Start `cmd`, and once a stdout line matches `pattern` send it `signals`; returns
-    (returncode, stdout, stderr)."""
+    (returncode, stdout, stderr). A second signal is sent once the run has printed that it
+    took the first: two signals sent back to back can reach Python's handler as one (CPython
+    runs a handler once for every signal number that fired since it last looked), as no user
+    could press Ctrl-C twice."""
+    import threading
+
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=ROOT, env=_env(), **kw)
-    out, deadline = [], time.monotonic() + timeout
+    send = os.killpg if kw.get("start_new_session") else os.kill
+    out, err, deadline = [], [], time.monotonic() + timeout
+    taken = threading.Event()
+
+    def read_err():
+        for line in p.stderr:
+            err.append(line)
+            if "stopping after the current step" in line:
+                taken.set()
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
     try:
         for line in p.stdout:
             out.append(line)
             if re.search(pattern, line):
-                for sig in signals:
-                    (os.killpg if kw.get("start_new_session") else os.kill)(p.pid, sig)
+                for i, sig in enumerate(signals):
+                    if i:
+                        assert taken.wait(60), "".join(err)
+                    send(p.pid, sig)
                 break
             assert time.monotonic() < deadline, "".join(out)
-        rest, err = p.communicate(timeout=timeout)
+        rest = []
+        tail = threading.Thread(target=lambda: rest.append(p.stdout.read()), daemon=True)
+        tail.start()
+        p.wait(timeout)  # a hung run is killed below, never waited for without end
+        tail.join(timeout)
+        reader.join(timeout)
     finally:
         if p.poll() is None:
             p.kill()
-    return p.returncode, "".join(out) + rest, err
+    return p.returncode, "".join(out + rest), "".join(err)
 
 
 def _tool(cmd, timeout=600):

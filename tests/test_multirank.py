@@ -465,7 +465,7 @@ def test_ctrl_c_stops_every_rank_with_one_line(data, tmp_path):
     nodes[0].signal(signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
     try:
         assert nodes[0].wait(EXIT_S) == 130, nodes[0].stderr[-3000:]
-        assert "interrupted; continue later with --resume" in nodes[0].stderr
+        assert "rerun the same command to continue (exit status 130)" in nodes[0].stderr
         assert "Traceback" not in nodes[0].stderr
         time.sleep(1.0)
         assert nodes[0].leftovers() == []
