@@ -399,7 +399,8 @@ def test_run_all_quick_everything(raw, tmp_path):
     out = tmp_path / "out"
     summary, _ = run("run_all.py", "--quick", "--out", str(out), "--data", raw, "--packed",
                      str(tmp_path / "packed"))
-    res = check_run_all(out, summary, ["pack", "pack_imagenet_like", "decode", "loader_32",
+    res = check_run_all(out, summary, ["pack", "pack_imagenet_like", "decode", "stages",
+                                       "loader_32",
                                        "loader_imagenet_like_32", "node", "node_cores8",
                                        "train", "e2e"], raw)
     assert res["device"]

@@ -505,8 +505,10 @@ def test_train_ctrl_c_is_one_line_and_exit_130(tmp_path):
             p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    # (MegEngine's own "info:" banner about running without CUDA precedes it)
-    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("info:", "debug:"))]
+    # (MegEngine's own "info:" banner about running without CUDA, and the fail-early check's
+    # note, precede it)
+    lines = [l for l in err.splitlines() if l.strip()
+             and not l.startswith(("info:", "debug:", "fail-early check:"))]
     assert len(lines) == 2 and lines[0].startswith("SIGINT: stopping after the current step")
     from engine.models.weights import read_file
 
