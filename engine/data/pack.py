@@ -18,10 +18,12 @@ every file exactly once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import shutil
+import struct
 import sys
 import time
 from dataclasses import MISSING, dataclass, field
@@ -41,7 +43,7 @@ from engine.errors import disk_error_message
 from engine.locks import FileLock, acquire
 
 __all__ = ["PackError", "PackConfig", "PackResult", "PackedSplit", "pack_imagenet",
-           "resolve_nodes", "process_file", "pack_workers", "LOCK_FILE"]
+           "resolve_nodes", "process_file", "pack_workers", "stores_raw", "LOCK_FILE", "JPEG_QUALITY"]
 
 JPEG_QUALITY = 95
 LOCK_FILE = ".pack.lock"
@@ -52,8 +54,21 @@ def pack_workers() -> int:
     return usable_cores()
 
 
-def _encode_jpeg(bgr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+def stores_raw(seed: int, index: int, fraction: float) -> bool:
+    """Whether the file at position `index` of a split's plan is stored as raw pixels: a hash
+    of (seed, index) below `fraction`, so a rerun, a repair or another node picks the same
+    files, and the choice does not depend on which other files were skipped."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    h = hashlib.blake2b(struct.pack(">qQ", seed, index), digest_size=8, person=b"engine-raw")
+    return int.from_bytes(h.digest(), "big") < fraction * 2.0 ** 64
+
+
+def _encode_jpeg(bgr: np.ndarray, quality: Optional[int] = None) -> bytes:
+    q = JPEG_QUALITY if quality is None else quality
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, q])
     if not ok:
         raise DecodeError("re-encoding to JPEG failed")
     return buf.tobytes()
@@ -68,11 +83,15 @@ def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, b
     return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
 
 
-def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
-    """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason}.
+def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
+                 jpeg_quality: Optional[int] = None) -> Dict[str, Any]:
+    """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason};
+    with `raw`, {"pixels", "height", "width", "kind"} instead of "image": the file's full
+    strict decode as uint8 BGR (what the loader decodes from the JPEG), capped at `max_side`.
 
     kind is "jpeg" (original bytes kept), "gray" (a grayscale JPEG, kept: libjpeg expands it
-    to 3 channels) or "converted:<what>".
+    to 3 channels) or "converted:<what>" (re-encoded at `jpeg_quality`, default JPEG_QUALITY;
+    a raw record keeps the converted pixels themselves, never re-encoded).
     """
     try:
         with open(path, "rb") as f:
@@ -85,8 +104,8 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     try:
         if fmt == "jpeg":
             info = jpeg_info(data)
-            if not info.needs_conversion and not (max_side and max(info.width, info.height)
-                                                  > max_side):
+            if not raw and not info.needs_conversion and not (
+                    max_side and max(info.width, info.height) > max_side):
                 # Kept byte for byte: the scaled strict decode accepts exactly what the full
                 # one does (decode.validate_jpeg), and the pixels are not needed.
                 validate_jpeg(data, info)
@@ -107,8 +126,10 @@ def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
     bgr, resized = _limit_side(bgr, max_side)
     if resized and not kind.startswith("converted"):
         kind = "converted:resized"
+    if raw:
+        return {"pixels": bgr, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
     if kind.startswith("converted"):
-        data = _encode_jpeg(bgr)
+        data = _encode_jpeg(bgr, jpeg_quality)
     return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
 
 
@@ -167,6 +188,9 @@ def _pack_shard(job: Dict[str, Any],
     """
     src, dst, k, items, fp, max_side = (job[x] for x in
                                         ("src", "dst", "k", "items", "fp", "max_side"))
+    raw_fraction, quality, seed = job.get("raw_fraction", 0.0), job.get("jpeg_quality"), \
+        job.get("seed", 0)
+    first = k * job.get("shard_size", 0)  # the plan position of the shard's first file
     name = shards.shard_name(k)
     path = os.path.join(dst, name)
     writer = None
@@ -178,14 +202,16 @@ def _pack_shard(job: Dict[str, Any],
                 return done
             tally = plan.ShardTally(k, fp)
             writer = shard_writer.ShardWriter(path)
-            for rel, label in items:
-                r = process_file(os.path.join(src, rel), max_side)
+            for j, (rel, label) in enumerate(items):
+                raw = stores_raw(seed, first + j, raw_fraction)
+                r = process_file(os.path.join(src, rel), max_side, raw, quality)
                 if "skip" in r:
                     tally.skipped(rel, r["skip"])
                 else:
-                    value = shards.pack_record(r["image"], label, r["height"], r["width"], rel)
+                    value = shards.pack_raw_record(r["pixels"], label, rel) if raw else \
+                        shards.pack_record(r["image"], label, r["height"], r["width"], rel)
                     writer.append(value)
-                    tally.kept(r["kind"], len(value))
+                    tally.kept(r["kind"], len(value), raw)
                 pool.count(1)
             records_done()
             checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
@@ -209,8 +235,11 @@ def _pack_shard(job: Dict[str, Any],
 
 def _jobs(sc: Scan, dst: str, ks: Sequence[int]) -> List[Dict[str, Any]]:
     needed = sum(sc.source_bytes[k] for k in ks)
+    p = sc.plan
     return [{"src": sc.src, "dst": dst, "k": k, "items": sc.shard_items(k), "fp": sc.fingerprint,
-             "max_side": sc.plan["max_side"], "needed": needed} for k in ks]
+             "max_side": p["max_side"], "needed": needed, "seed": p["seed"],
+             "shard_size": p["shard_size"], "raw_fraction": p.get("raw_fraction", 0.0),
+             "jpeg_quality": p.get("jpeg_quality")} for k in ks]
 
 
 def _run_jobs(jobs: List[Dict[str, Any]], workers: int, counter, bar) -> Dict[int, Dict[str, Any]]:
@@ -357,7 +386,14 @@ class PackConfig:
     shard_size: int = option(5000, "files per shard")
     max_side: Optional[int] = option(None, "re-encode images whose long side exceeds this "
                                            "(default: keep all)")
-    seed: int = option(0, "train record order")
+    raw_fraction: float = option(0.0, "fraction of the records stored as raw uint8 pixels "
+                                      "(decoded at pack time, capped at --max-side), chosen by "
+                                      "--seed; the loader skips decoding them. 0 keeps every "
+                                      "record a JPEG (format version 1)")
+    jpeg_quality: Optional[int] = option(None, "quality of the JPEGs the packer re-encodes "
+                                               "(converted or over --max-side; default %d)"
+                                         % JPEG_QUALITY)
+    seed: int = option(0, "train record order, and which records --raw-fraction picks")
     strict: bool = option(False, "exit non-zero if any file had to be skipped")
     num_nodes: Optional[int] = option(None, "machines packing into one shared --out (default: "
                                             "from SLURM_* / NNODES / GROUP_RANK, else 1)")
@@ -409,13 +445,16 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                   max_side: Optional[int] = None, seed: int = PackConfig.seed,
                   strict: bool = False, progress: bool = True, log=print,
                   num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
-                  env: Optional[Mapping[str, str]] = None, repair: bool = False) -> PackResult:
+                  env: Optional[Mapping[str, str]] = None, repair: bool = False,
+                  raw_fraction: float = PackConfig.raw_fraction,
+                  jpeg_quality: Optional[int] = None) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
     this node packs shards k with k mod N == rank; whichever node finds every shard present
     writes meta.json. A rerun over a finished split checks that each shard file is there at
-    its recorded size and refuses (PackError) if one is not; with repair=True it verifies the
+    its recorded size and refuses (PackError) if one is not; raw_fraction of the files (by
+    stores_raw) are stored as raw pixels, which makes the split format version 2; with repair=True it verifies the
     shards (engine.data.verify) and packs only those that fail again. Raises PackError on bad
     input, a held lock or a full/read-only disk; with strict=True also when any file had to be
     skipped (the shards are still written, so a rerun after fixing the files only repacks what
@@ -425,6 +464,11 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--shard-size must be at least 1 (got %d)" % shard_size)
     if max_side is not None and max_side < 16:
         raise PackError("--max-side must be at least 16 px (got %d)" % max_side)
+    if not 0.0 <= raw_fraction <= 1.0:
+        raise PackError("--raw-fraction must be between 0 and 1 (got %g)" % raw_fraction)
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+        raise PackError("--jpeg-quality must be between 1 and 100 (got %d)" % jpeg_quality)
+    storage = plan.storage_options(raw_fraction, jpeg_quality)
     splits = list(splits)
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:
@@ -446,7 +490,8 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
     classes = plan.input_classes(data, splits, log)
     # Every requested split is listed and planned before anything is written, so a missing or
     # malformed split is reported up front, not after hours spent on the others.
-    scans = [plan.scan(data, split, classes, seed, shard_size, max_side) for split in splits]
+    scans = [plan.scan(data, split, classes, seed, shard_size, max_side, storage)
+             for split in splits]
 
     try:
         os.makedirs(out, exist_ok=True)
