@@ -52,7 +52,7 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
                         "checksum": m["checksum"]})
     meta = {
         "format": shards.FORMAT,
-        "version": shards.split_version(stats.raw),
+        "version": shards.RAW_VERSION if stats.raw else shards.JPEG_VERSION,
         "split": plan["split"],
         "num_samples": stats.kept,
         "classes": plan["classes"],

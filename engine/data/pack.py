@@ -2,9 +2,10 @@
 
 Every file is sniffed by content, strictly decoded, and either kept byte for byte (a JPEG that
 libjpeg-turbo decodes to 3 channels), converted to an RGB JPEG at quality 95 (PNG, WebP, BMP,
-TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), or skipped with a reason (empty,
-truncated, corrupt, not an image). Shards are independent: forked worker processes pack them in
-parallel, each shard by one worker from its first file to its last.
+TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), stored as raw pixels (--raw-fraction),
+or skipped with a reason (empty, truncated, corrupt, not an image): convert.py decides. Shards
+are independent: forked worker processes pack them in parallel, each shard by one worker from
+its first file to its last.
 
 Which file goes to which shard is the plan (plan.py), written first to <split>/plan.json. Node r
 of N packs the shards k with k mod N == r, so several machines can pack into one shared folder.
@@ -18,119 +19,36 @@ every file exactly once.
 from __future__ import annotations
 
 import errno
-import hashlib
 import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import shutil
-import struct
 import sys
 import time
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import lmdb
-import numpy as np
 
 from engine.cli import option
 from engine.data import merge, plan, pool, shard_writer, shards, verify
+from engine.data.convert import JPEG_QUALITY, process_file, stores_raw
 from engine.data.cpus import usable_cores
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
 from engine.errors import disk_error_message
 from engine.locks import FileLock, acquire
 
 __all__ = ["PackError", "PackConfig", "PackResult", "PackedSplit", "pack_imagenet",
-           "resolve_nodes", "process_file", "pack_workers", "stores_raw", "LOCK_FILE", "JPEG_QUALITY"]
+           "resolve_nodes", "process_file", "pack_workers", "stores_raw", "LOCK_FILE",
+           "JPEG_QUALITY"]
 
-JPEG_QUALITY = 95
 LOCK_FILE = ".pack.lock"
 
 
 def pack_workers() -> int:
     """Packing processes: every usable core (affinity and cgroup quota; the packer is alone)."""
     return usable_cores()
-
-
-def stores_raw(seed: int, index: int, fraction: float) -> bool:
-    """Whether the file at position `index` of a split's plan is stored as raw pixels: a hash
-    of (seed, index) below `fraction`, so a rerun, a repair or another node picks the same
-    files, and the choice does not depend on which other files were skipped."""
-    if fraction <= 0:
-        return False
-    if fraction >= 1:
-        return True
-    h = hashlib.blake2b(struct.pack(">qQ", seed, index), digest_size=8, person=b"engine-raw")
-    return int.from_bytes(h.digest(), "big") < fraction * 2.0 ** 64
-
-
-def _encode_jpeg(bgr: np.ndarray, quality: Optional[int] = None) -> bytes:
-    q = JPEG_QUALITY if quality is None else quality
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, q])
-    if not ok:
-        raise DecodeError("re-encoding to JPEG failed")
-    return buf.tobytes()
-
-
-def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, bool]:
-    h, w = bgr.shape[:2]
-    if not max_side or max(h, w) <= max_side:
-        return bgr, False
-    s = max_side / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
-
-
-def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
-                 jpeg_quality: Optional[int] = None) -> Dict[str, Any]:
-    """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason};
-    with `raw`, {"pixels", "height", "width", "kind"} instead of "image": the file's full
-    strict decode as uint8 BGR (what the loader decodes from the JPEG), capped at `max_side`.
-
-    kind is "jpeg" (original bytes kept), "gray" (a grayscale JPEG, kept: libjpeg expands it
-    to 3 channels) or "converted:<what>" (re-encoded at `jpeg_quality`, default JPEG_QUALITY;
-    a raw record keeps the converted pixels themselves, never re-encoded).
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return {"skip": "unreadable: %s" % exc.strerror}
-    if not data:
-        return {"skip": "empty file"}
-    fmt = sniff(data)
-    try:
-        if fmt == "jpeg":
-            info = jpeg_info(data)
-            if not raw and not info.needs_conversion and not (
-                    max_side and max(info.width, info.height) > max_side):
-                # Kept byte for byte: the scaled strict decode accepts exactly what the full
-                # one does (decode.validate_jpeg), and the pixels are not needed.
-                validate_jpeg(data, info)
-                return {"image": data, "height": info.height, "width": info.width,
-                        "kind": "gray" if info.grayscale else "jpeg"}
-            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
-            if info.needs_conversion:
-                kind = "converted:cmyk"
-            else:
-                kind = "gray" if info.grayscale else "jpeg"
-        elif fmt == "unknown":
-            return {"skip": "not an image (starts with %s)" % data[:8].hex()}
-        else:
-            bgr = decode_bgr(data)
-            kind = "converted:" + fmt
-    except DecodeError as exc:
-        return {"skip": "corrupt %s: %s" % (fmt.upper(), exc)}
-    bgr, resized = _limit_side(bgr, max_side)
-    if resized and not kind.startswith("converted"):
-        kind = "converted:resized"
-    if raw:
-        return {"pixels": bgr, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
-    if kind.startswith("converted"):
-        data = _encode_jpeg(bgr, jpeg_quality)
-    return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,20 +1,17 @@
-"""The on-disk shard contract (versions 1 and 2). This is the only module that knows the byte
-layout.
+"""The on-disk shard contract (versions 1 and 2): the only module that knows the byte layout.
 
     <out>/<split>/meta.json          written last, atomically; a split without it is incomplete
     <out>/<split>/shard-NNNNN.lmdb   an LMDB environment opened with subdir=False
 
 Record i of a shard: key struct.pack(">Q", i) for i in 0..num_samples-1; value a msgpack map with
 at least "label" (int), "height", "width" (ints of the stored image), "path" (source path
-relative to the split folder) and the image in one of two kinds:
-  - "image": JPEG bytes that libjpeg-turbo decodes to 3 channels (versions 1 and 2);
-  - "raw": height * width * 3 bytes of uint8 BGR pixels, row-major HxWx3 (version 2 only): what a
-    full decode of the image gives, stored so that the loader skips decoding.
-A split is version 1 when every record is a JPEG, so packs without raw records stay exactly
-what older readers read; it is version 2 when it holds raw records, and its meta.json counts
-them ("raw_records"). Readers of version 1 refuse a version-2 split by its version; a raw
-record has no "image" key, so even a reader that skips the version check cannot take its
-pixels for a JPEG. `record_image` is how other modules get at a record's pixels.
+relative to the split folder), and either "image" (JPEG bytes that libjpeg-turbo decodes to 3
+channels) or, in version 2 only, "raw" (height * width * 3 bytes of uint8 BGR pixels, HxWx3
+row-major: the image's full decode, so that the loader skips decoding; `record_image`).
+A split is version 1 when every record is a JPEG (what older readers read, unchanged) and
+version 2 when it holds raw records, which its meta.json counts ("raw_records"). Readers of
+version 1 refuse version 2 by its number; a raw record has no "image", so even a reader that
+skipped the check cannot take its pixels for a JPEG.
 The global index of a record is its shard's offset (running sum of num_samples in meta order)
 plus its index in the shard. Readers may rely on nothing else; more meta keys may be added.
 
@@ -48,10 +45,9 @@ from engine.errors import UserError, read_error_message
 __all__ = [
     "FORMAT", "VERSION", "JPEG_VERSION", "RAW_VERSION", "VERSIONS", "META_FILE", "ShardError",
     "shard_name", "record_key", "pack_record", "pack_raw_record", "unpack_record", "is_raw",
-    "record_image", "raw_problem", "split_version", "check_version", "write_json_atomic",
-    "read_json", "is_packed", "read_meta", "open_env",
-    "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum", "check_shard_file",
-    "check_shard", "check_listing", "unlisted_shards", "SPLITS",
+    "record_image", "raw_problem", "check_version", "write_json_atomic", "read_json", "is_packed",
+    "read_meta", "open_env", "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum",
+    "check_shard_file", "check_shard", "check_listing", "unlisted_shards", "SPLITS",
 ]
 
 FORMAT = "engine-lmdb-shards"
@@ -106,8 +102,7 @@ def pack_record(image: bytes, label: int, height: int, width: int, path: str,
 def pack_raw_record(pixels: np.ndarray, label: int, path: str, **extra: Any) -> bytes:
     """A version-2 record of uint8 BGR pixels (HxWx3); its height and width are the array's."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError("raw records hold uint8 HxWx3 pixels (got %s %s)"
-                         % (pixels.dtype, pixels.shape))
+        raise ValueError("raw records hold uint8 HxWx3 pixels, not %s %s" % (pixels.dtype, pixels.shape))
     rec = {"raw": np.ascontiguousarray(pixels).tobytes(), "label": int(label),
            "height": int(pixels.shape[0]), "width": int(pixels.shape[1]), "path": path}
     rec.update(extra)
@@ -142,14 +137,8 @@ def record_image(rec: Mapping[str, Any]) -> Union[bytes, np.ndarray]:
         return rec["image"]
     problem = raw_problem(rec)
     if problem:
-        raise ShardError("%s (%s); check the pack with tools/verify_pack.py"
-                         % (problem, rec.get("path")))
+        raise ShardError("%s (%s); check the pack with tools/verify_pack.py" % (problem, rec.get("path")))
     return np.frombuffer(rec["raw"], np.uint8).reshape(rec["height"], rec["width"], 3)
-
-
-def split_version(raw_records: int) -> int:
-    """The format version of a split holding `raw_records` raw records."""
-    return RAW_VERSION if raw_records else JPEG_VERSION
 
 
 def check_version(meta: Mapping[str, Any], meta_path: str,
@@ -160,16 +149,14 @@ def check_version(meta: Mapping[str, Any], meta_path: str,
         raw = meta.get("raw_records", 0)
         if not isinstance(raw, int) or raw < 0 or (raw > 0) != (version == RAW_VERSION):
             # A version names the record kinds a split holds: version 2 exactly when raw ones.
-            raise ShardError(
-                "%s has format version %r with raw_records %r, but version %d is the version of "
-                "splits with raw-pixel records and version %d of those without: meta.json was "
-                "edited or damaged; %s" % (meta_path, version, raw, RAW_VERSION, JPEG_VERSION,
-                                           _fix(os.path.dirname(os.path.abspath(meta_path)))))
+            raise ShardError("%s has format version %r with raw_records %r, but version %d is "
+                             "that of splits with raw-pixel records, %d of those without: "
+                             "meta.json was edited or damaged; %s" % (
+                                 meta_path, version, raw, RAW_VERSION, JPEG_VERSION,
+                                 _fix(os.path.dirname(os.path.abspath(meta_path)))))
         return
-    newest = max(readable)
-    reads = ("version %d" % newest if len(readable) == 1 else
-             "versions %s" % ", ".join(str(v) for v in sorted(readable)))
-    if isinstance(version, int) and version > newest:
+    reads = "version%s %s" % ("s" if len(readable) > 1 else "", ", ".join(map(str, sorted(readable))))
+    if isinstance(version, int) and version > max(readable):
         raise ShardError(
             "%s has format version %d, made by a newer engine; this engine reads %s. Upgrade "
             "the engine to read it, or repack the data with this engine's tools/pack_imagenet.py"
