@@ -41,7 +41,9 @@ import report  # noqa: E402
 
 from engine.atomic import atomic_write  # noqa: E402
 
-BENCHMARKS = ("pack", "decode", "stages", "loader", "node", "train", "e2e")
+BENCHMARKS = ("pack", "decode", "stages", "loader", "raw", "node", "train", "e2e")
+# Run only when named in --only: bench_raw packs the same files three times over.
+OPT_IN = ("raw",)
 RESULTS_VERSION = 2
 # Placeholders for the folders a user passes, in recorded commands (shell syntax: a user can
 # set DATA=... and paste the command).
@@ -81,6 +83,11 @@ def plan(a) -> List[Tuple[str, str, List[str]]]:
                          data + packed + variant + loader_q + lw + ["--image-size", str(s)]
                          + ([] if s == seed_size else ["--no-seed"])
                          + (["--cold"] if variant and s == seed_size else [])))
+    # Raw-pixel records against JPEG ones, on the ImageNet-like set at the loader's first and
+    # last size.
+    jobs.append(("raw", "bench_raw.py", data + ["--sizes", ",".join(str(s) for s in stage_sizes)]
+                 + (["--images", "8", "--batch-size", "4", "--seconds", "0.3", "--repeats", "1",
+                     "--pack-workers", "0"] if q else [])))
     # bench_node defaults to the ImageNet-like set, 8 ranks, batch 256, 224 px. Sized for this
     # machine, 8 batches per rank: more than the 4 its ring prefetches, so its img/s means
     # something; as a 64-core node only processes and memory do, so 2 batches suffice.
@@ -97,7 +104,7 @@ def plan(a) -> List[Tuple[str, str, List[str]]]:
     jobs.append(("e2e", "bench_e2e.py", data + packed + (
         ["--batch-size", "2", "--image-size", "32", "--steps", "2", "--warmup", "1",
          "--workers", "1", "--loader-seconds", "0.3"] if q else [])))
-    only = set(a.only.split(",")) if a.only else set(BENCHMARKS)
+    only = set(a.only.split(",")) if a.only else set(BENCHMARKS) - set(OPT_IN)
     return [j for j in jobs if j[0].split("_")[0] in only]
 
 
@@ -194,7 +201,8 @@ def main(argv=None) -> int:
                                                 "set, made on first use)")
     p.add_argument("--packed", default=None, help="its packed twin (default: a cache folder)")
     p.add_argument("--only", default=None,
-                   help="comma list of %s (default: all)" % ",".join(BENCHMARKS))
+                   help="comma list of %s (default: all but %s)" % (",".join(BENCHMARKS),
+                                                                   ",".join(OPT_IN)))
     p.add_argument("--loader-sizes", default=None,
                    help="image sizes for bench_loader (default 160,192,224; quick: 32)")
     p.add_argument("--loader-workers", type=int, default=None,

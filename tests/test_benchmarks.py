@@ -107,3 +107,16 @@ def test_bench_node_sized_as_another_machine(raw, tmp_path):
     md = rendered("bench_node.py", res)
     assert "8 cores (sized as, --cores): now, 2 ranks x 3 workers" in md
     assert "before, 2 ranks x 7 workers (computed)" in md
+
+
+def test_bench_raw(raw):
+    res = run("bench_raw.py", "--data", raw, "--images", "8", "--sizes", "32", "--batch-size",
+              "4", "--seconds", "0.3", "--repeats", "1", "--pack-workers", "0")
+    runs = {r["raw_fraction"]: r for r in res["runs"]}
+    assert sorted(runs) == [0, 0.5, 1] and res["images"] == 8 and res["data"] == "<data>"
+    assert runs[0]["version"] == 1 and runs[0]["raw_records"] == 0
+    assert runs[1]["version"] == 2 and runs[1]["raw_records"] == 8
+    assert runs[1]["disk_kb_per_image"] > runs[0]["disk_kb_per_image"]
+    assert all(r["img_s_per_worker"] > 0 for r in res["runs"])
+    md = rendered("bench_raw.py", res)
+    assert "| 32 px, raw 0.5, &lt;data&gt; |" in md

@@ -30,6 +30,7 @@ class _Stats:
         self.kinds: Counter = Counter()
         self.skipped: List[Dict[str, str]] = []
         self.bytes = 0
+        self.raw = 0
 
     def add_marker(self, m: Dict[str, Any]) -> None:
         self.seen += m["seen"]
@@ -37,6 +38,7 @@ class _Stats:
         self.kinds.update(m["kinds"])
         self.skipped.extend(m["skipped"])
         self.bytes += m["bytes"]
+        self.raw += m.get("raw", 0)
 
 
 def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: str
@@ -48,9 +50,9 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
         stats.add_marker(m)
         entries.append({"file": m["file"], "num_samples": m["num_samples"], "size": m["size"],
                         "checksum": m["checksum"]})
-    return {
+    meta = {
         "format": shards.FORMAT,
-        "version": shards.VERSION,
+        "version": shards.RAW_VERSION if stats.raw else shards.JPEG_VERSION,
         "split": plan["split"],
         "num_samples": stats.kept,
         "classes": plan["classes"],
@@ -65,6 +67,12 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
         "shuffled": plan["shuffled"],
         "fingerprint": plan["fingerprint"],
     }
+    # Only packs that chose other storage carry these keys: a JPEG-only pack's meta.json is the
+    # version-1 file it always was.
+    meta.update({k: plan[k] for k in ("raw_fraction", "jpeg_quality") if k in plan})
+    if stats.raw:
+        meta["raw_records"] = stats.raw
+    return meta
 
 
 def merge_split(dst: str, plan: Dict[str, Any], log: Log) -> Optional[Dict[str, Any]]:

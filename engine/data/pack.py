@@ -2,9 +2,10 @@
 
 Every file is sniffed by content, strictly decoded, and either kept byte for byte (a JPEG that
 libjpeg-turbo decodes to 3 channels), converted to an RGB JPEG at quality 95 (PNG, WebP, BMP,
-TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), or skipped with a reason (empty,
-truncated, corrupt, not an image). Shards are independent: forked worker processes pack them in
-parallel, each shard by one worker from its first file to its last.
+TIFF, CMYK/YCCK JPEG, or anything larger than --max-side), stored as raw pixels (--raw-fraction),
+or skipped with a reason (empty, truncated, corrupt, not an image): convert.py decides. Shards
+are independent: forked worker processes pack them in parallel, each shard by one worker from
+its first file to its last.
 
 Which file goes to which shard is the plan (plan.py), written first to <split>/plan.json. Node r
 of N packs the shards k with k mod N == r, so several machines can pack into one shared folder.
@@ -27,89 +28,27 @@ import time
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import lmdb
-import numpy as np
 
 from engine.cli import option
 from engine.data import merge, plan, pool, shard_writer, shards, verify
+from engine.data.convert import JPEG_QUALITY, process_file, stores_raw
 from engine.data.cpus import usable_cores
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
 from engine.errors import disk_error_message
 from engine.locks import FileLock, acquire
 
 __all__ = ["PackError", "PackConfig", "PackResult", "PackedSplit", "pack_imagenet",
-           "resolve_nodes", "process_file", "pack_workers", "LOCK_FILE"]
+           "resolve_nodes", "process_file", "pack_workers", "stores_raw", "LOCK_FILE",
+           "JPEG_QUALITY"]
 
-JPEG_QUALITY = 95
 LOCK_FILE = ".pack.lock"
 
 
 def pack_workers() -> int:
     """Packing processes: every usable core (affinity and cgroup quota; the packer is alone)."""
     return usable_cores()
-
-
-def _encode_jpeg(bgr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise DecodeError("re-encoding to JPEG failed")
-    return buf.tobytes()
-
-
-def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, bool]:
-    h, w = bgr.shape[:2]
-    if not max_side or max(h, w) <= max_side:
-        return bgr, False
-    s = max_side / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
-
-
-def process_file(path: str, max_side: Optional[int] = None) -> Dict[str, Any]:
-    """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason}.
-
-    kind is "jpeg" (original bytes kept), "gray" (a grayscale JPEG, kept: libjpeg expands it
-    to 3 channels) or "converted:<what>".
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return {"skip": "unreadable: %s" % exc.strerror}
-    if not data:
-        return {"skip": "empty file"}
-    fmt = sniff(data)
-    try:
-        if fmt == "jpeg":
-            info = jpeg_info(data)
-            if not info.needs_conversion and not (max_side and max(info.width, info.height)
-                                                  > max_side):
-                # Kept byte for byte: the scaled strict decode accepts exactly what the full
-                # one does (decode.validate_jpeg), and the pixels are not needed.
-                validate_jpeg(data, info)
-                return {"image": data, "height": info.height, "width": info.width,
-                        "kind": "gray" if info.grayscale else "jpeg"}
-            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
-            if info.needs_conversion:
-                kind = "converted:cmyk"
-            else:
-                kind = "gray" if info.grayscale else "jpeg"
-        elif fmt == "unknown":
-            return {"skip": "not an image (starts with %s)" % data[:8].hex()}
-        else:
-            bgr = decode_bgr(data)
-            kind = "converted:" + fmt
-    except DecodeError as exc:
-        return {"skip": "corrupt %s: %s" % (fmt.upper(), exc)}
-    bgr, resized = _limit_side(bgr, max_side)
-    if resized and not kind.startswith("converted"):
-        kind = "converted:resized"
-    if kind.startswith("converted"):
-        data = _encode_jpeg(bgr)
-    return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +106,9 @@ def _pack_shard(job: Dict[str, Any],
     """
     src, dst, k, items, fp, max_side = (job[x] for x in
                                         ("src", "dst", "k", "items", "fp", "max_side"))
+    raw_fraction, quality, seed = job.get("raw_fraction", 0.0), job.get("jpeg_quality"), \
+        job.get("seed", 0)
+    first = k * job.get("shard_size", 0)  # the plan position of the shard's first file
     name = shards.shard_name(k)
     path = os.path.join(dst, name)
     writer = None
@@ -178,14 +120,16 @@ def _pack_shard(job: Dict[str, Any],
                 return done
             tally = plan.ShardTally(k, fp)
             writer = shard_writer.ShardWriter(path)
-            for rel, label in items:
-                r = process_file(os.path.join(src, rel), max_side)
+            for j, (rel, label) in enumerate(items):
+                raw = stores_raw(seed, first + j, raw_fraction)
+                r = process_file(os.path.join(src, rel), max_side, raw, quality)
                 if "skip" in r:
                     tally.skipped(rel, r["skip"])
                 else:
-                    value = shards.pack_record(r["image"], label, r["height"], r["width"], rel)
+                    value = shards.pack_raw_record(r["pixels"], label, rel) if raw else \
+                        shards.pack_record(r["image"], label, r["height"], r["width"], rel)
                     writer.append(value)
-                    tally.kept(r["kind"], len(value))
+                    tally.kept(r["kind"], len(value), raw)
                 pool.count(1)
             records_done()
             checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
@@ -209,8 +153,11 @@ def _pack_shard(job: Dict[str, Any],
 
 def _jobs(sc: Scan, dst: str, ks: Sequence[int]) -> List[Dict[str, Any]]:
     needed = sum(sc.source_bytes[k] for k in ks)
+    p = sc.plan
     return [{"src": sc.src, "dst": dst, "k": k, "items": sc.shard_items(k), "fp": sc.fingerprint,
-             "max_side": sc.plan["max_side"], "needed": needed} for k in ks]
+             "max_side": p["max_side"], "needed": needed, "seed": p["seed"],
+             "shard_size": p["shard_size"], "raw_fraction": p.get("raw_fraction", 0.0),
+             "jpeg_quality": p.get("jpeg_quality")} for k in ks]
 
 
 def _run_jobs(jobs: List[Dict[str, Any]], workers: int, counter, bar) -> Dict[int, Dict[str, Any]]:
@@ -357,7 +304,14 @@ class PackConfig:
     shard_size: int = option(5000, "files per shard")
     max_side: Optional[int] = option(None, "re-encode images whose long side exceeds this "
                                            "(default: keep all)")
-    seed: int = option(0, "train record order")
+    raw_fraction: float = option(0.0, "fraction of the records stored as raw uint8 pixels "
+                                      "(decoded at pack time, capped at --max-side), chosen by "
+                                      "--seed; the loader skips decoding them. 0 keeps every "
+                                      "record a JPEG (format version 1)")
+    jpeg_quality: Optional[int] = option(None, "quality of the JPEGs the packer re-encodes "
+                                               "(converted or over --max-side; default %d)"
+                                         % JPEG_QUALITY)
+    seed: int = option(0, "train record order, and which records --raw-fraction picks")
     strict: bool = option(False, "exit non-zero if any file had to be skipped")
     num_nodes: Optional[int] = option(None, "machines packing into one shared --out (default: "
                                             "from SLURM_* / NNODES / GROUP_RANK, else 1)")
@@ -409,13 +363,16 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                   max_side: Optional[int] = None, seed: int = PackConfig.seed,
                   strict: bool = False, progress: bool = True, log=print,
                   num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
-                  env: Optional[Mapping[str, str]] = None, repair: bool = False) -> PackResult:
+                  env: Optional[Mapping[str, str]] = None, repair: bool = False,
+                  raw_fraction: float = PackConfig.raw_fraction,
+                  jpeg_quality: Optional[int] = None) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
     this node packs shards k with k mod N == rank; whichever node finds every shard present
     writes meta.json. A rerun over a finished split checks that each shard file is there at
-    its recorded size and refuses (PackError) if one is not; with repair=True it verifies the
+    its recorded size and refuses (PackError) if one is not; raw_fraction of the files (by
+    stores_raw) are stored as raw pixels, which makes the split format version 2; with repair=True it verifies the
     shards (engine.data.verify) and packs only those that fail again. Raises PackError on bad
     input, a held lock or a full/read-only disk; with strict=True also when any file had to be
     skipped (the shards are still written, so a rerun after fixing the files only repacks what
@@ -425,6 +382,11 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--shard-size must be at least 1 (got %d)" % shard_size)
     if max_side is not None and max_side < 16:
         raise PackError("--max-side must be at least 16 px (got %d)" % max_side)
+    if not 0.0 <= raw_fraction <= 1.0:
+        raise PackError("--raw-fraction must be between 0 and 1 (got %g)" % raw_fraction)
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+        raise PackError("--jpeg-quality must be between 1 and 100 (got %d)" % jpeg_quality)
+    storage = plan.storage_options(raw_fraction, jpeg_quality)
     splits = list(splits)
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:
@@ -446,7 +408,8 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
     classes = plan.input_classes(data, splits, log)
     # Every requested split is listed and planned before anything is written, so a missing or
     # malformed split is reported up front, not after hours spent on the others.
-    scans = [plan.scan(data, split, classes, seed, shard_size, max_side) for split in splits]
+    scans = [plan.scan(data, split, classes, seed, shard_size, max_side, storage)
+             for split in splits]
 
     try:
         os.makedirs(out, exist_ok=True)

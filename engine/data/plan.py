@@ -23,7 +23,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from engine.locks import LockError, acquire
 __all__ = ["PackError", "Unrecoverable", "Scan", "input_classes", "scan", "prepare", "read_plan",
            "finished", "drop_progress", "ShardTally", "read_marker", "missing", "rebuild_marker",
            "rebuild_markers", "forget", "drop_damaged", "shard_lock_path", "PLAN_FILE",
-           "PLAN_FORMAT", "PROGRESS_DIR"]
+           "PLAN_FORMAT", "PROGRESS_DIR", "storage_options"]
 
 PROGRESS_DIR = ".pack"
 PLAN_FILE = "plan.json"
@@ -52,11 +52,27 @@ class PackError(UserError, ValueError):
 # Scan and plan
 
 
+def storage_options(raw_fraction: float = 0.0, jpeg_quality: Optional[int] = None
+                    ) -> Dict[str, Any]:
+    """The plan's keys for how records are stored, present only when not the defaults (every
+    record a JPEG, re-encodes at the packer's quality): a pack with the defaults has the plan,
+    fingerprint and meta.json it always had."""
+    opts: Dict[str, Any] = {}
+    if raw_fraction:
+        opts["raw_fraction"] = float(raw_fraction)
+    if jpeg_quality is not None:
+        opts["jpeg_quality"] = int(jpeg_quality)
+    return opts
+
+
 def _fingerprint(split: str, classes: Sequence[str], items: Sequence[Tuple[str, int]],
                  stats: Sequence[Tuple[int, int]], seed: int, shard_size: int,
-                 max_side: Optional[int]) -> str:
+                 max_side: Optional[int], storage: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([shards.VERSION, split, classes, seed, shard_size, max_side]).encode())
+    head: List[Any] = [shards.JPEG_VERSION, split, classes, seed, shard_size, max_side]
+    if storage:
+        head.append(sorted(storage.items()))
+    h.update(json.dumps(head).encode())
     for (rel, label), (size, mtime) in zip(items, stats):
         h.update(("%s\0%d\0%d\0%d\n" % (rel, label, size, mtime)).encode())
     return h.hexdigest()
@@ -70,15 +86,18 @@ def _shard_digest(chunk: Sequence[Tuple[str, int]]) -> str:
 
 
 def _make_plan(split: str, classes: List[str], items: List[Tuple[str, int]], fp: str,
-               seed: int, shard_size: int, max_side: Optional[int]) -> Dict[str, Any]:
+               seed: int, shard_size: int, max_side: Optional[int],
+               storage: Mapping[str, Any]) -> Dict[str, Any]:
     """Which files go to which shard: a pure function of the listing and the arguments, so every
     node computes the same plan and any node can be rerun alone."""
     chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    return {"format": PLAN_FORMAT, "version": 1, "split": split, "classes": classes,
-            "seed": seed, "shard_size": shard_size, "max_side": max_side,
-            "shuffled": split == "train", "num_files": len(items), "fingerprint": fp,
-            "shards": [{"file": shards.shard_name(k), "num_files": len(c),
-                        "files_sha256": _shard_digest(c)} for k, c in enumerate(chunks)]}
+    plan = {"format": PLAN_FORMAT, "version": 1, "split": split, "classes": classes,
+            "seed": seed, "shard_size": shard_size, "max_side": max_side}
+    plan.update(storage)
+    plan.update({"shuffled": split == "train", "num_files": len(items), "fingerprint": fp,
+                 "shards": [{"file": shards.shard_name(k), "num_files": len(c),
+                             "files_sha256": _shard_digest(c)} for k, c in enumerate(chunks)]})
+    return plan
 
 
 @dataclass
@@ -117,8 +136,10 @@ def input_classes(data: str, splits: Sequence[str], log: Log) -> List[str]:
 
 
 def scan(data: str, split: str, classes: List[str], seed: int, shard_size: int,
-         max_side: Optional[int]) -> Scan:
-    """List a split, order it, fingerprint it and plan its shards (reads only)."""
+         max_side: Optional[int], storage: Optional[Mapping[str, Any]] = None) -> Scan:
+    """List a split, order it, fingerprint it and plan its shards (reads only). `storage` is
+    storage_options()."""
+    storage = dict(storage or {})
     src = os.path.join(data, split)
     try:
         items = scan_split(src, classes)
@@ -136,8 +157,8 @@ def scan(data: str, split: str, classes: List[str], seed: int, shard_size: int,
         except OSError as exc:
             raise PackError("cannot read %s (%s)" % (os.path.join(src, rel), exc.strerror))
         stats.append((st.st_size, st.st_mtime_ns))
-    fp = _fingerprint(split, classes, items, stats, seed, shard_size, max_side)
-    plan = _make_plan(split, classes, items, fp, seed, shard_size, max_side)
+    fp = _fingerprint(split, classes, items, stats, seed, shard_size, max_side, storage)
+    plan = _make_plan(split, classes, items, fp, seed, shard_size, max_side, storage)
     sizes = [sum(s for s, _ in stats[i:i + shard_size]) for i in range(0, len(items), shard_size)]
     return Scan(split, src, items, plan, sizes)
 
@@ -150,6 +171,9 @@ def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     for key in ("split", "seed", "shard_size", "max_side"):
         if old.get(key) != new[key]:
             return "%s %r then, %r now" % (key, old.get(key), new[key])
+    for key, default in (("raw_fraction", 0), ("jpeg_quality", None)):
+        if old.get(key, default) != new.get(key, default):
+            return "%s %r then, %r now" % (key, old.get(key, default), new.get(key, default))
     if old.get("classes") != new["classes"]:
         return "the class folders changed: %d then, %d now" % (len(old.get("classes") or []),
                                                               len(new["classes"]))
@@ -228,7 +252,8 @@ def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
         changed = " (%s)" % _plan_difference(
             {"split": old.get("split"), "seed": old.get("seed"),
              "shard_size": old.get("shard_size"), "max_side": old.get("max_side"),
-             "classes": old.get("classes"), "num_files": old.get("seen")}, plan)
+             "classes": old.get("classes"), "num_files": old.get("seen"),
+             **{k: old[k] for k in ("raw_fraction", "jpeg_quality") if k in old}}, plan)
     raise PackError("%s already holds a complete pack of different input or arguments%s. Rerun "
                     "with the arguments it was packed with, choose another --out, or delete %s "
                     "to repack." % (dst, changed, dst))
@@ -280,10 +305,14 @@ class ShardTally:
                                        "seen": 0, "num_samples": 0, "kinds": Counter(),
                                        "skipped": [], "bytes": 0}
 
-    def kept(self, kind: str, nbytes: int) -> None:
+    def kept(self, kind: str, nbytes: int, raw: bool = False) -> None:
+        """A record appended: `kind` is what the packer did with its file, `raw` whether it
+        was stored as pixels (counted only when some are, so JPEG-only markers are as before)."""
         self.marker["seen"] += 1
         self.marker["kinds"][kind] += 1
         self.marker["bytes"] += nbytes
+        if raw:
+            self.marker["raw"] = self.marker.get("raw", 0) + 1
 
     def skipped(self, rel: str, reason: str) -> None:
         self.marker["seen"] += 1
@@ -330,7 +359,7 @@ def rebuild_marker(dst: str, k: int, plan: Dict[str, Any]) -> Optional[Dict[str,
     try:
         shards.check_shard_file(path)
         kept: List[Tuple[str, int]] = []
-        nbytes = 0
+        nbytes = n_raw = 0
         with shards.open_env(path).begin(buffers=True) as txn:
             n = txn.stat()["entries"]
             for i in range(n):
@@ -343,6 +372,7 @@ def rebuild_marker(dst: str, k: int, plan: Dict[str, Any]) -> Optional[Dict[str,
                 rec = shards.unpack_record(raw)
                 kept.append((rec["path"], int(rec["label"])))
                 nbytes += len(raw)
+                n_raw += shards.is_raw(rec)
     except Unrecoverable:
         raise
     except shards.ShardError as exc:
@@ -366,6 +396,8 @@ def rebuild_marker(dst: str, k: int, plan: Dict[str, Any]) -> Optional[Dict[str,
          "num_samples": len(kept), "kinds": {"unrecorded": len(kept)} if kept else {},
          "skipped": [], "bytes": nbytes, "size": os.path.getsize(path),
          "checksum": shards.file_checksum(path)}
+    if n_raw:
+        m["raw"] = n_raw
     shards.write_json_atomic(_marker_path(dst, k), m)
     return m
 

@@ -1,11 +1,17 @@
-"""The on-disk shard contract (version 1). This is the only module that knows the byte layout.
+"""The on-disk shard contract (versions 1 and 2): the only module that knows the byte layout.
 
     <out>/<split>/meta.json          written last, atomically; a split without it is incomplete
     <out>/<split>/shard-NNNNN.lmdb   an LMDB environment opened with subdir=False
 
 Record i of a shard: key struct.pack(">Q", i) for i in 0..num_samples-1; value a msgpack map with
-at least "image" (JPEG bytes that libjpeg-turbo decodes to 3 channels), "label" (int), "height",
-"width" (ints of the stored JPEG) and "path" (source path relative to the split folder).
+at least "label" (int), "height", "width" (ints of the stored image), "path" (source path
+relative to the split folder), and either "image" (JPEG bytes that libjpeg-turbo decodes to 3
+channels) or, in version 2 only, "raw" (height * width * 3 bytes of uint8 BGR pixels, HxWx3
+row-major: the image's full decode, so that the loader skips decoding; `record_image`).
+A split is version 1 when every record is a JPEG (what older readers read, unchanged) and
+version 2 when it holds raw records, which its meta.json counts ("raw_records"). Readers of
+version 1 refuse version 2 by its number; a raw record has no "image", so even a reader that
+skipped the check cannot take its pixels for a JPEG.
 The global index of a record is its shard's offset (running sum of num_samples in meta order)
 plus its index in the shard. Readers may rely on nothing else; more meta keys may be added.
 
@@ -27,23 +33,30 @@ import json
 import os
 import re
 import struct
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import lmdb
 import msgpack
+import numpy as np
 
 from engine.atomic import atomic_write
 from engine.errors import UserError, read_error_message
 
 __all__ = [
-    "FORMAT", "VERSION", "META_FILE", "ShardError", "shard_name", "record_key", "pack_record",
-    "unpack_record", "write_json_atomic", "read_json", "is_packed", "read_meta", "open_env",
-    "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum", "check_shard_file",
-    "check_shard", "check_listing", "unlisted_shards", "SPLITS",
+    "FORMAT", "VERSION", "JPEG_VERSION", "RAW_VERSION", "VERSIONS", "META_FILE", "ShardError",
+    "shard_name", "record_key", "pack_record", "pack_raw_record", "unpack_record", "is_raw",
+    "record_image", "raw_problem", "check_version", "write_json_atomic", "read_json", "is_packed",
+    "read_meta", "open_env", "close_all_envs", "Split", "CHECKSUM_ALGO", "file_checksum",
+    "check_shard_file", "check_shard", "check_listing", "unlisted_shards", "SPLITS",
 ]
 
 FORMAT = "engine-lmdb-shards"
-VERSION = 1
+# A split of JPEG records only is version 1 (byte for byte what engines before version 2 wrote
+# and read); one holding raw-pixel records is version 2. This engine reads both.
+JPEG_VERSION = 1
+RAW_VERSION = 2
+VERSION = RAW_VERSION  # the newest version this engine reads and writes
+VERSIONS = (JPEG_VERSION, RAW_VERSION)
 META_FILE = "meta.json"
 # The splits the packer writes, each into a folder of that name.
 SPLITS = ("train", "val")
@@ -86,8 +99,72 @@ def pack_record(image: bytes, label: int, height: int, width: int, path: str,
     return msgpack.packb(rec, use_bin_type=True)
 
 
+def pack_raw_record(pixels: np.ndarray, label: int, path: str, **extra: Any) -> bytes:
+    """A version-2 record of uint8 BGR pixels (HxWx3); its height and width are the array's."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError("raw records hold uint8 HxWx3 pixels, not %s %s" % (pixels.dtype, pixels.shape))
+    rec = {"raw": np.ascontiguousarray(pixels).tobytes(), "label": int(label),
+           "height": int(pixels.shape[0]), "width": int(pixels.shape[1]), "path": path}
+    rec.update(extra)
+    return msgpack.packb(rec, use_bin_type=True)
+
+
 def unpack_record(value) -> Dict[str, Any]:
     return msgpack.unpackb(value, raw=False)
+
+
+def is_raw(rec: Mapping[str, Any]) -> bool:
+    """Whether an unpacked record holds raw pixels (version 2) rather than JPEG bytes."""
+    return "raw" in rec
+
+
+def raw_problem(rec: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with a raw record's pixels and shape (None: they agree)."""
+    h, w, data = rec.get("height"), rec.get("width"), rec.get("raw")
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        return "raw record with shape %rx%r" % (h, w)
+    if not isinstance(data, bytes) or len(data) != h * w * 3:
+        return "raw pixels are %s bytes, but %dx%dx3 needs %d" % (
+            len(data) if isinstance(data, bytes) else type(data).__name__, h, w, h * w * 3)
+    return None
+
+
+def record_image(rec: Mapping[str, Any]) -> Union[bytes, np.ndarray]:
+    """A record's image: JPEG bytes, or for a raw record its pixels as a read-only uint8
+    HxWx3 BGR array over the record's bytes (no copy). ShardError if a raw record's byte
+    count does not match its shape."""
+    if "raw" not in rec:
+        return rec["image"]
+    problem = raw_problem(rec)
+    if problem:
+        raise ShardError("%s (%s); check the pack with tools/verify_pack.py" % (problem, rec.get("path")))
+    return np.frombuffer(rec["raw"], np.uint8).reshape(rec["height"], rec["width"], 3)
+
+
+def check_version(meta: Mapping[str, Any], meta_path: str,
+                  readable: Sequence[int] = VERSIONS) -> None:
+    """Raise ShardError unless meta.json's version is one of `readable` (this engine's)."""
+    version = meta.get("version")
+    if version in readable:
+        raw = meta.get("raw_records", 0)
+        if not isinstance(raw, int) or raw < 0 or (raw > 0) != (version == RAW_VERSION):
+            # A version names the record kinds a split holds: version 2 exactly when raw ones.
+            raise ShardError("%s has format version %r with raw_records %r, but version %d is "
+                             "that of splits with raw-pixel records, %d of those without: "
+                             "meta.json was edited or damaged; %s" % (
+                                 meta_path, version, raw, RAW_VERSION, JPEG_VERSION,
+                                 _fix(os.path.dirname(os.path.abspath(meta_path)))))
+        return
+    reads = "version%s %s" % ("s" if len(readable) > 1 else "", ", ".join(map(str, sorted(readable))))
+    if isinstance(version, int) and version > max(readable):
+        raise ShardError(
+            "%s has format version %d, made by a newer engine; this engine reads %s. Upgrade "
+            "the engine to read it, or repack the data with this engine's tools/pack_imagenet.py"
+            % (meta_path, version, reads))
+    raise ShardError(
+        "%s has format version %r; this engine reads %s. Repack the data with this engine's "
+        "tools/pack_imagenet.py, or use the engine release that wrote it."
+        % (meta_path, version, reads))
 
 
 def file_checksum(path: str, progress=None) -> str:
@@ -236,11 +313,7 @@ def read_meta(split_dir: str, check_files: bool = True) -> Dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ShardError("%s is not an %s meta file (format=%r)"
                          % (meta_path, FORMAT, meta.get("format") if isinstance(meta, dict) else None))
-    if meta.get("version") != VERSION:
-        raise ShardError(
-            "%s has format version %r; this engine reads version %d. Repack the data with this "
-            "engine's tools/pack_imagenet.py, or use the engine release that wrote it."
-            % (meta_path, meta.get("version"), VERSION))
+    check_version(meta, meta_path)
     for key in ("split", "num_samples", "classes", "shards"):
         if key not in meta:
             raise ShardError("%s lacks the required key %r" % (meta_path, key))
@@ -415,7 +488,7 @@ class Split:
         return shard, index - self.offsets[shard]
 
     def get(self, index: int) -> Dict[str, Any]:
-        """The record as a dict ('image' is bytes)."""
+        """The record as a dict ('image' is JPEG bytes, or 'raw' pixel bytes: record_image)."""
         shard, local = self.locate(index)
         value = self._txn(shard).get(record_key(local))
         if value is None:

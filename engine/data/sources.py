@@ -1,12 +1,16 @@
 """Where a Loader's records come from: a packed split (LMDB shards) or a raw ImageNet folder.
 
-Both give the same record for index i: (image bytes, label, path, (width, height) or None when
-the size is not recorded), so decoding and transforms never know which one they read.
+Both give the same record for index i: (image, label, path, (width, height) or None when the
+size is not recorded), so decoding and transforms never know which one they read. The image is
+encoded bytes, or, for a raw record of a version-2 pack, its uint8 HxWx3 BGR pixels, which the
+transforms crop without decoding.
 """
 from __future__ import annotations
 
 import os
 from typing import List, Optional, Tuple, Union
+
+import numpy as np
 
 from engine.data import shards
 from engine.data.folder import FolderIndex, index_folder
@@ -14,8 +18,9 @@ from engine.errors import ConfigError, DataError, MissingPathError, read_error_m
 
 __all__ = ["Record", "Source", "ShardSource", "FolderSource", "open_source"]
 
-# (image bytes, label, path for messages, (width, height) when the packer recorded it)
-Record = Tuple[bytes, int, str, Optional[Tuple[int, int]]]
+# (image bytes or raw pixels, label, path for messages, (width, height) when the packer
+# recorded it)
+Record = Tuple[Union[bytes, np.ndarray], int, str, Optional[Tuple[int, int]]]
 
 
 class ShardSource:
@@ -31,8 +36,9 @@ class ShardSource:
 
     def read(self, i: int) -> Record:
         rec = self.split.get(i)
-        # The packer guarantees a 3-channel JPEG whose size is recorded: no header probe needed.
-        return rec["image"], rec["label"], rec["path"], (rec["width"], rec["height"])
+        # The packer guarantees a 3-channel JPEG (or raw pixels) whose size is recorded: no
+        # header probe needed.
+        return shards.record_image(rec), rec["label"], rec["path"], (rec["width"], rec["height"])
 
     def files_of(self, indices) -> List[str]:
         """Sorted shard file names holding these records (to name them in an error)."""

@@ -1,5 +1,5 @@
 """The train and val transforms: crop geometry, per-sample randomness, and the objects that turn
-a record's JPEG bytes into one uint8 CHW sample.
+a record's JPEG bytes, or a raw record's BGR pixels, into one uint8 CHW sample.
 
 The geometry follows MegEngine's (and torchvision's) RandomResizedCrop, Resize and CenterCrop
 exactly, so that evaluation matches the official pipeline pixel for pixel. `TrainTransform` and
@@ -16,7 +16,11 @@ import numpy as np
 
 from engine.data.decode import decode_bgr, decode_crop, jpeg_size, pick_scale, scaled_dim, sniff
 
-__all__ = ["SampleRNG", "sample_rng", "random_resized_crop", "resize_shorter", "center_crop",
+# A record's image as the transforms take it: encoded bytes, or uint8 HxWx3 BGR pixels (a raw
+# record), which are cropped without decoding.
+Image = Union[bytes, np.ndarray]
+
+__all__ = ["Image", "SampleRNG", "sample_rng", "random_resized_crop", "resize_shorter", "center_crop",
            "val_resize", "resize_square", "write_chw", "TrainTransform", "ValTransform",
            "Transform"]
 
@@ -138,6 +142,9 @@ class TrainTransform:
     window (with the ROI decoder) at the smallest DCT scale that keeps it at least S x S, with
     the fast integer IDCT: augmentation does not need the last grey level.
 
+    Raw pixels (a version-2 record) are cropped with the same random_resized_crop draws and
+    flip, at full resolution (`crop_full`): no decode, and no DCT scaling either.
+
     The steps (window, decode_crop, resize_square, write_chw) are public so that
     benchmarks/bench_stages.py can time each on the same records.
     """
@@ -146,21 +153,26 @@ class TrainTransform:
         self.seed = seed
         self.use_roi = use_roi
 
-    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
+    def __call__(self, data: Image, index: int, epoch: int, out: np.ndarray,
                  size: Optional[Tuple[int, int]] = None) -> None:
         """`size`: the JPEG's (width, height) when known (packed records), else probed."""
         S = out.shape[-1]
-        if size is not None or sniff(data) == "jpeg":
+        if isinstance(data, np.ndarray):
+            crop, flip = self.crop_full(data, index, epoch)
+        elif size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
             num, x0, y0, w, h, flip = self.window(width, height, index, epoch, S)
             crop = decode_crop(data, num, x0, y0, w, h, self.use_roi, fast_dct=True)
         else:  # PNG etc. in a raw folder: full decode, same geometry
-            full = decode_bgr(data, fast_dct=True)
-            rng = sample_rng(self.seed, epoch, index)
-            x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
-            crop = full[y:y + h, x:x + w]
-            flip = rng.random() < 0.5
+            crop, flip = self.crop_full(decode_bgr(data, fast_dct=True), index, epoch)
         write_chw(resize_square(crop, S), out, flip)
+
+    def crop_full(self, full: np.ndarray, index: int, epoch: int) -> Tuple[np.ndarray, bool]:
+        """(crop view, flip) of sample `index` from a whole decoded HxWx3 image: the draws of
+        window(), at scale 8/8."""
+        rng = sample_rng(self.seed, epoch, index)
+        x, y, w, h = random_resized_crop(full.shape[0], full.shape[1], rng)
+        return full[y:y + h, x:x + w], rng.random() < 0.5
 
     def window(self, width: int, height: int, index: int, epoch: int, S: int
                ) -> Tuple[int, int, int, int, int, bool]:
@@ -176,17 +188,21 @@ class TrainTransform:
 
 
 class ValTransform:
-    """JPEG bytes (or a decoded BGR image) -> resize the shorter side to round(S / crop_ratio),
-    center-crop S x S: the official val transform (256 -> 224 at the standard 0.875)."""
+    """JPEG bytes (or a decoded BGR image, or a raw record's pixels) -> resize the shorter side
+    to round(S / crop_ratio), center-crop S x S: the official val transform (256 -> 224 at the
+    standard 0.875). A raw record holds the exact full decode, so it gives the very same output
+    as its JPEG."""
 
     def __init__(self, crop_ratio: float = 0.875, use_roi: bool = True):
         self.crop_ratio = crop_ratio
         self.use_roi = use_roi
 
-    def __call__(self, data: bytes, index: int, epoch: int, out: np.ndarray,
+    def __call__(self, data: Image, index: int, epoch: int, out: np.ndarray,
                  size: Optional[Tuple[int, int]] = None) -> None:
         """Same signature as TrainTransform (index and epoch are unused: val is deterministic)."""
-        if size is not None or sniff(data) == "jpeg":
+        if isinstance(data, np.ndarray):
+            img = data
+        elif size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
             img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
         else:

@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import lmdb
 
@@ -172,37 +172,58 @@ def _check_records(split_dir: str, meta: Dict[str, Any], entries: List[Dict[str,
     by_file: Dict[str, List[int]] = {}
     for e, j in index:
         by_file.setdefault(e["file"], []).append(j)
+    n_raw = 0
     for name, local in by_file.items():
         with shards.open_env(os.path.join(split_dir, name)).begin() as txn:
             for j in local:
-                problem = check_record(txn.get(shards.record_key(j)), n_classes)
+                problem, raw = _check(txn.get(shards.record_key(j)), n_classes)
                 rep.decoded += 1
+                n_raw += raw
                 if problem:
                     bad.append("%s record %d: %s" % (name, j, problem))
                     rep.damaged.append(name)
+    whole = len(index) == sum(int(e["num_samples"]) for e in meta["shards"])
+    if whole and n_raw != meta.get("raw_records", 0):  # meta.json's own claim, and its version's
+        bad.append("%s: %d raw records, meta.json says %d"
+                   % (shards.META_FILE, n_raw, meta.get("raw_records", 0)))
+    elif n_raw and meta["version"] < shards.RAW_VERSION:
+        bad.append("%s: raw records in a version-%d split (version %d holds JPEGs only)"
+                   % (shards.META_FILE, meta["version"], meta["version"]))
 
 
 def check_record(value: Optional[bytes], n_classes: int) -> Optional[str]:
-    """What is wrong with a shard record's bytes (None: it is a complete record whose image
-    decodes to its recorded size and whose label is one of `n_classes`)."""
+    """What is wrong with a shard record's bytes; see _check."""
+    return _check(value, n_classes)[0]
+
+
+def _check(value: Optional[bytes], n_classes: int) -> Tuple[Optional[str], bool]:
+    """(what is wrong with a shard record's bytes, whether it is a raw record). The problem is
+    None for a complete record whose image decodes to its recorded size, or whose raw pixels
+    are exactly its recorded shape, and whose label is one of `n_classes`. Damage inside raw
+    pixels shows only in the shard's checksum, which every pack with raw records has."""
     if value is None:
-        return "missing"
+        return "missing", False
     try:
         rec = shards.unpack_record(value)
     except Exception as exc:  # msgpack raises several types for damaged bytes
-        return "not a msgpack record (%s)" % exc
-    if not isinstance(rec, dict) or not {"image", "label", "height", "width", "path"} <= set(rec):
-        return "lacks required fields"
+        return "not a msgpack record (%s)" % exc, False
+    if not isinstance(rec, dict) or not {"label", "height", "width", "path"} <= set(rec) \
+            or not ("image" in rec) ^ shards.is_raw(rec):
+        return "lacks required fields", False
     where = " (%s)" % rec["path"]
     if not (isinstance(rec["label"], int) and 0 <= rec["label"] < n_classes):
-        return "label %r outside 0..%d%s" % (rec["label"], n_classes - 1, where)
+        return "label %r outside 0..%d%s" % (rec["label"], n_classes - 1, where), False
+    if shards.is_raw(rec):
+        problem = shards.raw_problem(rec)
+        return (problem + where if problem else None), True
     try:
         img = decode_bgr(rec["image"])
     except DecodeError as exc:
-        return "image does not decode: %s%s" % (exc, where)
+        return "image does not decode: %s%s" % (exc, where), False
     if img.shape != (rec["height"], rec["width"], 3):
-        return "image is %s, record says %dx%d%s" % (img.shape, rec["height"], rec["width"], where)
-    return None
+        return ("image is %s, record says %dx%d%s"
+                % (img.shape, rec["height"], rec["width"], where)), False
+    return None, False
 
 
 def verify(path: str, sample: Optional[int] = None, fast: bool = False,

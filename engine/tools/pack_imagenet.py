@@ -36,7 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pack_imagenet(c.data, c.out, splits=splits or ["train", "val"], workers=c.workers,
                       shard_size=c.shard_size, max_side=c.max_side, seed=c.seed, strict=c.strict,
                       progress=not c.quiet, num_nodes=c.num_nodes, node_rank=c.node_rank,
-                      repair=c.repair)
+                      repair=c.repair, raw_fraction=c.raw_fraction,
+                      jpeg_quality=c.jpeg_quality)
 
     return run_tool(run, interrupted="interrupted; rerun to resume")
 

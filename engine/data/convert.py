@@ -1,0 +1,98 @@
+"""What the packer stores for one input file: the file kept byte for byte, converted to a JPEG,
+stored as raw pixels (format version 2), or skipped with a reason; and which files are stored as
+raw pixels. The record bytes themselves are engine.data.shards'.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any, Dict, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
+
+__all__ = ["JPEG_QUALITY", "stores_raw", "process_file"]
+
+# Quality of the JPEGs the packer re-encodes, unless --jpeg-quality says otherwise.
+JPEG_QUALITY = 95
+
+
+def stores_raw(seed: int, index: int, fraction: float) -> bool:
+    """Whether the file at position `index` of a split's plan is stored as raw pixels: a hash
+    of (seed, index) below `fraction`, so a rerun, a repair or another node picks the same
+    files, and the choice does not depend on which other files were skipped."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    h = hashlib.blake2b(struct.pack(">qQ", seed, index), digest_size=8, person=b"engine-raw")
+    return int.from_bytes(h.digest(), "big") < fraction * 2.0 ** 64
+
+
+def _encode_jpeg(bgr: np.ndarray, quality: Optional[int] = None) -> bytes:
+    q = JPEG_QUALITY if quality is None else quality
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, q])
+    if not ok:
+        raise DecodeError("re-encoding to JPEG failed")
+    return buf.tobytes()
+
+
+def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, bool]:
+    h, w = bgr.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return bgr, False
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
+
+
+def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
+                 jpeg_quality: Optional[int] = None) -> Dict[str, Any]:
+    """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason};
+    with `raw`, {"pixels", "height", "width", "kind"} instead of "image": the file's full
+    strict decode as uint8 BGR (what the loader decodes from the JPEG), capped at `max_side`.
+
+    kind is "jpeg" (original bytes kept), "gray" (a grayscale JPEG, kept: libjpeg expands it
+    to 3 channels) or "converted:<what>" (re-encoded at `jpeg_quality`, default JPEG_QUALITY;
+    a raw record keeps the converted pixels themselves, never re-encoded).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return {"skip": "unreadable: %s" % exc.strerror}
+    if not data:
+        return {"skip": "empty file"}
+    fmt = sniff(data)
+    try:
+        if fmt == "jpeg":
+            info = jpeg_info(data)
+            if not raw and not info.needs_conversion and not (
+                    max_side and max(info.width, info.height) > max_side):
+                # Kept byte for byte: the scaled strict decode accepts exactly what the full
+                # one does (decode.validate_jpeg), and the pixels are not needed.
+                validate_jpeg(data, info)
+                return {"image": data, "height": info.height, "width": info.width,
+                        "kind": "gray" if info.grayscale else "jpeg"}
+            bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
+            if info.needs_conversion:
+                kind = "converted:cmyk"
+            else:
+                kind = "gray" if info.grayscale else "jpeg"
+        elif fmt == "unknown":
+            return {"skip": "not an image (starts with %s)" % data[:8].hex()}
+        else:
+            bgr = decode_bgr(data)
+            kind = "converted:" + fmt
+    except DecodeError as exc:
+        return {"skip": "corrupt %s: %s" % (fmt.upper(), exc)}
+    bgr, resized = _limit_side(bgr, max_side)
+    if resized and not kind.startswith("converted"):
+        kind = "converted:resized"
+    if raw:
+        return {"pixels": bgr, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
+    if kind.startswith("converted"):
+        data = _encode_jpeg(bgr, jpeg_quality)
+    return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
