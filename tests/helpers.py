@@ -67,3 +67,17 @@ def make_imagenet(root: str, classes=3, train=6, val=2, seed=0) -> str:
             write(os.path.join(root, split, wnid, "%s_%d.JPEG" % (wnid, k)),
                   jpeg_bytes(img, quality=85 + k % 10))
     return root
+
+
+def left_in_group(pgid: int) -> list:
+    """Live processes of the tool's process group (its session: start_new_session)."""
+    alive = []
+    import psutil
+
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (OSError, psutil.Error):
+            pass
+    return alive

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from helpers import make_imagenet
+from helpers import left_in_group, make_imagenet
 from engine.data.pack import pack_imagenet
 
 DEADLINE = 60  # seconds; only catches a hang, never measures speed
@@ -40,17 +39,6 @@ def split(tmp_path_factory):
     out = tmp_path_factory.mktemp("li-p") / "p"
     pack_imagenet(root, str(out), workers=0, shard_size=6, progress=False, log=lambda *a: None)
     return str(out / "train")
-
-
-def left_in_group(pgid):
-    alive = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(p.pid)
-        except (OSError, psutil.Error):
-            pass
-    return alive
 
 
 def test_ctrl_c_while_loaders_start_and_run_is_one_line(split, tmp_path):

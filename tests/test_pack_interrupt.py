@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from helpers import ROOT, make_imagenet
+from helpers import ROOT, left_in_group, make_imagenet
 from engine.data import shards
 from engine.data.verify import verify
 
@@ -43,18 +42,6 @@ def reference(data, tmp_path_factory):
 
 def records(split_dir):
     return list(shards.Split(str(split_dir)))
-
-
-def left_in_group(pgid):
-    """Live processes of the tool's process group (its session: start_new_session)."""
-    alive = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(p.pid)
-        except (OSError, psutil.Error):
-            pass
-    return alive
 
 
 # The modules a tool program runs before it defers Ctrl-C (engine.tools, first thing).
