@@ -91,7 +91,6 @@ def run_rank(cfg: TrainConfig, sources: Sequence[Any], start: Any = None) -> Tra
     import megengine as mge
 
     from engine import run, stop
-    from engine.metrics import read_metrics
 
     stop.in_rank()
     start = start if start is not None else run.RunStart()
@@ -159,7 +158,7 @@ def run_rank(cfg: TrainConfig, sources: Sequence[Any], start: Any = None) -> Tra
             log.epoch_done(step // p.steps_per_epoch, time.perf_counter() - t_epoch, eval_seconds)
             t_epoch, eval_seconds = time.perf_counter(), 0.0
         if main and (epoch_end or last):
-            _plot(log, png, read_metrics, title)
+            _plot(log, png, title)
         if stopping:
             stopped = agreed
             stop.note_agreed(agreed)
@@ -387,12 +386,12 @@ def _open_log(cfg: TrainConfig, p: Parts, start: Any, main: bool, world: int) ->
     return log
 
 
-def _plot(log: Any, png: str, read: Any, title: str) -> None:
+def _plot(log: Any, png: str, title: str) -> None:
     """curves.png from metrics.jsonl; a disk that refuses it costs the picture, not the run."""
-    from engine.metrics import plot_curves
+    from engine.metrics import plot_curves, read_metrics
 
     try:
-        plot_curves(read(log.log.path), png, title=title)
+        plot_curves(read_metrics(log.log.path), png, title=title)
     except OSError as exc:
         log._warn("warning: %s; training goes on without the picture"
                   % disk_error_message(exc, png).split("; ")[0])
