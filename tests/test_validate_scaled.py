@@ -199,9 +199,22 @@ def _scaled_compiled(data: bytes) -> Optional[str]:
     return _verdict(check, data)
 
 
+def _validate_alone(data: bytes) -> Optional[str]:
+    """validate_jpeg without a header probed first, as the packer calls it: the compiled
+    decoder then reads the header itself and must refuse what TurboJPEG's probe refuses."""
+    try:
+        validate_jpeg(data)
+        return None
+    except DecodeError as exc:
+        return str(exc)
+    except MemoryError:
+        return "MemoryError"
+
+
 def _check_corpus(per_source: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     paths = [("validate_jpeg", lambda d: _verdict(validate_jpeg, d)),
+             ("validate_jpeg, header too", _validate_alone),
              ("TurboJPEG at 1/8", _scaled_turbojpeg)]
     if D.roi_available():
         paths.append(("compiled validate", _scaled_compiled))
@@ -280,3 +293,82 @@ def test_process_file_keeps_and_skips_as_the_full_decode_decides(tmp_path):
             else:
                 assert got["kind"] == "converted:cmyk", what
     assert n_skipped > 20
+
+
+def _with_sampling(src: bytes, factors: Tuple[int, ...]) -> bytes:
+    """`src` (a baseline 3-component JPEG) with its SOF0's sampling factors replaced by
+    `factors` = (h0, v0, h1, v1, h2, v2): the header layouts TurboJPEG's probe classifies."""
+    b = bytearray(src)
+    at = bytes(b).index(b"\xff\xc0")
+    assert b[at + 9] == 3
+    for k in range(3):
+        b[at + 11 + 3 * k] = factors[2 * k] << 4 | factors[2 * k + 1]
+    return bytes(b)
+
+
+@pytest.mark.skipif(not D.roi_available(), reason="the compiled decoder is not built")
+def test_compiled_header_refuses_what_turbojpegs_probe_refuses():
+    """Every sampling-factor layout (1..4 each, 4096 headers written over a 4:4:4 file): where
+    TurboJPEG's probe finds no subsampling class ("Could not determine subsampling type"), so
+    that every TurboJPEG decode fails, the compiled validate refuses too; where both accept,
+    they report the same header. (These files' data rarely fits the new layout; the hand-made
+    file below is one libjpeg decodes.)"""
+    src = _enc(_photo("astronaut", 32, 32), sampling="444")
+    refused = agreed = 0
+    for f in np.ndindex(4, 4, 4, 4, 4, 4):
+        data = _with_sampling(src, tuple(x + 1 for x in f))
+        try:
+            info = jpeg_info(data)
+        except DecodeError as exc:
+            if "subsampling" in str(exc):
+                refused += 1
+                with pytest.raises(ValueError):
+                    D._jpegroi.validate(data, D.VALIDATE_SCALE)
+            continue
+        try:
+            got = D._jpegroi.validate(data, D.VALIDATE_SCALE)
+        except ValueError:
+            continue  # the data does not fit the new layout: the fallback has the last word
+        agreed += 1
+        assert got == (info.width, info.height, info.subsampling, info.colorspace), f
+    assert refused > 1000 and agreed > 0, (refused, agreed)
+
+
+def _flat_jpeg(luma: Tuple[int, int], w: int = 64, h: int = 32) -> bytes:
+    """A valid baseline JPEG of flat grey with luma sampling factors `luma` and chroma at 1x1,
+    written by hand (one-symbol Huffman tables: every block is DC category 0, then EOB, two
+    bits): an encoder for the layouts that no library here writes."""
+    seg = lambda marker, body: b"\xff" + bytes([marker]) + (len(body) + 2).to_bytes(2, "big") + body
+    one_symbol = bytes([1] + [0] * 15) + b"\x00"  # one code of length 1, for symbol 0
+    hs, vs = luma
+    mcus = -(-w // (8 * hs)) * -(-h // (8 * vs))
+    bits = 2 * mcus * (hs * vs + 2)
+    data = bytearray(-(-bits // 8))
+    if bits % 8:
+        data[-1] = (1 << (8 - bits % 8)) - 1  # pad with 1 bits
+    return (b"\xff\xd8" + seg(0xDB, b"\x00" + bytes([1] * 64))
+            + seg(0xC0, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes(
+                [3, 1, hs << 4 | vs, 0, 2, 0x11, 0, 3, 0x11, 0]))
+            + seg(0xC4, b"\x00" + one_symbol) + seg(0xC4, b"\x10" + one_symbol)
+            + seg(0xDA, bytes([3, 1, 0, 2, 0, 3, 0, 0, 63, 0])) + bytes(data) + b"\xff\xd9")
+
+
+@pytest.mark.skipif(not D.roi_available(), reason="the compiled decoder is not built")
+def test_a_layout_libjpeg_decodes_but_turbojpeg_refuses_is_refused(tmp_path):
+    """Luma at 4x2 with chroma at 1x1 is a valid JPEG that libjpeg decodes, but TurboJPEG's
+    header probe knows no such subsampling, so the full decode refuses it: validate_jpeg, the
+    compiled decoder on its own, and the packer refuse it too, with TurboJPEG's message."""
+    from engine.data.pack import process_file
+
+    ok = _flat_jpeg((2, 2))  # a layout TurboJPEG knows: the hand-made encoder is right
+    assert decode_bgr(ok).shape == (32, 64, 3) and validate_jpeg(ok).subsampling == 2
+    odd = _flat_jpeg((4, 2))
+    full = _full(odd)
+    assert full is not None and "subsampling" in full
+    with pytest.raises(ValueError):
+        D._jpegroi.validate(odd, D.VALIDATE_SCALE)
+    assert _validate_alone(odd) == full
+    path = os.path.join(str(tmp_path), "odd.JPEG")
+    with open(path, "wb") as f:
+        f.write(odd)
+    assert process_file(path) == {"skip": "corrupt JPEG: " + full}

@@ -130,6 +130,7 @@ typedef struct {
     /* out */
     JDIMENSION width, height;     /* image size at scale 1 */
     JDIMENSION out_width, out_height; /* scaled size */
+    int subsamp, colorspace;      /* validate(): TurboJPEG's TJSAMP_* and TJCS_* */
     char message[JMSG_LENGTH_MAX];
 } roi_job;
 
@@ -467,6 +468,52 @@ header(PyObject *self, PyObject *args, PyObject *kwargs)
     return Py_BuildValue("(II)", (unsigned int)job.width, (unsigned int)job.height);
 }
 
+/* TurboJPEG's chroma subsampling class of a 1- or 3-component header (TJSAMP_444 = 0, 422,
+ * 420, GRAY, 440, 411 = 5), or -1 where TurboJPEG's getSubsamp() (turbojpeg.c, libjpeg-turbo
+ * 2.1) finds none: tjDecompressHeader3() then refuses the file ("Could not determine
+ * subsampling type"), so every TurboJPEG decode does, and validate() must refuse it too, even
+ * though libjpeg itself would decode it.  The same rules, for the layouts validate() handles
+ * (CMYK/YCCK never get here): grayscale; the six classes by the luma factors with chroma at
+ * 1x1; 4:2:2 and 4:4:0 written as luma 2x2 with chroma 1x2 or 2x1; 4:4:4 written with every
+ * component at the same factors, at most 3 blocks each. */
+static int
+roi_subsamp(const struct jpeg_decompress_struct *cinfo)
+{
+    static const int mcu_w[6] = {8, 16, 16, 8, 8, 32}, mcu_h[6] = {8, 8, 16, 8, 16, 8};
+    const jpeg_component_info *c = cinfo->comp_info;
+    int i, k, h0, v0, match;
+
+    if (cinfo->num_components == 1 && cinfo->jpeg_color_space == JCS_GRAYSCALE)
+        return 3; /* TJSAMP_GRAY */
+    if (cinfo->num_components != 3)
+        return -1;
+    h0 = c[0].h_samp_factor;
+    v0 = c[0].v_samp_factor;
+    for (i = 0; i < 6; i++) {
+        if (i == 3) /* TJSAMP_GRAY: one component only */
+            continue;
+        if (h0 == mcu_w[i] / 8 && v0 == mcu_h[i] / 8) {
+            for (match = 0, k = 1; k < 3; k++)
+                match += c[k].h_samp_factor == 1 && c[k].v_samp_factor == 1;
+            if (match == 2)
+                return i;
+        }
+        if (h0 == 2 && v0 == 2 && (i == 1 || i == 4)) {
+            for (match = 0, k = 1; k < 3; k++)
+                match += c[k].h_samp_factor == mcu_h[i] / 8 && c[k].v_samp_factor == mcu_w[i] / 8;
+            if (match == 2)
+                return i;
+        }
+        if (i == 0 && h0 * v0 <= D_MAX_BLOCKS_IN_MCU / 3) {
+            for (match = 0, k = 1; k < 3; k++)
+                match += c[k].h_samp_factor == h0 && c[k].v_samp_factor == v0;
+            if (match == 2)
+                return i;
+        }
+    }
+    return -1;
+}
+
 /* Runs without the GIL.  The steps of TurboJPEG's tjDecompress2() (read the header, start,
  * read every scanline, finish: the last step reads the data after the final scan up to EOI) at
  * scale scale_num/8, into one reused strip of rows.  Returns one of ROI_*. */
@@ -490,7 +537,11 @@ roi_validate(roi_job *job)
     jpeg_read_header(&cinfo, TRUE);
     job->width = cinfo.image_width;
     job->height = cinfo.image_height;
-    if (!colorspace_supported(&cinfo)) {
+    job->subsamp = roi_subsamp(&cinfo);
+    /* TJCS_RGB = 0, TJCS_YCbCr = 1, TJCS_GRAY = 2 (turbojpeg.h) */
+    job->colorspace = cinfo.jpeg_color_space == JCS_RGB ? 0 :
+                      cinfo.jpeg_color_space == JCS_YCbCr ? 1 : 2;
+    if (!colorspace_supported(&cinfo) || job->subsamp < 0) {
         jpeg_destroy_decompress(&cinfo);
         return ROI_COLORSPACE;
     }
@@ -513,14 +564,18 @@ roi_validate(roi_job *job)
 }
 
 PyDoc_STRVAR(validate_doc,
-"validate(src, scale_num=1) -> (width, height)\n"
+"validate(src, scale_num=1) -> (width, height, subsampling, colorspace)\n"
 "\n"
 "Decode the whole JPEG `src` at scale scale_num/8 (1..8), discarding the pixels, and return\n"
-"its size at scale 1.  Raises ValueError exactly where\n"
+"its size at scale 1 and the header's TurboJPEG subsampling (TJSAMP_*) and colour space\n"
+"(TJCS_RGB, TJCS_YCbCr or TJCS_GRAY): what tjDecompressHeader3() reports.  Raises ValueError\n"
+"exactly where\n"
 "TurboJPEG().decode(src, pixel_format=TJPF_BGR, scaling_factor=(scale_num, 8),\n"
 "flags=TJFLAG_STOPONWARNING) fails or warns: every libjpeg error and warning, including\n"
 "those about data after the last scan, since the decode runs to the end-of-image marker.\n"
-"Also for CMYK/YCCK ('unsupported colour space').  The GIL is released while decoding.");
+"Also for CMYK/YCCK and for component layouts TurboJPEG's header probe refuses (its\n"
+"'Could not determine subsampling type'), both as 'unsupported colour space'.  The GIL is\n"
+"released while decoding.");
 
 static PyObject *
 validate(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -553,7 +608,8 @@ validate(PyObject *self, PyObject *args, PyObject *kwargs)
     PyBuffer_Release(&src);
     if (status != ROI_OK)
         return roi_raise(&job, status);
-    return Py_BuildValue("(II)", (unsigned int)job.width, (unsigned int)job.height);
+    return Py_BuildValue("(IIii)", (unsigned int)job.width, (unsigned int)job.height,
+                         job.subsamp, job.colorspace);
 }
 
 static PyMethodDef roi_methods[] = {

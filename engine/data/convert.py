@@ -68,12 +68,11 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     fmt = sniff(data)
     try:
         if fmt == "jpeg":
-            info = jpeg_info(data)
+            # The header and the scaled strict decode in one call: it accepts exactly what
+            # the full decode does (decode.validate_jpeg), and a kept file needs no pixels.
+            info = jpeg_info(data) if raw else validate_jpeg(data)
             if not raw and not info.needs_conversion and not (
                     max_side and max(info.width, info.height) > max_side):
-                # Kept byte for byte: the scaled strict decode accepts exactly what the full
-                # one does (decode.validate_jpeg), and the pixels are not needed.
-                validate_jpeg(data, info)
                 return {"image": data, "height": info.height, "width": info.width,
                         "kind": "gray" if info.grayscale else "jpeg"}
             bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
