@@ -338,7 +338,9 @@ def _flat_jpeg(luma: Tuple[int, int], w: int = 64, h: int = 32) -> bytes:
     """A valid baseline JPEG of flat grey with luma sampling factors `luma` and chroma at 1x1,
     written by hand (one-symbol Huffman tables: every block is DC category 0, then EOB, two
     bits): an encoder for the layouts that no library here writes."""
-    seg = lambda marker, body: b"\xff" + bytes([marker]) + (len(body) + 2).to_bytes(2, "big") + body
+    def seg(marker: int, body: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
     one_symbol = bytes([1] + [0] * 15) + b"\x00"  # one code of length 1, for symbol 0
     hs, vs = luma
     mcus = -(-w // (8 * hs)) * -(-h // (8 * vs))
@@ -358,8 +360,6 @@ def test_a_layout_libjpeg_decodes_but_turbojpeg_refuses_is_refused(tmp_path):
     """Luma at 4x2 with chroma at 1x1 is a valid JPEG that libjpeg decodes, but TurboJPEG's
     header probe knows no such subsampling, so the full decode refuses it: validate_jpeg, the
     compiled decoder on its own, and the packer refuse it too, with TurboJPEG's message."""
-    from engine.data.pack import process_file
-
     ok = _flat_jpeg((2, 2))  # a layout TurboJPEG knows: the hand-made encoder is right
     assert decode_bgr(ok).shape == (32, 64, 3) and validate_jpeg(ok).subsampling == 2
     odd = _flat_jpeg((4, 2))
