@@ -20,7 +20,8 @@ import traceback
 from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
-from engine.data.forking import DeferredInterrupt, ignore_stop_signals, start_process
+from engine.data.forking import (DeferredInterrupt, ignore_stop_signals, keep_freed_heap,
+                                 start_process)
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
@@ -52,21 +53,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _keep_heap() -> None:
-    """Let this worker's malloc keep what it frees (glibc; elsewhere nothing happens). Each
-    file's bytes, record and LMDB pages are ~100 KB blocks freed right after use: by default
-    glibc hands the top of the heap back to the kernel and the next file faults the same pages
-    in again, zeroed, about 25 page faults per file. The worker lives for one shard."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of free heap
-    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap
-
-
 def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
     ignore_stop_signals()  # Ctrl-C and SIGTERM are the packer's to handle: it stops the workers
@@ -77,7 +63,7 @@ def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     # The packer's heap (a plan of a million files) is shared copy-on-write: keep this
     # process's collector off it, or each full collection would walk and copy all of it.
     gc.freeze()
-    _keep_heap()
+    keep_freed_heap()
     try:
         conn.send(("ok", target(job, lambda: conn.send(("records_done", None)))))
         code = 0
