@@ -20,8 +20,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
-from engine.data.forking import (DeferredInterrupt, ignore_stop_signals, keep_freed_heap,
-                                 start_process)
+from engine.data.forking import DeferredInterrupt, ignore_stop_signals, keep_freed_heap, start_process
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
