@@ -57,7 +57,7 @@ def scan_split(split_dir: str, classes: Optional[Sequence[str]] = None) -> List[
             "(labels are the sorted train folders); remove them or add them to train."
             % (split_dir, ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")))
     label_of = {c: i for i, c in enumerate(classes)}
-    items = []
+    items: List[Tuple[str, int]] = []
     for cls in present:
         for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, cls), followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if _visible(d))
