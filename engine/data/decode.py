@@ -272,21 +272,16 @@ def jpeg_size(data: bytes) -> Tuple[int, int]:
 
 
 def decode_crop(data: bytes, num: int, x0: int, y0: int, w: int, h: int,
-                use_roi: bool = True, fast_dct: bool = False,
-                out: Optional[np.ndarray] = None) -> np.ndarray:
+                use_roi: bool = True, fast_dct: bool = False) -> np.ndarray:
     """Rows y0..y0+h and columns x0..x0+w of the JPEG decoded at scale num/8, as BGR.
 
     With the ROI decoder only that window is decoded: rows below it are never read, rows above
     it are entropy-decoded and skipped, and IDCT, upsampling and colour conversion run on the
     window's columns alone. Otherwise (or for CMYK, which it does not handle) the whole image
     is decoded at that scale and sliced. Both paths give identical pixels.
-
-    `out` (uint8, C-contiguous, h x w x 3) is where the ROI decoder writes, if given; the
-    result is then `out` itself, else (the other path) a new array.
     """
     if use_roi and _jpegroi is not None:
-        if out is None:
-            out = np.empty((h, w, 3), np.uint8)
+        out = np.empty((h, w, 3), np.uint8)
         try:
             _jpegroi.decode_crop(data, num, x0, y0, w, h, out, fast_dct)
             return out

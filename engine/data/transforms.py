@@ -9,7 +9,6 @@ val one) what single-image inference applies: one implementation for all three.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Optional, Tuple, Union
 
 import cv2
@@ -116,53 +115,23 @@ def val_resize(image_size: int, crop_ratio: float = 0.875) -> int:
     return int(round(image_size / crop_ratio))
 
 
-def resize_square(img: np.ndarray, S: int, dst: Optional[np.ndarray] = None) -> np.ndarray:
-    """img resized to S x S (bilinear; into `dst`, S x S x 3 uint8, if given), or img itself
-    when it already is."""
+def resize_square(img: np.ndarray, S: int) -> np.ndarray:
+    """img resized to S x S (bilinear), or img itself when it already is."""
     if img.shape[0] != S or img.shape[1] != S:
-        return cv2.resize(img, (S, S), dst=dst, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(img, (S, S), interpolation=cv2.INTER_LINEAR)
     return img
 
 
-def write_chw(img: np.ndarray, out: np.ndarray, flip: bool = False,
-              scratch: Optional[np.ndarray] = None) -> None:
-    """Write an HWC BGR image, mirrored left-right when `flip`, into out's three planes
-    (`scratch`, shaped like img, holds the mirrored image if given)."""
+def write_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
+    """Write an HWC BGR image, mirrored left-right when `flip`, into out's three planes."""
     if flip:
-        img = cv2.flip(img, 1, dst=scratch)
+        img = cv2.flip(img, 1)
     cv2.split(img, [out[0], out[1], out[2]])  # 3x cheaper than a numpy transpose
 
 
 def _to_chw(img: np.ndarray, out: np.ndarray, flip: bool = False) -> None:
     """Resize to out's S x S when needed, flip, and write HWC BGR into out's three planes."""
-    S = out.shape[-1]
-    write_chw(resize_square(img, S, _scratch("resized", (S, S, 3))), out, flip,
-              _scratch("flipped", (S, S, 3)))
-
-
-# This thread's reusable pixel buffers for the steps inside one transform call. Allocating a
-# fresh ~100 KB - 1 MB array per step and image costs a worker page faults (malloc hands such
-# blocks back to the kernel) and cache misses; nothing outside the call ever sees these.
-_SCRATCH = threading.local()
-_SCRATCH_MAX = 16 << 20
-
-
-def _scratch(name: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A uint8 C-contiguous array of `shape` over this thread's buffer `name` (grown as
-    needed): valid until the next _scratch(name) call in this thread. Above _SCRATCH_MAX
-    bytes (a rare huge photograph) a new array, so that no thread keeps that much."""
-    n = 1
-    for d in shape:
-        n *= d
-    if n > _SCRATCH_MAX:
-        return np.empty(shape, np.uint8)
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    buf = bufs.get(name)
-    if buf is None or buf.size < n:
-        buf = bufs[name] = np.empty(max(n, 1 << 16), np.uint8)
-    return buf[:n].reshape(shape)
+    write_chw(resize_square(img, out.shape[-1]), out, flip)
 
 
 class TrainTransform:
@@ -193,11 +162,10 @@ class TrainTransform:
         elif size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
             num, x0, y0, w, h, flip = self.window(width, height, index, epoch, S)
-            crop = decode_crop(data, num, x0, y0, w, h, self.use_roi, fast_dct=True,
-                               out=_scratch("decoded", (h, w, 3)))
+            crop = decode_crop(data, num, x0, y0, w, h, self.use_roi, fast_dct=True)
         else:  # PNG etc. in a raw folder: full decode, same geometry
             crop, flip = self.crop_full(decode_bgr(data, fast_dct=True), index, epoch)
-        _to_chw(crop, out, flip)
+        write_chw(resize_square(crop, S), out, flip)
 
     def crop_full(self, full: np.ndarray, index: int, epoch: int) -> Tuple[np.ndarray, bool]:
         """(crop view, flip) of sample `index` from a whole decoded HxWx3 image: the draws of
@@ -236,8 +204,7 @@ class ValTransform:
             img = data
         elif size is not None or sniff(data) == "jpeg":
             width, height = size or jpeg_size(data)
-            img = decode_crop(data, 8, 0, 0, width, height, self.use_roi,
-                              out=_scratch("decoded", (height, width, 3)))
+            img = decode_crop(data, 8, 0, 0, width, height, self.use_roi)
         else:
             img = decode_bgr(data)
         _to_chw(self.crop(img, out.shape[-1]), out)

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 
 from engine.data.decode import DecodeError
-from engine.data.forking import ignore_stop_signals, keep_freed_heap
+from engine.data.forking import ignore_stop_signals
 from engine.data.sources import Source
 from engine.data.transforms import Transform
 from engine.errors import DataError, UserError
@@ -149,7 +149,6 @@ def worker_main(wid: int, conn: Any, source: Source, decoder: Transform, buf: mm
     # The parent's heap is shared copy-on-write; keep this process's collector off it, or every
     # collection would touch (and so copy) the pages of millions of long-lived objects.
     gc.freeze()
-    keep_freed_heap()
     parent = os.getppid()
     while True:
         try:
