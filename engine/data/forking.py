@@ -22,8 +22,6 @@ interrupt and receives it once the fork is complete. `DeferredInterrupt` replace
 KeyboardInterrupt-raising handler by one that only notes the interrupt; the caller raises it
 with `check()` where nothing can swallow it, and at the latest when the block ends.
 
-`keep_freed_heap` is the other thing a decoding child does first: see its docstring.
-
 Standard library only, so engine.data may use it.
 """
 from __future__ import annotations
@@ -35,7 +33,7 @@ import weakref
 from types import FrameType, TracebackType
 from typing import Any, Optional, Type
 
-__all__ = ["DeferredInterrupt", "start_process", "ignore_stop_signals", "keep_freed_heap"]
+__all__ = ["DeferredInterrupt", "start_process", "ignore_stop_signals"]
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # children of start_process, for the exit
@@ -123,23 +121,3 @@ def ignore_stop_signals() -> None:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-def keep_freed_heap(trim_bytes: int = 64 << 20, mmap_bytes: int = 8 << 20) -> None:
-    """Let this (worker) process's malloc keep the memory it frees (glibc; elsewhere a no-op).
-
-    A decoding worker allocates and frees blocks of 100 KB - 1 MB per image (file bytes,
-    records, decoded and resized pixels). By default glibc serves some of them with mmap and
-    hands the top of its heap back to the kernel, so the next image faults the same pages in
-    again, each zeroed by the kernel: tens of page faults per image. With these limits, blocks
-    below `mmap_bytes` come from the heap and up to `trim_bytes` of freed heap is kept; the
-    process's memory is its peak heap use, a few MB. Call it once, in the child.
-    """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-1, trim_bytes)  # M_TRIM_THRESHOLD
-    mallopt(-3, mmap_bytes)  # M_MMAP_THRESHOLD (a fixed value also stops glibc's adjusting it)

@@ -20,7 +20,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterable, List, Set, Tuple
 
 from engine.data import shards
-from engine.data.forking import DeferredInterrupt, ignore_stop_signals, keep_freed_heap, start_process
+from engine.data.forking import DeferredInterrupt, ignore_stop_signals, start_process
 from engine.data.plan import PackError
 from engine.errors import UserError, describe_exit
 
@@ -52,6 +52,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _keep_freed_heap() -> None:
+    """Let this worker's malloc keep what it frees (glibc; elsewhere nothing happens).
+
+    A packing worker lives for one shard, too short for glibc's adaptive thresholds to settle:
+    each file's bytes, record and LMDB pages are ~100 KB blocks freed right after use, glibc
+    hands the top of its heap back to the kernel, and the next file faults the same pages in
+    again, zeroed: measured, 54 page faults per file before and 26 after, and about 0.1 ms
+    less CPU per file. The worker's memory stays its peak heap use, a few MB."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MB of freed heap
+    mallopt(-3, 8 << 20)   # M_MMAP_THRESHOLD: blocks below 8 MB come from the heap
+
+
 def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     global _progress_counter
     ignore_stop_signals()  # Ctrl-C and SIGTERM are the packer's to handle: it stops the workers
@@ -62,7 +80,7 @@ def _worker(target, job: Dict[str, Any], conn, counter, parent: int) -> None:
     # The packer's heap (a plan of a million files) is shared copy-on-write: keep this
     # process's collector off it, or each full collection would walk and copy all of it.
     gc.freeze()
-    keep_freed_heap()
+    _keep_freed_heap()
     try:
         conn.send(("ok", target(job, lambda: conn.send(("records_done", None)))))
         code = 0
