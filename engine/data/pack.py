@@ -135,7 +135,8 @@ def _pack_shard(job: Dict[str, Any],
                     tally.kept(r["kind"], len(value), raw)
                 if j % _COUNT_EVERY == _COUNT_EVERY - 1:
                     pool.count(_COUNT_EVERY)
-            pool.count(len(items) % _COUNT_EVERY)
+            if len(items) % _COUNT_EVERY:
+                pool.count(len(items) % _COUNT_EVERY)
             records_done()
             checksum = writer.close(checksum=True)  # hashed while the disk finishes writing
             writer = None
