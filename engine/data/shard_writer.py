@@ -22,7 +22,7 @@ MAP_SIZE = 1 << 40
 COMMIT_EVERY = 512
 # ShardWriter also commits after this many bytes of records, so that the disk writes a shard
 # in parts while it is being packed (see ShardWriter).
-COMMIT_BYTES = 4 << 20
+COMMIT_BYTES = 1 << 20
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
 

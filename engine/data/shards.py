@@ -28,7 +28,6 @@ engine.data.shard_writer's, through `record_key` here.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import msgpack
 import numpy as np
 
 from engine.atomic import atomic_write
+from engine.data.checksum import CHECKSUM_ALGO, file_checksum
 from engine.errors import UserError, read_error_message
 
 __all__ = [
@@ -66,10 +66,6 @@ _SHARD_FILE = re.compile(r"shard-\d{5}\.lmdb$")
 # record comes in one read. From a cold page cache that made whole epochs 1.7-2.4x faster
 # (bench_loader.py --cold); with a warm cache the two are the same.
 READAHEAD = True
-# Shard checksums are "blake2b:<hex>": in the standard library, and faster than sha256 in pure
-# software, so verifying runs near disk speed without adding a dependency.
-CHECKSUM_ALGO = "blake2b"
-_CHUNK = 4 << 20
 # LMDB's meta pages (pages 0 and 1) on a 64-bit build: a 16-byte page header, then MDB_meta =
 # magic u32, version u32, address ptr, mapsize size_t, two MDB_db (48 bytes each; the free DB's
 # md_pad holds the page size, the main DB's md_entries at byte 32 its record count), last used
@@ -91,12 +87,29 @@ def record_key(i: int) -> bytes:
     return struct.pack(">Q", i)
 
 
+# msgpack's encoding of a 5-entry map's header and of its first key, "image"
+_RECORD_HEAD = b"\x85" + msgpack.packb("image")
+
+
 def pack_record(image: bytes, label: int, height: int, width: int, path: str,
                 **extra: Any) -> bytes:
     rec = {"image": image, "label": int(label), "height": int(height), "width": int(width),
            "path": path}
-    rec.update(extra)
-    return msgpack.packb(rec, use_bin_type=True)
+    n = len(image)
+    if extra or type(image) is not bytes or n >= 1 << 32:
+        rec.update(extra)
+        return msgpack.packb(rec, use_bin_type=True)
+    # The same bytes as msgpack.packb(rec, use_bin_type=True) (tests/test_shards_bytes.py checks),
+    # with the image copied once: packb copies it into its buffer, then into the result.
+    del rec["image"]
+    tail = msgpack.packb(rec, use_bin_type=True)[1:]  # the other 4 entries, less their header
+    if n < 1 << 8:
+        head = b"\xc4" + struct.pack(">B", n)
+    elif n < 1 << 16:
+        head = b"\xc5" + struct.pack(">H", n)
+    else:
+        head = b"\xc6" + struct.pack(">I", n)
+    return b"".join((_RECORD_HEAD, head, image, tail))
 
 
 def pack_raw_record(pixels: np.ndarray, label: int, path: str, **extra: Any) -> bytes:
@@ -165,20 +178,6 @@ def check_version(meta: Mapping[str, Any], meta_path: str,
         "%s has format version %r; this engine reads %s. Repack the data with this engine's "
         "tools/pack_imagenet.py, or use the engine release that wrote it."
         % (meta_path, version, reads))
-
-
-def file_checksum(path: str, progress=None) -> str:
-    """"blake2b:<hex>" of a file's bytes; progress(n) is called after each chunk read."""
-    h = hashlib.blake2b()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return "%s:%s" % (CHECKSUM_ALGO, h.hexdigest())
 
 
 def _fix(split_dir: str) -> str:
