@@ -65,7 +65,7 @@ _turbo = None
 _turbo_pid = None
 # What ctypes.util.find_library("turbojpeg") resolves to on Linux. Loading it by that name skips
 # the search, which runs `ldconfig -p` in a subprocess (milliseconds in every new process, and
-# the packer starts one per shard); where the name does not load, PyTurboJPEG searches.
+# the packer and the loader start several); where the name does not load, PyTurboJPEG searches.
 _TURBOJPEG_SONAME = "libturbojpeg.so.0"
 
 
