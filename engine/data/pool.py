@@ -161,91 +161,110 @@ def run(target: Target, jobs: List[Dict[str, Any]], workers: int, counter,
     its death is an end-of-file seen within one poll; the pack then stops the others, removes
     their partial shards and reports the shard that was lost. Finished shards keep their markers.
     """
-    ctx = mp.get_context("fork")
+    state = _Workers(target, counter)
     pending = list(jobs)
-    running: Dict[int, _Proc] = {}  # by the shard index of the job each holds
-    idle: List[_Proc] = []
-    procs: List[_Proc] = []
-    finishing: Set[int] = set()  # jobs whose records are done, result not yet received
-    markers: Dict[int, Dict[str, Any]] = {}
     shards.close_all_envs()  # a child must not inherit an open LMDB environment
     # Ctrl-C is noted and raised at the checks below, never inside a fork or the cleanup (see
     # engine.data.forking); the wait's timeout bounds how long it takes to be acted on.
     with DeferredInterrupt() as interrupt:
         try:
-            while pending or running:
-                while (pending and len(running) - len(finishing) < workers
-                       and len(running) < 2 * workers):
+            while pending or state.running:
+                while (pending and len(state.running) - len(state.finishing) < workers
+                       and len(state.running) < 2 * workers):
                     interrupt.check()
-                    job = pending.pop(0)
-                    if idle:
-                        w = idle.pop()
-                        w.job = w.last = job
-                        running[job["k"]] = w
-                        try:
-                            w.jobs.send(job)
-                        except OSError:  # it died idle: its end of file names this job
-                            pass
-                        continue
-                    recv, send = ctx.Pipe(duplex=False)
-                    jobs_recv, jobs_send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_worker,
-                                       args=(target, job, send, jobs_recv, counter, os.getpid()),
-                                       name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
-                    w = _Proc(proc, recv, jobs_send, job)
-                    procs.append(w)
-                    running[job["k"]] = w
-                    try:
-                        start_process(proc)
-                    finally:
-                        send.close()  # only the child holds the write end: its death is EOF
-                        jobs_recv.close()
-                ready = mp.connection.wait([w.recv for w in procs], timeout=0.2)
+                    state.give(pending.pop(0))
+                ready = mp.connection.wait([w.recv for w in state.procs], timeout=0.2)
                 interrupt.check()
-                for w in list(procs):
-                    if w.recv not in ready:
-                        continue
-                    try:
-                        kind, payload = w.recv.recv()
-                    except (EOFError, OSError):
-                        kind, payload = "lost", None
-                    job = w.job if w.job is not None else w.last
-                    k = job["k"]
-                    if kind == "records_done":
-                        finishing.add(k)
-                        continue
-                    if w.job is not None:
-                        del running[k]
-                    finishing.discard(k)
-                    if kind == "ok":
-                        markers[k] = payload
-                        w.job = None
-                        idle.append(w)
-                        continue
-                    w.proc.join(10)
-                    w.recv.close()
-                    w.jobs.close()
-                    procs.remove(w)
-                    if w in idle:
-                        idle.remove(w)
-                    where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
-                    if kind == "user":
-                        raise PackError(payload)
-                    elif kind == "bug":
-                        raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
-                    else:
-                        raise PackError(
-                            "the worker packing %s (pid %s) %s; the other workers were stopped. "
-                            "Rerun the same command to resume (finished shards are kept)"
-                            % (where, w.proc.pid, describe_exit(w.proc.exitcode, MEMORY_FIX)))
+                for w in list(state.procs):
+                    if w.recv in ready:
+                        state.receive(w)
                 on_progress()
-            for w in procs:  # idle, every job done: None lets them exit (not the end of the
-                try:         # pipe: workers forked later hold copies of its write end)
-                    w.jobs.send(None)
-                except OSError:
-                    pass
-            for w in procs:
-                w.proc.join(10)
+            state.release()
         finally:
-            _stop(procs)
-    return markers
+            _stop(state.procs)
+    return state.markers
+
+
+class _Workers:
+    """run()'s workers: who holds which job, who is idle, the markers received so far."""
+
+    def __init__(self, target: Target, counter) -> None:
+        self.target, self.counter = target, counter
+        self.ctx = mp.get_context("fork")
+        self.procs: List[_Proc] = []
+        self.idle: List[_Proc] = []
+        self.running: Dict[int, _Proc] = {}  # by the shard index of the job each holds
+        self.finishing: Set[int] = set()  # jobs whose records are done, result not yet received
+        self.markers: Dict[int, Dict[str, Any]] = {}
+
+    def give(self, job: Dict[str, Any]) -> None:
+        """Hand `job` to an idle worker, or to a new one."""
+        if self.idle:
+            w = self.idle.pop()
+            w.job = w.last = job
+            self.running[job["k"]] = w
+            try:
+                w.jobs.send(job)
+            except OSError:  # it died idle: its end of file names this job
+                pass
+            return
+        recv, send = self.ctx.Pipe(duplex=False)
+        jobs_recv, jobs_send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker, args=(self.target, job, send, jobs_recv,
+                                                      self.counter, os.getpid()),
+                                name="pack-%s" % shards.shard_name(job["k"]), daemon=True)
+        w = _Proc(proc, recv, jobs_send, job)
+        self.procs.append(w)
+        self.running[job["k"]] = w
+        try:
+            start_process(proc)
+        finally:
+            send.close()  # only the child holds the write end: its death is EOF
+            jobs_recv.close()
+
+    def receive(self, w: _Proc) -> None:
+        """Take what worker `w` reported; a failure, or its death, is raised as the error that
+        names its shard."""
+        try:
+            kind, payload = w.recv.recv()
+        except (EOFError, OSError):
+            kind, payload = "lost", None
+        job = w.job if w.job is not None else w.last
+        k = job["k"]
+        if kind == "records_done":
+            self.finishing.add(k)
+            return
+        if w.job is not None:
+            del self.running[k]
+        self.finishing.discard(k)
+        if kind == "ok":
+            self.markers[k] = payload
+            w.job = None
+            self.idle.append(w)
+            return
+        w.proc.join(10)
+        w.recv.close()
+        w.jobs.close()
+        self.procs.remove(w)
+        if w in self.idle:
+            self.idle.remove(w)
+        where = "%s/%s" % (os.path.basename(job["dst"]), shards.shard_name(k))
+        if kind == "user":
+            raise PackError(payload)
+        if kind == "bug":
+            raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
+        raise PackError(
+            "the worker packing %s (pid %s) %s; the other workers were stopped. "
+            "Rerun the same command to resume (finished shards are kept)"
+            % (where, w.proc.pid, describe_exit(w.proc.exitcode, MEMORY_FIX)))
+
+    def release(self) -> None:
+        """Every job done: let the idle workers exit. None, not the end of the pipe, since
+        workers forked later hold copies of its write end."""
+        for w in self.procs:
+            try:
+                w.jobs.send(None)
+            except OSError:
+                pass
+        for w in self.procs:
+            w.proc.join(10)
