@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from engine.errors import UserError
 
-__all__ = ["LayoutError", "FolderIndex", "index_folder", "list_classes", "scan_split",
+__all__ = ["LayoutError", "FolderIndex", "index_folder", "list_classes", "scan_split", "read_file",
            "classes_for"]
 
 
@@ -89,3 +89,23 @@ def index_folder(split_dir: str) -> FolderIndex:
     if not items:
         raise LayoutError("%s has no files under class folders" % root)
     return FolderIndex(root, tuple(classes), tuple(items))
+
+
+def read_file(path: str) -> bytes:
+    """A file's bytes, as the packer and a raw-folder Loader read them: one read sized from
+    fstat, where open().read() adds a buffered reader, an lseek, a second fstat and a second
+    read to find the end (~7 us of ~40 per file). OSError as open() would raise it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # one byte more, so that the usual case needs one read
+        if len(data) == size:
+            return data
+        parts = [data]  # it changed size since fstat, or the read came back short: read on
+        while True:
+            more = os.read(fd, max(size, 1 << 16))
+            if not more:
+                return b"".join(parts)
+            parts.append(more)
+    finally:
+        os.close(fd)

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from engine.data import shards
-from engine.data.folder import FolderIndex, index_folder
+from engine.data.folder import FolderIndex, index_folder, read_file
 from engine.errors import ConfigError, DataError, MissingPathError, read_error_message
 
 __all__ = ["Record", "Source", "ShardSource", "FolderSource", "open_source"]
@@ -61,8 +61,7 @@ class FolderSource:
         rel, label = self.items[i]
         path = os.path.join(self.root, rel)
         try:
-            with open(path, "rb") as f:
-                return f.read(), label, rel, None
+            return read_file(path), label, rel, None
         except OSError as exc:  # unreadable, not undecodable: the user's to fix, not to skip
             raise DataError(read_error_message(exc, path)) from None
 
