@@ -41,6 +41,37 @@ def defer_startup_interrupts() -> None:
         _deferred[0] = True
 
 
+# Whether a run_tool body is running, for the redelivery of a Ctrl-C a finaliser swallowed.
+_in_body = [False]
+
+
+def _redeliver_soon() -> None:
+    import _thread
+    import time
+
+    time.sleep(0.001)  # long enough for the main thread to leave the finaliser
+    if _in_body[0]:
+        _thread.interrupt_main()
+
+
+def _keep_swallowed_interrupts(previous: Callable[..., object]) -> Callable[..., None]:
+    """A sys.unraisablehook for while a body runs. Ctrl-C raised inside a finaliser (a __del__
+    such as multiprocessing's Connection's, a weakref callback) is printed as "Exception ignored"
+    and dropped by Python, and the program runs on as if never interrupted: a loop over Loaders
+    then never stops. Such an interrupt is delivered again, from a short-lived thread, once the
+    finaliser is left (a thread, because raised from here it would only be dropped again);
+    everything else goes to `previous`."""
+    import _thread
+
+    def hook(args: object) -> None:
+        kind = getattr(args, "exc_type", None)
+        if isinstance(kind, type) and issubclass(kind, KeyboardInterrupt):
+            _thread.start_new_thread(_redeliver_soon, ())
+        else:
+            previous(args)
+    return hook
+
+
 def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """A tool's main: `body()`'s exit status (None = 0); a UserError becomes one `error:` line
     and status 2, Ctrl-C one line (`interrupted`) and status 130; anything else is a bug and
@@ -53,6 +84,7 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
     from engine.megengine_env import guard_import, quiet_megengine
 
     program = _deferred[0] and signal.getsignal(signal.SIGINT) is _note_interrupt
+    hook = sys.unraisablehook
     try:
         if program:
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -61,7 +93,11 @@ def run_tool(body: Callable[[], int | None], interrupted: str = "interrupted") -
                 raise KeyboardInterrupt
         guard_import(UserError)
         quiet_megengine()
-        status = body()
+        sys.unraisablehook, _in_body[0] = _keep_swallowed_interrupts(hook), True
+        try:
+            status = body()
+        finally:
+            sys.unraisablehook, _in_body[0] = hook, False
     except UserError as exc:
         print("error: %s" % " ".join(str(exc).split()), file=sys.stderr)
         return 2

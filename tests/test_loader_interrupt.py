@@ -1,5 +1,6 @@
-"""Ctrl-C at random moments while Loaders start their workers and serve batches: one line, exit
-130, no process left. A program in a subprocess with a deadline (a hang is a failure)."""
+"""Ctrl-C at random moments while Loaders start their workers and serve batches, and Ctrl-C that
+lands inside a finaliser: one line, exit 130, no process left. Programs in subprocesses with a
+deadline (a hang is a failure)."""
 import os
 import random
 import signal
@@ -64,3 +65,41 @@ def test_ctrl_c_while_loaders_start_and_run_is_one_line(split, tmp_path):
         while left_in_group(proc.pid) and time.monotonic() < end:
             time.sleep(0.05)
         assert not left_in_group(proc.pid), what
+
+
+# A loop that spends nearly all its time in a __del__: Python drops a KeyboardInterrupt raised
+# inside a finaliser ("Exception ignored in ..."), so without run_tool's redelivery the SIGINT
+# is lost and the loop runs on. Multiprocessing's Connection.__del__ is where a Loader loop met it.
+FINALISER_PROGRAM = """
+import sys
+from engine.errors import run_tool
+
+class Slow:
+    def __del__(self):
+        sum(range(20000))
+
+def body():
+    print("ready", flush=True)
+    while True:
+        Slow()
+
+sys.exit(run_tool(body))
+"""
+
+
+def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_tool(tmp_path):
+    program = tmp_path / "finaliser.py"
+    program.write_text(FINALISER_PROGRAM)
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, stderr = proc.communicate(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert (proc.returncode, stderr.strip()) == (130, "interrupted"), (trial, stderr)
