@@ -224,17 +224,18 @@ class _Workers:
 
     def receive(self, w: _Proc) -> None:
         """Take what worker `w` reported; a failure, or its death, is raised as the error that
-        names its shard."""
+        names its shard (none, for a worker that died idle)."""
         try:
             kind, payload = w.recv.recv()
         except (EOFError, OSError):
             kind, payload = "lost", None
         job = w.job if w.job is not None else w.last
+        was_busy = w.job is not None
         k = job["k"]
         if kind == "records_done":
             self.finishing.add(k)
             return
-        if w.job is not None:
+        if was_busy:
             del self.running[k]
         self.finishing.discard(k)
         if kind == "ok":
@@ -253,10 +254,14 @@ class _Workers:
             raise PackError(payload)
         if kind == "bug":
             raise RuntimeError("the worker packing %s failed:\n%s" % (where, payload))
+        # Idle, it held no shard: its last one is finished and kept, and naming it as the one
+        # being packed would send the user after a shard that is fine.
+        who = ("the worker packing %s" % where if was_busy else
+               "an idle packing worker (its last shard, %s, is finished and kept)" % where)
         raise PackError(
-            "the worker packing %s (pid %s) %s; the other workers were stopped. "
+            "%s (pid %s) %s; the other workers were stopped. "
             "Rerun the same command to resume (finished shards are kept)"
-            % (where, w.proc.pid, describe_exit(w.proc.exitcode, MEMORY_FIX)))
+            % (who, w.proc.pid, describe_exit(w.proc.exitcode, MEMORY_FIX)))
 
     def release(self) -> None:
         """Every job done: let the idle workers exit. None, not the end of the pipe, since
