@@ -65,7 +65,8 @@ class OptionalBuildExt(build_ext):
 ext_modules = [
     Extension(
         "engine.data._jpegroi",
-        sources=["engine/data/_jpegroi.c"],
+        sources=["engine/data/_jpegroi.c", "engine/data/_jpeghuff.c"],
+        depends=["engine/data/_jpeghuff.h"],
         libraries=["jpeg"],
         extra_compile_args=["-O3", "-Wall"],
     )
