@@ -65,8 +65,7 @@ class OptionalBuildExt(build_ext):
 ext_modules = [
     Extension(
         "engine.data._jpegroi",
-        sources=["engine/data/_jpegroi.c", "engine/data/_jpeghuff.c"],
-        depends=["engine/data/_jpeghuff.h"],
+        sources=["engine/data/_jpegroi.c"],
         libraries=["jpeg"],
         extra_compile_args=["-O3", "-Wall"],
     )

@@ -33,8 +33,6 @@
 #include <jpeglib.h>
 #include <jerror.h>
 
-#include "_jpeghuff.h"
-
 /* Largest total size of libjpeg's whole-image ("virtual") arrays, which a progressive or
  * multi-scan JPEG needs for all its coefficients (about 2 bytes x components x pixels).
  * A hostile header can claim 65535 x 65535 pixels; instead of trying to allocate (and zero)
@@ -127,30 +125,14 @@ typedef struct {
     int scale_num;
     int fast_dct; /* JDCT_IFAST (TurboJPEG's TJFLAG_FASTDCT) instead of JDCT_ISLOW */
     int stop;     /* one of ROI_STOP_* */
-    int huffman;  /* decode baseline scans with _jpeghuff.c (else libjpeg's own decoder) */
     JDIMENSION x0, y0, w, h;
     unsigned char *dst;    /* h * w * 3 bytes, or NULL for a header-only call */
     /* out */
     JDIMENSION width, height;     /* image size at scale 1 */
     JDIMENSION out_width, out_height; /* scaled size */
     int subsamp, colorspace;      /* validate(): TurboJPEG's TJSAMP_* and TJCS_* */
-    int engine_huffman;           /* whether _jpeghuff.c decoded the scan */
     char message[JMSG_LENGTH_MAX];
 } roi_job;
-
-/* Set cinfo (just after jpeg_read_header) to decode as TurboJPEG's tjDecompress2() does with
- * flags=0 (TJFLAG_FASTDCT with fast_dct), at scale num/8. */
-static void
-roi_settings(struct jpeg_decompress_struct *cinfo, const roi_job *job)
-{
-    cinfo->out_color_space = JCS_EXT_BGR;
-    cinfo->scale_num = (unsigned int)job->scale_num;
-    cinfo->scale_denom = 8;
-    cinfo->dct_method = job->fast_dct ? JDCT_IFAST : JDCT_ISLOW;
-    cinfo->do_fancy_upsampling = TRUE;
-    cinfo->quantize_colors = FALSE;
-    jpeg_calc_output_dimensions(cinfo);
-}
 
 static void
 roi_init(struct jpeg_decompress_struct *cinfo, roi_error_mgr *err)
@@ -213,7 +195,14 @@ roi_decode(roi_job *job)
         return ROI_COLORSPACE;
     }
 
-    roi_settings(&cinfo, job);
+    /* The same settings TurboJPEG's tjDecompress2() uses with flags=0. */
+    cinfo.out_color_space = JCS_EXT_BGR;
+    cinfo.scale_num = (unsigned int)job->scale_num;
+    cinfo.scale_denom = 8;
+    cinfo.dct_method = job->fast_dct ? JDCT_IFAST : JDCT_ISLOW;
+    cinfo.do_fancy_upsampling = TRUE;
+    cinfo.quantize_colors = FALSE;
+    jpeg_calc_output_dimensions(&cinfo);
     W = cinfo.output_width;
     H = cinfo.output_height;
     job->out_width = W;
@@ -237,8 +226,6 @@ roi_decode(roi_job *job)
         jpeg_destroy_decompress(&cinfo);
         return ROI_COLORSPACE;
     }
-    if (job->huffman && job->stop != ROI_STOP_SETUP)
-        job->engine_huffman = huff_install(&cinfo);
     if (job->stop == ROI_STOP_NOCOLOR) /* jpeg_skip_scanlines saves and restores it */
         ((struct roi_color_deconverter *)cinfo.cconvert)->color_convert = roi_no_color_convert;
     cw = x_end - cx;
@@ -359,7 +346,7 @@ to_jdim(Py_ssize_t v, const char *name, JDIMENSION *out)
 }
 
 PyDoc_STRVAR(decode_crop_doc,
-"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0, huffman=True) -> bool\n"
+"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0) -> None\n"
 "\n"
 "Decode the window rows y0..y0+h-1, columns x0..x0+w-1 of the JPEG `src` (any bytes-like\n"
 "object, read in place) scaled by scale_num/8 (1..8; scaled size W' = ceil(W*num/8),\n"
@@ -371,9 +358,6 @@ PyDoc_STRVAR(decode_crop_doc,
 "accurate integer IDCT).\n"
 "Only the rows down to y0+h-1 are decoded, rows above y0 only entropy-decoded (baseline),\n"
 "and the IDCT/colour conversion runs only on the iMCU columns of the window.\n"
-"With huffman (the default), a baseline JPEG without restart markers has its entropy-coded\n"
-"data decoded by the engine's Huffman decoder (_jpeghuff.c) instead of libjpeg's: the same\n"
-"coefficients and the same errors, faster.  Returns whether it did (False: libjpeg's).\n"
 "Grayscale, YCbCr and RGB JPEGs, baseline or progressive, any subsampling.\n"
 "Raises ValueError for: a window outside the scaled image, a wrong dst size, scale_num\n"
 "outside 1..8, CMYK/YCCK ('unsupported colour space'), and any libjpeg error or warning\n"
@@ -389,16 +373,15 @@ static PyObject *
 decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"src", "scale_num", "x0", "y0", "w", "h", "dst", "fast_dct",
-                             "stop", "huffman", NULL};
+                             "stop", NULL};
     Py_buffer src, dst;
-    int scale_num, status, fast_dct = 0, stop = ROI_STOP_NONE, huffman = 1;
+    int scale_num, status, fast_dct = 0, stop = ROI_STOP_NONE;
     Py_ssize_t x0, y0, w, h;
     roi_job job;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|pip:decode_crop", kwlist, &src,
-                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct, &stop,
-                                     &huffman))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|pi:decode_crop", kwlist, &src,
+                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct, &stop))
         return NULL;
     memset(&job, 0, sizeof(job));
     if (stop < ROI_STOP_NONE || stop > ROI_STOP_MAX) {
@@ -430,7 +413,6 @@ decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
     job.src_len = (unsigned long)src.len;
     job.scale_num = scale_num;
     job.fast_dct = fast_dct;
-    job.huffman = huffman;
     job.dst = (unsigned char *)dst.buf;
 
     Py_BEGIN_ALLOW_THREADS
@@ -441,7 +423,7 @@ decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
     PyBuffer_Release(&dst);
     if (status != ROI_OK)
         return roi_raise(&job, status);
-    return PyBool_FromLong(job.engine_huffman);
+    Py_RETURN_NONE;
 
 fail:
     PyBuffer_Release(&src);
