@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Per-image decode cost on one core, on the same JPEG bytes (in memory, no I/O):
 full decodes by libjpeg-turbo, OpenCV and Pillow; the engine's train path (DCT-scaled decode,
-crop window, resize, flip, CHW write) with and without the ROI decoder; and the val path."""
+crop window, resize, flip, CHW write) with and without the ROI decoder; and the val path.
+Every path runs once per round, the rounds interleaved, and each figure is its median."""
 import argparse
 import io
 import os
+import statistics
 import sys
+import time
 from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_data_args, finish, image_files, md_escape, md_table, mean_file_kb,  # noqa: E402
-                    rate, read_all, sample_data, show)
+                    read_all, sample_data, show)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,13 +38,6 @@ def main(argv=None):
     S = a.image_size
     out = np.empty((3, S, S), np.uint8)
 
-    def loop(fn):
-        def run():
-            for i, b in enumerate(blobs):
-                fn(i, b)
-            return len(blobs)
-        return rate(run, repeats=a.repeats)[0]
-
     def pil(i, b):
         from PIL import Image
 
@@ -61,18 +57,26 @@ def main(argv=None):
     train_roi = TrainTransform(0, use_roi=True)
     val = ValTransform(use_roi=False)
     val_roi = ValTransform(use_roi=True)
-    results = {
-        "cv2_imdecode_full": loop(lambda i, b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)),
-        "pil_full": loop(pil),
-        "turbojpeg_full": loop(lambda i, b: decode_bgr(b)),
-        "turbojpeg_dct_scaled": loop(scaled),
-        "train_full_decode_crop_resize": loop(lambda i, b: train(b, i, 0, out)),
-        "val_resize_center_crop": loop(lambda i, b: val(b, i, 0, out)),
+    paths = {
+        "cv2_imdecode_full": lambda i, b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
+        "pil_full": pil,
+        "turbojpeg_full": lambda i, b: decode_bgr(b),
+        "turbojpeg_dct_scaled": scaled,
+        "train_full_decode_crop_resize": lambda i, b: train(b, i, 0, out),
+        "val_resize_center_crop": lambda i, b: val(b, i, 0, out),
     }
     if roi_available():
-        results["roi_decoder_full"] = loop(roi_full)
-        results["train_roi_decode_resize"] = loop(lambda i, b: train_roi(b, i, 0, out))
-        results["val_roi_resize_center_crop"] = loop(lambda i, b: val_roi(b, i, 0, out))
+        paths["roi_decoder_full"] = roi_full
+        paths["train_roi_decode_resize"] = lambda i, b: train_roi(b, i, 0, out)
+        paths["val_roi_resize_center_crop"] = lambda i, b: val_roi(b, i, 0, out)
+    rounds: Dict[str, List[float]] = {k: [] for k in paths}
+    for _ in range(a.repeats):  # interleaved: every path once per round
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            for i, b in enumerate(blobs):
+                fn(i, b)
+            rounds[name].append(len(blobs) / (time.perf_counter() - t0))
+    results = {k: statistics.median(v) for k, v in rounds.items()}
     base = results["turbojpeg_full"]
     rows = [(k, v, "%.2f" % (v / base)) for k, v in results.items()]
     finish(rows, ["one core, %d JPEGs, %d px" % (len(blobs), S), "img/s (median)", "x turbojpeg full"],
