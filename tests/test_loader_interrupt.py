@@ -42,23 +42,31 @@ def split(tmp_path_factory):
     return str(out / "train")
 
 
+def ctrl_c(argv, delay):
+    """Run a program that prints "ready", send its process group SIGINT `delay` s after that
+    line, as a terminal's Ctrl-C does, and return (the process, its stderr) once it ended
+    (killed if it outlived DEADLINE)."""
+    proc = subprocess.Popen([sys.executable] + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, stderr
+
+
 def test_ctrl_c_while_loaders_start_and_run_is_one_line(split, tmp_path):
     program = tmp_path / "loop.py"
     program.write_text(PROGRAM)
     rng = random.Random(5)
     for trial in range(10):
-        proc = subprocess.Popen([sys.executable, str(program), split], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            delay = rng.uniform(0, 1.5)
-            time.sleep(delay)
-            os.killpg(proc.pid, signal.SIGINT)
-            _, stderr = proc.communicate(timeout=DEADLINE)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        delay = rng.uniform(0, 1.5)
+        proc, stderr = ctrl_c([str(program), split], delay)
         what = "trial %d: SIGINT %.2f s after the start" % (trial, delay)
         assert (proc.returncode, stderr.strip()) == (130, "interrupted"), (what, stderr)
         end = time.monotonic() + 10
@@ -91,15 +99,5 @@ def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_tool(tmp_path):
     program = tmp_path / "finaliser.py"
     program.write_text(FINALISER_PROGRAM)
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(0.2)
-            os.killpg(proc.pid, signal.SIGINT)
-            _, stderr = proc.communicate(timeout=DEADLINE)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc, stderr = ctrl_c([str(program)], 0.2)
         assert (proc.returncode, stderr.strip()) == (130, "interrupted"), (trial, stderr)
