@@ -165,7 +165,7 @@ class TrainTransform:
             crop = decode_crop(data, num, x0, y0, w, h, self.use_roi, fast_dct=True)
         else:  # PNG etc. in a raw folder: full decode, same geometry
             crop, flip = self.crop_full(decode_bgr(data, fast_dct=True), index, epoch)
-        write_chw(resize_square(crop, S), out, flip)
+        _to_chw(crop, out, flip)
 
     def crop_full(self, full: np.ndarray, index: int, epoch: int) -> Tuple[np.ndarray, bool]:
         """(crop view, flip) of sample `index` from a whole decoded HxWx3 image: the draws of
