@@ -28,6 +28,7 @@
 
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <jpeglib.h>
@@ -125,6 +126,7 @@ typedef struct {
     int scale_num;
     int fast_dct; /* JDCT_IFAST (TurboJPEG's TJFLAG_FASTDCT) instead of JDCT_ISLOW */
     int stop;     /* one of ROI_STOP_* */
+    int seek;     /* may decode a sub-image cut out at restart markers (roi_decode_seek) */
     JDIMENSION x0, y0, w, h;
     unsigned char *dst;    /* h * w * 3 bytes, or NULL for a header-only call */
     /* out */
@@ -159,9 +161,9 @@ colorspace_supported(const struct jpeg_decompress_struct *cinfo)
     }
 }
 
-/* Runs without the GIL.  Returns one of ROI_*. */
+/* Runs without the GIL.  Decodes job->src as it is.  Returns one of ROI_*. */
 static int
-roi_decode(roi_job *job)
+roi_decode_whole(roi_job *job)
 {
     struct jpeg_decompress_struct cinfo;
     roi_error_mgr err;
@@ -307,6 +309,243 @@ roi_decode(roi_job *job)
     return ROI_OK;
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * Seeking with restart markers.
+ *
+ * Huffman-coded data is one bit stream, so without restart markers every MCU above a window,
+ * and every MCU left and right of it, is entropy-decoded to reach the window's own.  After a
+ * restart marker the stream starts afresh (byte-aligned, DC predictions reset), so a JPEG
+ * with a marker every K MCUs, K dividing the MCUs per row, is a grid of independent pieces.
+ * The pieces covering a window plus a margin, copied behind the file's own headers with the
+ * frame's size changed and the markers renumbered, form a valid JPEG of just that region: its
+ * decode equals the whole image's decode there, except within reach of its artificial edges,
+ * where the chroma upsampler replicates instead of blending with samples that are not there.
+ * That reach is one chroma sample (max_samp_factor output pixels); the margin is two.
+ * tests/test_jpegroi.py checks the equality for every layout, scale and many windows.
+ * add_restarts() writes such files (a marker after every MCU); any other JPEG whose restart
+ * interval divides its MCU row seeks too.  Whatever does not fit (progressive, several
+ * scans, DNL, a marker out of sequence) takes the whole-image path, which also has the last
+ * word whenever the sub-image's decode fails.
+ * --------------------------------------------------------------------------------------- */
+typedef struct {
+    unsigned long sof;   /* offset of the SOF marker */
+    unsigned long scan;  /* offset of the first byte of entropy-coded data */
+    unsigned int K;      /* restart interval, MCUs */
+    unsigned int X, Y;   /* frame size */
+    unsigned int mcu_w, mcu_h, cols, rows;
+    unsigned int hmax, vmax;
+} roi_layout;
+
+static unsigned int
+be16(const unsigned char *p)
+{
+    return ((unsigned int)p[0] << 8) | p[1];
+}
+
+/* 1 where src is a one-scan Huffman sequential JPEG (all components interleaved, or one)
+ * with a restart interval dividing the MCU row; then *L describes it. */
+static int
+roi_seek_layout(const unsigned char *s, unsigned long n, roi_layout *L)
+{
+    unsigned long pos = 2, len;
+    unsigned int m, nf = 0, i;
+    int have_sof = 0;
+
+    memset(L, 0, sizeof(*L));
+    if (n < 4 || s[0] != 0xFF || s[1] != 0xD8)
+        return 0;
+    for (;;) {
+        if (pos + 4 > n || s[pos] != 0xFF)
+            return 0;
+        m = s[pos + 1];
+        if (m == 0xFF) { /* fill byte */
+            pos++;
+            continue;
+        }
+        if (m == 0x01 || (m >= 0xD0 && m <= 0xD9))
+            return 0; /* no standalone marker belongs before the scan */
+        len = be16(s + pos + 2);
+        if (len < 2 || pos + 2 + len > n)
+            return 0;
+        if (m == 0xC0 || m == 0xC1) {
+            const unsigned char *seg = s + pos + 4;
+            if (have_sof || len < 8 || seg[0] != 8)
+                return 0;
+            L->sof = pos;
+            L->Y = be16(seg + 1);
+            L->X = be16(seg + 3);
+            nf = seg[5];
+            if (L->X == 0 || L->Y == 0 || (nf != 1 && nf != 3) || len < 8 + 3 * nf)
+                return 0;
+            for (i = 0; i < nf; i++) {
+                unsigned int hv = seg[6 + 3 * i + 1], h = hv >> 4, v = hv & 15;
+                if (h < 1 || h > 4 || v < 1 || v > 4)
+                    return 0;
+                if (h > L->hmax)
+                    L->hmax = h;
+                if (v > L->vmax)
+                    L->vmax = v;
+            }
+            have_sof = 1;
+        } else if ((m >= 0xC2 && m <= 0xCF) && m != 0xC4 && m != 0xC8 && m != 0xCC) {
+            return 0; /* progressive, lossless, arithmetic-coded or hierarchical */
+        } else if (m == 0xDD) {
+            if (len < 4)
+                return 0;
+            L->K = be16(s + pos + 4);
+        } else if (m == 0xDA) {
+            if (!have_sof || len < 3 || s[pos + 4] != nf)
+                return 0;
+            L->scan = pos + 2 + len;
+            break;
+        }
+        pos += 2 + len;
+    }
+    if (nf == 1) { /* a one-component scan is not interleaved: its MCU is one block */
+        L->mcu_w = L->mcu_h = 8;
+    } else {
+        L->mcu_w = 8 * L->hmax;
+        L->mcu_h = 8 * L->vmax;
+    }
+    L->cols = (L->X + L->mcu_w - 1) / L->mcu_w;
+    L->rows = (L->Y + L->mcu_h - 1) / L->mcu_h;
+    return L->K != 0 && L->K <= L->cols && L->cols % L->K == 0;
+}
+
+/* Build the sub-image of job's window (scaled coordinates) into a malloc'ed buffer; returns
+ * 1 with *sub, *sub_len and the window's offset in it (scaled pixels), or 0 where seeking
+ * does not apply or would not save anything. */
+static int
+roi_seek_build(const roi_job *job, unsigned char **sub, unsigned long *sub_len,
+               JDIMENSION *dx, JDIMENSION *dy)
+{
+    const unsigned char *s = job->src;
+    unsigned long n = job->src_len, p, need, i, first, last, count, j;
+    unsigned long *mark = NULL, start;
+    unsigned char *out, *o;
+    roi_layout L;
+    unsigned int num = (unsigned int)job->scale_num, mw, mh, mx, my, W, H;
+    unsigned int c0, c1, r0, r1, r, sub_w, sub_h, per_row;
+
+    *sub = NULL;
+    if (!roi_seek_layout(s, n, &L))
+        return 0;
+    mw = L.mcu_w * num / 8;
+    mh = L.mcu_h * num / 8;
+    W = (L.X * num + 7) / 8;
+    H = (L.Y * num + 7) / 8;
+    if (job->x0 >= W || job->y0 >= H || job->w > W - job->x0 || job->h > H - job->y0)
+        return 0; /* the whole-image path reports the bad window */
+    mx = 2 * L.hmax;
+    my = 2 * L.vmax;
+    c0 = job->x0 > mx ? (job->x0 - mx) / mw : 0;
+    c0 -= c0 % L.K;
+    c1 = (job->x0 + job->w + mx + mw - 1) / mw;
+    c1 = c1 >= L.cols ? L.cols : ((c1 + L.K - 1) / L.K) * L.K;
+    if (c1 > L.cols)
+        c1 = L.cols;
+    r0 = job->y0 > my ? (job->y0 - my) / mh : 0;
+    r1 = (job->y0 + job->h + my + mh - 1) / mh;
+    if (r1 > L.rows)
+        r1 = L.rows;
+    if (c0 == 0 && c1 == L.cols && r0 == 0)
+        return 0; /* the whole-image path already stops after the window's last row */
+    per_row = (c1 - c0) / L.K;
+    count = (unsigned long)per_row * (r1 - r0);
+    /* The markers that end every interval up to the last one the window needs. */
+    need = ((unsigned long)(r1 - 1) * L.cols + c1) / L.K; /* intervals 0..need-1 */
+    mark = (unsigned long *)malloc(need * sizeof(unsigned long));
+    if (mark == NULL)
+        return 0;
+    p = L.scan;
+    for (i = 0; i < need;) {
+        const unsigned char *q = (const unsigned char *)memchr(s + p, 0xFF, n - p);
+        unsigned int b;
+        if (q == NULL || (unsigned long)(q - s) + 1 >= n)
+            goto no;
+        p = (unsigned long)(q - s);
+        b = s[p + 1];
+        if (b == 0x00) { /* a stuffed 0xFF data byte */
+            p += 2;
+        } else if (b == 0xFF) {
+            p += 1;
+        } else if (b >= 0xD0 && b <= 0xD7) {
+            if (b != 0xD0 + (i & 7))
+                goto no;
+            mark[i++] = p;
+            p += 2;
+        } else if (b == 0xD9 && i + 1 == need) {
+            mark[i++] = p;
+        } else {
+            goto no;
+        }
+    }
+    out = (unsigned char *)malloc(L.scan + (mark[need - 1] - L.scan) + 2 * count + 2);
+    if (out == NULL)
+        goto no;
+    memcpy(out, s, L.scan);
+    sub_w = c1 == L.cols ? L.X - c0 * L.mcu_w : (c1 - c0) * L.mcu_w;
+    sub_h = r1 == L.rows ? L.Y - r0 * L.mcu_h : (r1 - r0) * L.mcu_h;
+    out[L.sof + 5] = (unsigned char)(sub_h >> 8);
+    out[L.sof + 6] = (unsigned char)sub_h;
+    out[L.sof + 7] = (unsigned char)(sub_w >> 8);
+    out[L.sof + 8] = (unsigned char)sub_w;
+    o = out + L.scan;
+    j = 0;
+    for (r = r0; r < r1; r++) {
+        first = ((unsigned long)r * L.cols + c0) / L.K;
+        last = first + per_row; /* one past */
+        start = first == 0 ? L.scan : mark[first - 1] + 2;
+        /* The row's intervals are contiguous in the file: copy them, markers and all, then
+         * renumber the markers in the copy. */
+        memcpy(o, s + start, mark[last - 1] - start);
+        for (i = first; i + 1 < last; i++)
+            o[mark[i] - start + 1] = (unsigned char)(0xD0 + ((j + i - first) & 7));
+        o += mark[last - 1] - start;
+        j += per_row;
+        if (j < count) {
+            *o++ = 0xFF;
+            *o++ = (unsigned char)(0xD0 + ((j - 1) & 7));
+        }
+    }
+    *o++ = 0xFF;
+    *o++ = 0xD9;
+    free(mark);
+    *sub = out;
+    *sub_len = (unsigned long)(o - out);
+    *dx = c0 * mw;
+    *dy = r0 * mh;
+    return 1;
+no:
+    free(mark);
+    return 0;
+}
+
+/* Runs without the GIL.  Returns one of ROI_*. */
+static int
+roi_decode(roi_job *job)
+{
+    if (job->seek && job->dst != NULL) {
+        unsigned char *sub;
+        unsigned long sub_len;
+        JDIMENSION dx, dy;
+        if (roi_seek_build(job, &sub, &sub_len, &dx, &dy)) {
+            roi_job part = *job;
+            int status;
+            part.src = sub;
+            part.src_len = sub_len;
+            part.x0 -= dx;
+            part.y0 -= dy;
+            status = roi_decode_whole(&part);
+            free(sub);
+            if (status == ROI_OK)
+                return ROI_OK;
+        }
+    }
+    return roi_decode_whole(job);
+}
+
 static PyObject *
 roi_raise(roi_job *job, int status)
 {
@@ -373,15 +612,16 @@ static PyObject *
 decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"src", "scale_num", "x0", "y0", "w", "h", "dst", "fast_dct",
-                             "stop", NULL};
+                             "stop", "seek", NULL};
     Py_buffer src, dst;
-    int scale_num, status, fast_dct = 0, stop = ROI_STOP_NONE;
+    int scale_num, status, fast_dct = 0, stop = ROI_STOP_NONE, seek = 1;
     Py_ssize_t x0, y0, w, h;
     roi_job job;
     (void)self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|pi:decode_crop", kwlist, &src,
-                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct, &stop))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*innnnw*|pip:decode_crop", kwlist, &src,
+                                     &scale_num, &x0, &y0, &w, &h, &dst, &fast_dct, &stop,
+                                     &seek))
         return NULL;
     memset(&job, 0, sizeof(job));
     if (stop < ROI_STOP_NONE || stop > ROI_STOP_MAX) {
@@ -389,6 +629,7 @@ decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
         goto fail;
     }
     job.stop = stop;
+    job.seek = seek;
     if (scale_num < 1 || scale_num > 8) {
         PyErr_Format(PyExc_ValueError, "scale_num must be in 1..8, got %d", scale_num);
         goto fail;
@@ -612,12 +853,128 @@ validate(PyObject *self, PyObject *args, PyObject *kwargs)
                          job.subsamp, job.colorspace);
 }
 
+
+/* ---------------------------------------------------------------------------------------
+ * Restart markers: a lossless rewrite of a JPEG that lets a decoder start at any MCU.
+ *
+ * add_restarts() re-encodes a baseline or extended sequential Huffman JPEG's quantised DCT
+ * coefficients unchanged (jpeg_read_coefficients -> jpeg_write_coefficients, as jpegtran
+ * does) with a restart marker after every `interval` MCUs and optimised Huffman tables.
+ * Decoding the result gives the same pixels as decoding the source: the coefficients, the
+ * quantisation tables, the sampling factors and the colour space (written as a JFIF or an
+ * Adobe marker) are the source's; Huffman tables and restart markers only change how the
+ * same numbers are spelled.  Progressive and arithmetic-coded files are left alone (None):
+ * a progressive file's decoder smooths blocks whose low coefficients a scan left unrefined,
+ * which a sequential one would not.
+ * --------------------------------------------------------------------------------------- */
+static int
+roi_add_restarts(roi_job *job, unsigned int interval, unsigned char **out,
+                 unsigned long *out_len)
+{
+    struct jpeg_decompress_struct dinfo;
+    struct jpeg_compress_struct cinfo;
+    roi_error_mgr err;
+    jvirt_barray_ptr *coefs;
+    int have_c = 0;
+
+    roi_init(&dinfo, &err);
+    memset(&cinfo, 0, sizeof(cinfo));
+    cinfo.err = &err.pub; /* one error manager: either struct's error ends both */
+    *out = NULL;
+    *out_len = 0;
+    if (setjmp(err.jump)) {
+        memcpy(job->message, err.message, sizeof(job->message));
+        if (have_c)
+            jpeg_destroy_compress(&cinfo);
+        jpeg_destroy_decompress(&dinfo);
+        free(*out);
+        *out = NULL;
+        return ROI_LIBJPEG;
+    }
+    jpeg_create_decompress(&dinfo);
+    dinfo.mem->max_memory_to_use = ROI_MAX_VIRT_MEMORY;
+    jpeg_mem_src(&dinfo, job->src, job->src_len);
+    jpeg_read_header(&dinfo, TRUE);
+    job->width = dinfo.image_width;
+    job->height = dinfo.image_height;
+    if (dinfo.progressive_mode || dinfo.arith_code || dinfo.data_precision != 8 ||
+        !colorspace_supported(&dinfo)) {
+        jpeg_destroy_decompress(&dinfo);
+        return ROI_COLORSPACE; /* "not applicable": the caller keeps the source */
+    }
+    coefs = jpeg_read_coefficients(&dinfo);
+    jpeg_create_compress(&cinfo);
+    have_c = 1;
+    jpeg_mem_dest(&cinfo, out, out_len);
+    jpeg_copy_critical_parameters(&dinfo, &cinfo);
+    cinfo.optimize_coding = FALSE;
+    cinfo.restart_interval = interval;
+    jpeg_write_coefficients(&cinfo, coefs);
+    jpeg_finish_compress(&cinfo);
+    jpeg_finish_decompress(&dinfo); /* reads to EOI: data after the scan warns, as a decode */
+    jpeg_destroy_compress(&cinfo);
+    jpeg_destroy_decompress(&dinfo);
+    return ROI_OK;
+}
+
+PyDoc_STRVAR(add_restarts_doc,
+"add_restarts(src, interval=1) -> bytes or None\n"
+"\n"
+"The JPEG `src` rewritten losslessly with a restart marker every `interval` MCUs (1..65535)\n"
+"and optimised Huffman tables: the same DCT coefficients, quantisation tables, sampling and\n"
+"colour space, so every decode of it gives the source's pixels.  None where the rewrite does\n"
+"not apply (progressive or arithmetic-coded files, CMYK/YCCK, 12-bit).  Raises ValueError on\n"
+"any libjpeg error or warning (corrupt or truncated data).  The GIL is released meanwhile.");
+
+static PyObject *
+add_restarts(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"src", "interval", NULL};
+    Py_buffer src;
+    roi_job job;
+    int status, interval = 1;
+    unsigned char *out = NULL;
+    unsigned long out_len = 0;
+    PyObject *res;
+    (void)self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|i:add_restarts", kwlist, &src,
+                                     &interval))
+        return NULL;
+    if (interval < 1 || interval > 65535) {
+        PyBuffer_Release(&src);
+        PyErr_Format(PyExc_ValueError, "interval must be in 1..65535 MCUs, got %d", interval);
+        return NULL;
+    }
+    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "src is too large");
+        return NULL;
+    }
+    memset(&job, 0, sizeof(job));
+    job.src = (const unsigned char *)src.buf;
+    job.src_len = (unsigned long)src.len;
+    Py_BEGIN_ALLOW_THREADS
+    status = roi_add_restarts(&job, (unsigned int)interval, &out, &out_len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    if (status == ROI_COLORSPACE)
+        Py_RETURN_NONE;
+    if (status != ROI_OK)
+        return roi_raise(&job, status);
+    res = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)out_len);
+    free(out);
+    return res;
+}
+
 static PyMethodDef roi_methods[] = {
     {"decode_crop", (PyCFunction)(void (*)(void))decode_crop, METH_VARARGS | METH_KEYWORDS,
      decode_crop_doc},
     {"header", (PyCFunction)(void (*)(void))header, METH_VARARGS | METH_KEYWORDS, header_doc},
     {"validate", (PyCFunction)(void (*)(void))validate, METH_VARARGS | METH_KEYWORDS,
      validate_doc},
+    {"add_restarts", (PyCFunction)(void (*)(void))add_restarts, METH_VARARGS | METH_KEYWORDS,
+     add_restarts_doc},
     {NULL, NULL, 0, NULL},
 };
 

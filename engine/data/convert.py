@@ -11,13 +11,17 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 
-from engine.data.decode import DecodeError, decode_bgr, jpeg_info, sniff, validate_jpeg
+from engine.data.decode import DecodeError, add_restarts, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.folder import read_file
 
-__all__ = ["JPEG_QUALITY", "stores_raw", "process_file"]
+__all__ = ["JPEG_QUALITY", "RESTART_INTERVAL", "stores_raw", "process_file"]
 
 # Quality of the JPEGs the packer re-encodes, unless --jpeg-quality says otherwise.
 JPEG_QUALITY = 95
+# MCUs between restart markers with --restart-markers: one, so a crop's pieces start and end at
+# its own MCUs. libjpeg-turbo 2.1 takes its slower Huffman path for any interval, and each
+# marker costs ~3 bytes, so a longer interval would save little and seek coarser.
+RESTART_INTERVAL = 1
 
 
 def stores_raw(seed: int, index: int, fraction: float) -> bool:
@@ -49,15 +53,30 @@ def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, b
     return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
 
 
+def _with_restarts(data: bytes, interval: int) -> bytes:
+    """A JPEG record's bytes with restart markers every `interval` MCUs (0: as they are). The
+    rewrite keeps every pixel; where it does not apply (progressive files) or refuses the
+    bytes, the record keeps the bytes it had, which the strict decode already accepted."""
+    if not interval:
+        return data
+    try:
+        out = add_restarts(data, interval)
+    except DecodeError:
+        return data
+    return data if out is None else out
+
+
 def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
-                 jpeg_quality: Optional[int] = None) -> Dict[str, Any]:
+                 jpeg_quality: Optional[int] = None, restart_interval: int = 0) -> Dict[str, Any]:
     """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason};
     with `raw`, {"pixels", "height", "width", "kind"} instead of "image": the file's full
     strict decode as uint8 BGR (what the loader decodes from the JPEG), capped at `max_side`.
 
     kind is "jpeg" (original bytes kept), "gray" (a grayscale JPEG, kept: libjpeg expands it
     to 3 channels) or "converted:<what>" (re-encoded at `jpeg_quality`, default JPEG_QUALITY;
-    a raw record keeps the converted pixels themselves, never re-encoded).
+    a raw record keeps the converted pixels themselves, never re-encoded). With
+    `restart_interval`, a JPEG record is rewritten losslessly with restart markers
+    (_with_restarts): the same pixels, decodable piece by piece.
     """
     try:
         data = read_file(path)
@@ -73,8 +92,8 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
             info = jpeg_info(data) if raw else validate_jpeg(data)
             if not raw and not info.needs_conversion and not (
                     max_side and max(info.width, info.height) > max_side):
-                return {"image": data, "height": info.height, "width": info.width,
-                        "kind": "gray" if info.grayscale else "jpeg"}
+                return {"image": _with_restarts(data, restart_interval), "height": info.height,
+                        "width": info.width, "kind": "gray" if info.grayscale else "jpeg"}
             bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
                 kind = "converted:cmyk"
@@ -93,5 +112,5 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     if raw:
         return {"pixels": bgr, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
     if kind.startswith("converted"):
-        data = _encode_jpeg(bgr, jpeg_quality)
+        data = _with_restarts(_encode_jpeg(bgr, jpeg_quality), restart_interval)
     return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}

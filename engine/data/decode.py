@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - exercised on machines without the head
 
 __all__ = [
     "DecodeError", "JpegInfo", "sniff", "jpeg_info", "jpeg_size", "decode_bgr", "decode_crop",
-    "scaled_dim", "pick_scale", "roi_available", "validate_jpeg", "VALIDATE_SCALE",
+    "scaled_dim", "pick_scale", "roi_available", "validate_jpeg", "add_restarts",
+    "VALIDATE_SCALE",
 ]
 
 from turbojpeg import (
@@ -255,6 +256,21 @@ def validate_jpeg(data: bytes, info: Optional[JpegInfo] = None) -> JpegInfo:
     return info
 
 
+def add_restarts(data: bytes, interval: int = 1) -> Optional[bytes]:
+    """The JPEG `data` rewritten losslessly with a restart marker every `interval` MCUs: the
+    same DCT coefficients, quantisation tables, sampling and colour space (standard Huffman
+    tables), so every decode of it gives the same pixels. decode_crop then decodes only the
+    part of the image a window needs. None where the rewrite does not apply (progressive or
+    arithmetic-coded JPEGs, CMYK/YCCK). Needs the compiled decoder (roi_available());
+    DecodeError for corrupt data."""
+    if _jpegroi is None:
+        raise RuntimeError("add_restarts needs the compiled decoder engine.data._jpegroi")
+    try:
+        return _jpegroi.add_restarts(data, interval)
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
+
+
 def roi_available() -> bool:
     """Whether the compiled crop-window decoder is built (see setup.py)."""
     return _jpegroi is not None
@@ -277,7 +293,9 @@ def decode_crop(data: bytes, num: int, x0: int, y0: int, w: int, h: int,
 
     With the ROI decoder only that window is decoded: rows below it are never read, rows above
     it are entropy-decoded and skipped, and IDCT, upsampling and colour conversion run on the
-    window's columns alone. Otherwise (or for CMYK, which it does not handle) the whole image
+    window's columns alone. In a JPEG with restart markers (add_restarts), the entropy decode
+    too starts and ends near the window: only the pieces between markers that cover it (and a
+    margin) are read. Otherwise (or for CMYK, which it does not handle) the whole image
     is decoded at that scale and sliced. Both paths give identical pixels.
     """
     if use_roi and _jpegroi is not None:

@@ -16,7 +16,8 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from engine.data import shards
-from engine.data.plan import PLAN_FILE, PackError, drop_progress, missing, read_marker, read_plan, rebuild_markers
+from engine.data.plan import (PLAN_FILE, STORAGE_DEFAULTS, PackError, drop_progress, missing,
+                               read_marker, read_plan, rebuild_markers)
 from engine.errors import disk_error_message
 
 __all__ = ["merge_split", "replace_shards", "merge_pack"]
@@ -69,7 +70,7 @@ def _meta_from(plan: Dict[str, Any], markers: Dict[int, Dict[str, Any]], dst: st
     }
     # Only packs that chose other storage carry these keys: a JPEG-only pack's meta.json is the
     # version-1 file it always was.
-    meta.update({k: plan[k] for k in ("raw_fraction", "jpeg_quality") if k in plan})
+    meta.update({k: plan[k] for k in STORAGE_DEFAULTS if k in plan})
     if stats.raw:
         meta["raw_records"] = stats.raw
     return meta

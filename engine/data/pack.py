@@ -32,7 +32,9 @@ import lmdb
 
 from engine.cli import option
 from engine.data import merge, plan, pool, shard_writer, shards, verify
-from engine.data.convert import JPEG_QUALITY, process_file, stores_raw
+from engine import libjpeg
+from engine.data.convert import JPEG_QUALITY, RESTART_INTERVAL, process_file, stores_raw
+from engine.data.decode import roi_available
 from engine.data.cpus import usable_cores
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
@@ -111,6 +113,7 @@ def _pack_shard(job: Dict[str, Any],
                                         ("src", "dst", "k", "items", "fp", "max_side"))
     raw_fraction, quality, seed = job.get("raw_fraction", 0.0), job.get("jpeg_quality"), \
         job.get("seed", 0)
+    restarts = job.get("restart_interval", 0)
     first = k * job.get("shard_size", 0)  # the plan position of the shard's first file
     name = shards.shard_name(k)
     path = os.path.join(dst, name)
@@ -125,7 +128,7 @@ def _pack_shard(job: Dict[str, Any],
             writer = shard_writer.ShardWriter(path)
             for j, (rel, label) in enumerate(items):
                 raw = stores_raw(seed, first + j, raw_fraction)
-                r = process_file(os.path.join(src, rel), max_side, raw, quality)
+                r = process_file(os.path.join(src, rel), max_side, raw, quality, restarts)
                 if "skip" in r:
                     tally.skipped(rel, r["skip"])
                 else:
@@ -163,7 +166,8 @@ def _jobs(sc: Scan, dst: str, ks: Sequence[int]) -> List[Dict[str, Any]]:
     return [{"src": sc.src, "dst": dst, "k": k, "items": sc.shard_items(k), "fp": sc.fingerprint,
              "max_side": p["max_side"], "needed": needed, "seed": p["seed"],
              "shard_size": p["shard_size"], "raw_fraction": p.get("raw_fraction", 0.0),
-             "jpeg_quality": p.get("jpeg_quality")} for k in ks]
+             "jpeg_quality": p.get("jpeg_quality"),
+             "restart_interval": p.get("restart_interval", 0)} for k in ks]
 
 
 def _run_jobs(jobs: List[Dict[str, Any]], workers: int, counter, bar) -> Dict[int, Dict[str, Any]]:
@@ -317,6 +321,11 @@ class PackConfig:
     jpeg_quality: Optional[int] = option(None, "quality of the JPEGs the packer re-encodes "
                                                "(converted or over --max-side; default %d)"
                                          % JPEG_QUALITY)
+    restart_markers: bool = option(
+        False, "rewrite every JPEG record losslessly (the same pixels) with a restart marker "
+               "after each MCU, so the loader entropy-decodes only a crop's own part of the image "
+               "(~20%% less decode time per training crop; records ~3%% larger; packing ~2x the "
+               "CPU time)")
     seed: int = option(0, "train record order, and which records --raw-fraction picks")
     strict: bool = option(False, "exit non-zero if any file had to be skipped")
     num_nodes: Optional[int] = option(None, "machines packing into one shared --out (default: "
@@ -371,7 +380,8 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
                   num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
                   env: Optional[Mapping[str, str]] = None, repair: bool = False,
                   raw_fraction: float = PackConfig.raw_fraction,
-                  jpeg_quality: Optional[int] = None) -> PackResult:
+                  jpeg_quality: Optional[int] = None,
+                  restart_markers: bool = PackConfig.restart_markers) -> PackResult:
     """Pack ROOT/<split>/<wnid>/* into OUT/<split>/ shards; returns a summary per split.
 
     With several nodes (flags, or the Slurm/torchrun environment `env`, default os.environ),
@@ -392,7 +402,13 @@ def pack_imagenet(data: str, out: str, splits: Sequence[str] = ("train", "val"),
         raise PackError("--raw-fraction must be between 0 and 1 (got %g)" % raw_fraction)
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
         raise PackError("--jpeg-quality must be between 1 and 100 (got %d)" % jpeg_quality)
-    storage = plan.storage_options(raw_fraction, jpeg_quality)
+    if restart_markers and not roi_available():
+        raise PackError("--restart-markers needs the compiled JPEG decoder (engine.data._jpegroi), "
+                        "which this install lacks: get libjpeg-turbo's headers with %s, reinstall "
+                        "the engine, then rerun (or pack without --restart-markers)"
+                        % libjpeg.HOW_TO_GET)
+    storage = plan.storage_options(raw_fraction, jpeg_quality,
+                                   RESTART_INTERVAL if restart_markers else 0)
     splits = list(splits)
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:

@@ -52,16 +52,24 @@ class PackError(UserError, ValueError):
 # Scan and plan
 
 
-def storage_options(raw_fraction: float = 0.0, jpeg_quality: Optional[int] = None
-                    ) -> Dict[str, Any]:
+# The plan's (and meta.json's) storage keys with their defaults: absent from a pack made with
+# the defaults. restart_interval: MCUs between the restart markers written into every JPEG
+# record (--restart-markers), 0 for the JPEGs as they came.
+STORAGE_DEFAULTS: Dict[str, Any] = {"raw_fraction": 0, "jpeg_quality": None, "restart_interval": 0}
+
+
+def storage_options(raw_fraction: float = 0.0, jpeg_quality: Optional[int] = None,
+                    restart_interval: int = 0) -> Dict[str, Any]:
     """The plan's keys for how records are stored, present only when not the defaults (every
-    record a JPEG, re-encodes at the packer's quality): a pack with the defaults has the plan,
-    fingerprint and meta.json it always had."""
+    record a JPEG as it came, re-encodes at the packer's quality): a pack with the defaults has
+    the plan, fingerprint and meta.json it always had."""
     opts: Dict[str, Any] = {}
     if raw_fraction:
         opts["raw_fraction"] = float(raw_fraction)
     if jpeg_quality is not None:
         opts["jpeg_quality"] = int(jpeg_quality)
+    if restart_interval:
+        opts["restart_interval"] = int(restart_interval)
     return opts
 
 
@@ -171,7 +179,7 @@ def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     for key in ("split", "seed", "shard_size", "max_side"):
         if old.get(key) != new[key]:
             return "%s %r then, %r now" % (key, old.get(key), new[key])
-    for key, default in (("raw_fraction", 0), ("jpeg_quality", None)):
+    for key, default in STORAGE_DEFAULTS.items():
         if old.get(key, default) != new.get(key, default):
             return "%s %r then, %r now" % (key, old.get(key, default), new.get(key, default))
     if old.get("classes") != new["classes"]:
@@ -253,7 +261,7 @@ def finished(dst: str, fp: str, plan: Optional[Dict[str, Any]] = None,
             {"split": old.get("split"), "seed": old.get("seed"),
              "shard_size": old.get("shard_size"), "max_side": old.get("max_side"),
              "classes": old.get("classes"), "num_files": old.get("seen"),
-             **{k: old[k] for k in ("raw_fraction", "jpeg_quality") if k in old}}, plan)
+             **{k: old[k] for k in STORAGE_DEFAULTS if k in old}}, plan)
     raise PackError("%s already holds a complete pack of different input or arguments%s. Rerun "
                     "with the arguments it was packed with, choose another --out, or delete %s "
                     "to repack." % (dst, changed, dst))

@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       shard_size=c.shard_size, max_side=c.max_side, seed=c.seed, strict=c.strict,
                       progress=not c.quiet, num_nodes=c.num_nodes, node_rank=c.node_rank,
                       repair=c.repair, raw_fraction=c.raw_fraction,
-                      jpeg_quality=c.jpeg_quality)
+                      jpeg_quality=c.jpeg_quality, restart_markers=c.restart_markers)
 
     return run_tool(run, interrupted="interrupted; rerun to resume")
 
