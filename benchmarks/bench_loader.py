@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Loader throughput, side by side on the same JPEGs with the same worker count:
-(a) the engine Loader from LMDB shards, (b) the engine Loader from the raw folder, (c) the seed
+(a) the engine Loader from LMDB shards, (a') the same from shards packed with --restart-markers
+(the same pixels; the decoder reads only a crop's pieces), (b) the engine Loader from the raw
+folder, (c) the seed
 pipeline (megengine.data.DataLoader + ImageFolder (cv2) + RandomResizedCrop, RandomHorizontalFlip,
 Normalize, ToMode("CHW")), (d) NVIDIA DALI's CPU pipeline when it is installed (file reader,
 decoders.image_random_crop with area 0.08-1 and ratio 3/4-4/3, resize, crop_mirror_normalize to
@@ -33,6 +35,7 @@ from common import (  # noqa: E402
     rate,
     ratio,
     read_all,
+    restart_pack,
     sample_data,
     settle,
     show,
@@ -41,6 +44,8 @@ from common import (  # noqa: E402
 )
 
 from engine.data import Loader, shards  # noqa: E402
+
+RST = "engine, LMDB, restart markers"
 
 
 def measure(batches, seconds: float, batch_size: int) -> Tuple[float, float]:
@@ -144,6 +149,8 @@ def main(argv=None):
     p.add_argument("--no-seed", action="store_true", help="skip the MegEngine seed pipeline")
     p.add_argument("--no-roi", action="store_true", help="engine rows without the ROI decoder")
     p.add_argument("--no-dali", action="store_true", help="skip DALI even when installed")
+    p.add_argument("--no-restart-markers", action="store_true",
+                   help="skip the row of shards packed with --restart-markers")
     p.add_argument("--cold", action="store_true",
                    help="also time whole epochs from a cold page cache, readahead off vs on")
     a = p.parse_args(argv)
@@ -171,7 +178,12 @@ def main(argv=None):
               use_roi=not a.no_roi)
     engine = Loader(train_packed, **kw)
     engine_raw = Loader(train_raw, **kw)
-    configs = [("engine, LMDB shards", engine.stream()), ("engine, raw folder", engine_raw.stream())]
+    configs = [("engine, LMDB shards", engine.stream())]
+    engine_rst = None
+    if not a.no_restart_markers and engine.roi:
+        engine_rst = Loader(os.path.join(restart_pack(raw), "train"), **kw)
+        configs.append((RST, engine_rst.stream()))
+    configs.append(("engine, raw folder", engine_raw.stream()))
     dali = None if a.no_dali else dali_pipeline(train_raw, a.batch_size, a.image_size,
                                                    a.workers)
     if dali is not None:
@@ -195,6 +207,8 @@ def main(argv=None):
             log("repeat %d %-28s %.0f img/s, %.2f CPU ms/img" % (r, name, img_s, ms))
     engine.close()
     engine_raw.close()
+    if engine_rst is not None:
+        engine_rst.close()
     cold = {}
     if a.cold:
         ckw = dict(kw, train=True)
@@ -233,6 +247,8 @@ def main(argv=None):
            {"engine_img_s": round(e, 1), "engine_raw_img_s": round(er, 1),
             "engine_cpu_ms": ms_of("engine, LMDB shards"),
             "engine_raw_cpu_ms": ms_of("engine, raw folder"),
+            "engine_restarts_img_s": round(med[RST], 1) if RST in med else None,
+            "engine_restarts_cpu_ms": ms_of(RST),
             "seed_cpu_ms": ms_of("seed: megengine DataLoader"),
             "dali_cpu_ms": ms_of("DALI CPU pipeline"),
             "decode_ceiling_cpu_ms": round(ceiling_ms, 3),

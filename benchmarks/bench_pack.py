@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--splits", default="train,val")
     p.add_argument("--shard-size", type=int, default=200)
+    p.add_argument("--restart-markers", action="store_true",
+                   help="also pack with --restart-markers in every round, right after the "
+                        "default pack")
     a = p.parse_args(argv)
     data, _ = sample_data(a.data, need_packed=False, imagenet_like=a.imagenet_like)
     # The packs run in a process started before this one reads the files into memory, as a
@@ -78,12 +81,25 @@ def main(argv=None):
                 shutil.rmtree(kept.pop())
             kept.append(out)  # the last pack stays for the checksum and verify figures
 
+    rst_cpu: List[float] = []
+
+    def pack_restarts():
+        out = tempfile.mkdtemp(prefix="bench-pack-rst-")
+        try:
+            seen, cpu = packer.submit(_pack, data, out, splits, a.workers, a.shard_size,
+                                      True).result()
+            rst_cpu.append(cpu)
+            return seen
+        finally:
+            shutil.rmtree(out)
+
     # Interleaved: the ceiling is measured right before every pack, so a change of load on a
     # shared machine moves both; the ratio is taken per round, then the median.
     # CPU per image too (the packing process and its reaped workers, os.times): on a shared
     # machine the workers may not get a core each, which the wall-clock ratio charges to
     # the packer; the CPU ratio does not.
     ones, all_rates, ratios, dec_ms, pack_ms = [], [], [], [], []
+    rst_rates: List[float] = []
     for r in range(a.repeats):
         c0 = time.process_time()
         ones.append(rate(decode_all, repeats=1)[0])
@@ -94,6 +110,10 @@ def main(argv=None):
         log("round %d: strict decode %.0f img/s x %d workers, pack %.0f img/s: %.2f; CPU ms/img "
             "decode %.2f, pack %.2f" % (r, ones[-1], a.workers, all_rates[-1], ratios[-1],
                                         dec_ms[-1], pack_ms[-1]))
+        if a.restart_markers:
+            rst_rates.append(rate(pack_restarts, repeats=1)[0])
+            log("round %d: pack --restart-markers %.0f img/s, %.2f CPU ms/img"
+                % (r, rst_rates[-1], rst_cpu[-1] * 1e3 / len(blobs)))
     cpu_ratio = statistics.median(d / p for d, p in zip(dec_ms, pack_ms))
     one, pack_rate = statistics.median(ones), statistics.median(all_rates)
     ceiling = one * a.workers
@@ -142,6 +162,17 @@ def main(argv=None):
         ("verify_pack (decode all), 1 process", records / full_s,
          "%.2f" % (records / full_s / one)),
     ]
+    extra: Dict[str, Any] = {}
+    if rst_rates:
+        rst_rate = statistics.median(rst_rates)
+        rst_ms = statistics.median(rst_cpu) * 1e3 / len(blobs)
+        rows.insert(5, ("pack_imagenet --restart-markers, %d workers (CPU ms/img %.2f)"
+                        % (a.workers, rst_ms), rst_rate, "%.2f" % (rst_rate / one)))
+        rows.insert(6, ("  pack --restart-markers / ceiling: %.2f" % (rst_rate / ceiling), "",
+                        ""))
+        extra = {"pack_restarts_img_s": round(rst_rate, 1),
+                 "pack_restarts_over_ceiling": round(rst_rate / ceiling, 3),
+                 "pack_restarts_cpu_ms": round(rst_ms, 3)}
     finish(rows, ["stage (%d files, %.1f MB of shards)" % (len(src_files), mb), "img/s (median)",
                   "x 1 process"],
            {"pack_img_s": round(pack_rate, 1), "decode_ceiling_img_s": round(ceiling, 1),
@@ -162,19 +193,20 @@ def main(argv=None):
             "checksum_share_of_pack": round(sum_s / a.workers / pack_s, 4),
             "verify_fast_mb_s": round(mb / fast_s, 1),
             "verify_full_img_s": round(records / full_s, 1),
-            "data": show(data), "mean_file_kb": round(mean_file_kb(src_files), 1)},
+            "data": show(data), "mean_file_kb": round(mean_file_kb(src_files), 1), **extra},
            "bench_pack: %s" % show(data))
 
 
 def _pack(data: Optional[str], out: str = "", splits: Sequence[str] = (), workers: int = 0,
-          shard_size: int = 0) -> Tuple[int, float]:
+          shard_size: int = 0, restart_markers: bool = False) -> Tuple[int, float]:
     """(files seen, CPU seconds of this process and its reaped pack workers) of one pack, run in
     the bench's packing process; with data None, only imports (the process's start)."""
     if data is None:
         return 0, 0.0
     t0 = os.times()
     res = pack_imagenet(data, out, splits=list(splits), workers=workers, progress=False,
-                        shard_size=shard_size, log=lambda *x: None)
+                        shard_size=shard_size, log=lambda *x: None,
+                        restart_markers=restart_markers)
     t1 = os.times()
     return sum(s.seen for s in res.splits), sum(t1[:4]) - sum(t0[:4])
 

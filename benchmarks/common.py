@@ -106,6 +106,18 @@ def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
     return data, packed
 
 
+def restart_pack(data: str, splits: Sequence[str] = ("train",)) -> str:
+    """The packed `splits` of `data` made with --restart-markers (made once, in the cache)."""
+    packed = os.path.join(DEFAULT_CACHE, "packed-restarts-" + _tag(data))
+    if not all(os.path.exists(os.path.join(packed, s, "meta.json")) for s in splits):
+        from engine.data.pack import pack_imagenet
+
+        log("packing %s with restart markers into %s" % (show(data), show(packed)))
+        pack_imagenet(data, packed, splits=list(splits), progress=False, log=log, shard_size=500,
+                      restart_markers=True)
+    return packed
+
+
 def _tag(path: str) -> str:
     import hashlib
 

@@ -211,6 +211,22 @@ def _validate_alone(data: bytes) -> Optional[str]:
         return "MemoryError"
 
 
+def _rewrite_wrong(name: str, what: str, data: bytes, full: Optional[str]) -> List[str]:
+    """The packer's rewrite with restart markers (--restart-markers) doubles as its strict
+    check: where it succeeds, the full decode must accept, and give the rewrite's pixels."""
+    try:
+        out = D.add_restarts(data)
+    except DecodeError:
+        return []  # refused: the packer asks validate_jpeg, whose verdict is checked below
+    if out is None:
+        return []  # not rewritten (progressive, CMYK): validate_jpeg decides
+    if full is not None:
+        return ["%s, %s: full decode %s, the rewrite accepts" % (name, what, full)]
+    if not np.array_equal(decode_bgr(out), decode_bgr(data)):
+        return ["%s, %s: the rewrite changed pixels" % (name, what)]
+    return []
+
+
 def _check_corpus(per_source: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     paths = [("validate_jpeg", lambda d: _verdict(validate_jpeg, d)),
@@ -230,6 +246,8 @@ def _check_corpus(per_source: int, seed: int) -> None:
                 continue
             rejected += full is not None
             accepted += full is None
+            if D.roi_available():
+                wrong += _rewrite_wrong(name, what, data, full)
             for label, judge in paths:
                 got = judge(data)
                 if got == NOT_ITS_OWN:
@@ -270,9 +288,14 @@ def test_every_truncation_offset_of_the_last_rows():
                 assert _full(src[:cut]) == _verdict(validate_jpeg, src[:cut]), (name, cut)
 
 
-def test_process_file_keeps_and_skips_as_the_full_decode_decides(tmp_path):
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_process_file_keeps_and_skips_as_the_full_decode_decides(tmp_path, restarts):
     """The packer's verdict per file: kept byte for byte with the header's size where the full
-    decode accepts, skipped with the full decode's message where it rejects."""
+    decode accepts, skipped with the full decode's message where it rejects. With restart
+    markers, the same verdicts and messages; a kept baseline file is rewritten to bytes that
+    decode to its pixels."""
+    if restarts and not D.roi_available():
+        pytest.skip("--restart-markers needs the compiled decoder")
     rng = np.random.default_rng(99)
     n_skipped = 0
     for k, (name, src) in enumerate(sources()):
@@ -282,10 +305,15 @@ def test_process_file_keeps_and_skips_as_the_full_decode_decides(tmp_path):
             with open(path, "wb") as f:
                 f.write(data)
             full = _full(data)
-            got = process_file(path)
+            got = process_file(path, restart_interval=restarts)
             if full is not None:
                 assert got == {"skip": "corrupt JPEG: " + full}, (name, what)
                 n_skipped += 1
+            elif restarts and name != "cmyk":
+                assert np.array_equal(decode_bgr(got["image"]), decode_bgr(data)), (name, what)
+                assert (got["image"] == data) == ("progressive" in name), (name, what)
+                h, w = decode_bgr(data).shape[:2]
+                assert (got["height"], got["width"]) == (h, w), (name, what)
             elif name != "cmyk":
                 h, w = decode_bgr(data).shape[:2]
                 assert got == {"image": data, "height": h, "width": w,

@@ -897,8 +897,10 @@ roi_add_restarts(roi_job *job, unsigned int interval, unsigned char **out,
     jpeg_read_header(&dinfo, TRUE);
     job->width = dinfo.image_width;
     job->height = dinfo.image_height;
+    /* The layouts validate() refuses (TurboJPEG's probe) are not rewritten either: the
+     * packer's fallback, validate_jpeg, then rejects them with TurboJPEG's message. */
     if (dinfo.progressive_mode || dinfo.arith_code || dinfo.data_precision != 8 ||
-        !colorspace_supported(&dinfo)) {
+        !colorspace_supported(&dinfo) || roi_subsamp(&dinfo) < 0) {
         jpeg_destroy_decompress(&dinfo);
         return ROI_COLORSPACE; /* "not applicable": the caller keeps the source */
     }

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 import cv2
 import numpy as np
 
-from engine.data.decode import DecodeError, add_restarts, decode_bgr, jpeg_info, sniff, validate_jpeg
+from engine.data.decode import DecodeError, JpegInfo, add_restarts, decode_bgr, jpeg_info, sniff, validate_jpeg
 from engine.data.folder import read_file
 
 __all__ = ["JPEG_QUALITY", "RESTART_INTERVAL", "stores_raw", "process_file"]
@@ -66,6 +66,25 @@ def _with_restarts(data: bytes, interval: int) -> bytes:
     return data if out is None else out
 
 
+def _rewrite_checked(data: bytes, interval: int) -> Optional[Tuple[JpegInfo, bytes]]:
+    """(header, rewritten bytes) of a JPEG that the strict full decode accepts, rewritten with
+    restart markers, in one pass; None where that pass does not decide (the rewrite does not
+    apply, or refuses the file): validate_jpeg then judges the file, and its message is the
+    one a rejection carries. The rewrite reads every marker and all the entropy-coded data
+    to the end-of-image marker with libjpeg's errors and warnings fatal, which is where the
+    full decode's verdict comes from (decode.validate_jpeg says why), and refuses the layouts
+    TurboJPEG's header probe refuses; tests/test_validate_scaled.py checks on the damaged
+    corpus that it never accepts a file the full decode rejects."""
+    info = jpeg_info(data)  # TurboJPEG's probe: its refusals are the full decode's
+    if info.needs_conversion:
+        return None
+    try:
+        out = add_restarts(data, interval)
+    except DecodeError:
+        return None
+    return None if out is None else (info, out)
+
+
 def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
                  jpeg_quality: Optional[int] = None, restart_interval: int = 0) -> Dict[str, Any]:
     """Validate one file. Returns {"image", "height", "width", "kind"} or {"skip": reason};
@@ -87,13 +106,23 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     fmt = sniff(data)
     try:
         if fmt == "jpeg":
-            # The header and the scaled strict decode in one call: it accepts exactly what
-            # the full decode does (decode.validate_jpeg), and a kept file needs no pixels.
-            info = jpeg_info(data) if raw else validate_jpeg(data)
+            # With restart markers, the rewrite is the strict check (_rewrite_checked) where
+            # it applies; otherwise the header and the scaled strict decode in one call: it
+            # accepts exactly what the full decode does (decode.validate_jpeg), and a kept
+            # file needs no pixels.
+            checked = _rewrite_checked(data, restart_interval) \
+                if restart_interval and not raw else None
+            if checked is not None:
+                info, rewritten = checked
+            else:
+                info = jpeg_info(data) if raw else validate_jpeg(data)
+                rewritten = None
             if not raw and not info.needs_conversion and not (
                     max_side and max(info.width, info.height) > max_side):
-                return {"image": _with_restarts(data, restart_interval), "height": info.height,
-                        "width": info.width, "kind": "gray" if info.grayscale else "jpeg"}
+                stored = rewritten if rewritten is not None else \
+                    _with_restarts(data, restart_interval)
+                return {"image": stored, "height": info.height, "width": info.width,
+                        "kind": "gray" if info.grayscale else "jpeg"}
             bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
                 kind = "converted:cmyk"

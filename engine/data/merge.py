@@ -16,8 +16,16 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from engine.data import shards
-from engine.data.plan import (PLAN_FILE, STORAGE_DEFAULTS, PackError, drop_progress, missing,
-                               read_marker, read_plan, rebuild_markers)
+from engine.data.plan import (
+    PLAN_FILE,
+    STORAGE_DEFAULTS,
+    PackError,
+    drop_progress,
+    missing,
+    read_marker,
+    read_plan,
+    rebuild_markers,
+)
 from engine.errors import disk_error_message
 
 __all__ = ["merge_split", "replace_shards", "merge_pack"]

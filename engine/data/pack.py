@@ -30,12 +30,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lmdb
 
+from engine import libjpeg
 from engine.cli import option
 from engine.data import merge, plan, pool, shard_writer, shards, verify
-from engine import libjpeg
 from engine.data.convert import JPEG_QUALITY, RESTART_INTERVAL, process_file, stores_raw
-from engine.data.decode import roi_available
 from engine.data.cpus import usable_cores
+from engine.data.decode import roi_available
 from engine.data.plan import PackError, Scan
 from engine.dist import env as dist_env
 from engine.errors import disk_error_message
