@@ -419,8 +419,13 @@ def test_corrupt_data_warning_raises(jpegs):
 
 
 def _try(src, rng):
-    """header + a few decode_crop calls with windows inside the (claimed) image, and validate
-    at the smallest and the full scale."""
+    """header + a few decode_crop calls with windows inside the (claimed) image (seeking between
+    restart markers where the file has them), validate at the smallest and the full scale, and
+    the rewrite with restart markers."""
+    try:
+        R.add_restarts(src)
+    except ValueError:
+        pass
     for num in (1, 8):
         try:
             R.validate(src, num)
@@ -446,7 +451,8 @@ def test_fuzz_hostile_input_never_crashes():
     base = photo("astronaut", 72, 88)
     seeds = [enc(base, "420"), enc(base, "422", progressive=True), enc(base, "gray"),
              enc(base, "444", restart=2), enc(base, "411", progressive=True),
-             enc_pil(base, 2, progressive=True), enc_pil(base, 0, mode="CMYK")]
+             enc_pil(base, 2, progressive=True), enc_pil(base, 0, mode="CMYK"),
+             R.add_restarts(enc(base, "420")), R.add_restarts(enc(base, "444"))]
     cases = 0
     for _ in range(300):  # random bytes, with and without a JPEG SOI
         n = int(rng.integers(0, 400))

@@ -4,7 +4,8 @@ The fuzz test in test_jpegroi.py only notices a memory error that crashes the pr
 or write a few bytes past a buffer usually does not crash and goes unseen. Here the extension
 is rebuilt with -fsanitize=address by setup.py itself (same sources, same libjpeg flags; the
 sanitizer comes in through CFLAGS/LDFLAGS, which distutils appends), into a temporary folder,
-and test_jpegroi.py (the fuzz corpus, every window and scale, the threaded decodes) runs
+and test_jpegroi.py (the fuzz corpus, every window and scale, the threaded decodes) and
+test_restarts.py (the restart-marker rewrite, and seeking in its files) run
 against that build in a child Python with libasan preloaded: an uninstrumented interpreter
 needs the ASan runtime loaded first. Any ASan report fails the test.
 """
@@ -110,7 +111,8 @@ def test_asan_harness_reports_an_overflow(tmp_path):
 def test_jpegroi_tests_pass_under_asan(asan_so):
     lib = libasan()
     r = subprocess.run([sys.executable, "-c", CHILD, asan_so, TESTS,
-                        os.path.join(TESTS, "test_jpegroi.py")],
+                        os.path.join(TESTS, "test_jpegroi.py"),
+                        os.path.join(TESTS, "test_restarts.py")],
                        cwd=ROOT, env=asan_env(lib), capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert "AddressSanitizer" not in out, out[-6000:]
