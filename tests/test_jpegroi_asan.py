@@ -120,4 +120,7 @@ def test_jpegroi_tests_pass_under_asan(asan_so):
     assert "asan-child: tested " + asan_so in r.stdout
     passed = [l for l in r.stdout.splitlines() if l.startswith("PASSED")]
     assert any("test_fuzz_hostile_input_never_crashes" in l for l in passed), r.stdout[-3000:]
-    assert " failed" not in r.stdout and " skipped" not in r.stdout, r.stdout[-3000:]
+    assert any("test_seeking_reads_only_the_pieces" in l for l in passed), r.stdout[-3000:]
+    # pytest's own verdict lines (the packer's log, which the pack tests print, says "skipped")
+    verdicts = [l for l in r.stdout.splitlines() if l.startswith(("FAILED", "SKIPPED", "ERROR"))]
+    assert not verdicts, "\n".join(verdicts)
