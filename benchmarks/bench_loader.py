@@ -303,6 +303,21 @@ def markdown(results: Sequence[Dict[str, Any]]) -> List[str]:
               r.get("decode_ceiling_cpu_ms"),
               ratio(r.get("decode_ceiling_cpu_ms"), r["engine_cpu_ms"]),
               ratio(r.get("dali_cpu_ms"), r["engine_cpu_ms"])) for r in timed])
+    marked = [r for r in results if r.get("engine_restarts_img_s") is not None]
+    if marked:
+        out += ["", "The same runs from shards packed with `--restart-markers` (the same pixels; "
+                "the decoder reads only the pieces of each JPEG that cover its crop), beside the "
+                "plain pack:", ""]
+        out += md_table(
+            ["config", "plain img/s", "restart markers img/s", "x plain", "x ceiling",
+             "plain CPU ms/img", "restart markers CPU ms/img", "x ceiling per CPU-s",
+             "per core"],
+            [(config(r), r["engine_img_s"], r["engine_restarts_img_s"],
+              ratio(r["engine_restarts_img_s"], r["engine_img_s"]),
+              ratio(r["engine_restarts_img_s"], r["decode_ceiling_img_s"]),
+              r.get("engine_cpu_ms"), r.get("engine_restarts_cpu_ms"),
+              ratio(r.get("decode_ceiling_cpu_ms"), r.get("engine_restarts_cpu_ms")),
+              r["engine_restarts_img_s"] / max(1, r["workers"])) for r in marked])
     cold = [r for r in results if r.get("cold_readahead_on_img_s") is not None]
     if cold:
         out += ["", "Whole epochs from a cold page cache (shard pages dropped before each), "

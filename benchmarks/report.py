@@ -68,12 +68,14 @@ def machine_line(results: Dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------- sizing
 
-def loader_per_core(results: Dict[str, Any], size: int) -> Optional[Tuple[float, str]]:
-    """(engine img/s per loader core at `size`, how it was obtained) or None.
+def loader_per_core(results: Dict[str, Any], size: int,
+                    key: str = "engine_img_s") -> Optional[Tuple[float, str]]:
+    """(engine img/s per loader core at `size`, how it was obtained) or None; `key` picks the
+    engine row ("engine_restarts_img_s": shards packed with --restart-markers).
 
     ImageNet-like runs (files the size of ImageNet's) are preferred to the smooth sample set,
     whose three times smaller files decode faster and would understate the cores needed."""
-    runs = loader_runs(results)
+    runs = [r for r in loader_runs(results) if r.get(key)]
     if not runs:
         return None
     like = [r for r in runs if r.get("imagenet_like")]
@@ -81,12 +83,12 @@ def loader_per_core(results: Dict[str, Any], size: int) -> Optional[Tuple[float,
     data = " on the ImageNet-like set" if like else ""
     for r in pool:
         if r["image_size"] == size:
-            return r["engine_img_s"] / max(1, r["workers"]), "measured at %d px%s" % (size, data)
+            return r[key] / max(1, r["workers"]), "measured at %d px%s" % (size, data)
     near = min(pool, key=lambda r: abs(r["image_size"] - size))
     # Not rescaled by output pixels: the decode of the source JPEG dominates the cost, so a
     # smaller output is only modestly cheaper (DCT scaling / ROI); keeping the rate is the
     # conservative estimate.
-    return (near["engine_img_s"] / max(1, near["workers"]),
+    return (near[key] / max(1, near["workers"]),
             "estimate: the rate measured at %d px%s, not rescaled" % (near["image_size"], data))
 
 
@@ -123,7 +125,10 @@ def sizing(results: Dict[str, Any], figures: Optional[Dict[str, Any]] = None) ->
     for g in gpu_rates(results, figures):
         per_core = loader_per_core(results, g["image_size"])
         row = dict(g, loader_img_s_per_core=None, loader_basis=None, cores_per_gpu=None,
-                   cores_per_node=None, node_read_mb_s=None)
+                   cores_per_node=None, node_read_mb_s=None, cores_per_gpu_restarts=None)
+        marked = loader_per_core(results, g["image_size"], "engine_restarts_img_s")
+        if marked is not None and marked[0] > 0:
+            row["cores_per_gpu_restarts"] = int(math.ceil(g["gpu_img_s"] / marked[0]))
         if per_core is not None and per_core[0] > 0:
             cores = int(math.ceil(g["gpu_img_s"] / per_core[0]))
             row.update(loader_img_s_per_core=round(per_core[0], 1), loader_basis=per_core[1],
@@ -274,11 +279,13 @@ def render_sizing(results: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     s = results.get("sizing") or sizing(results)
     rows = [(r["arch"], r["image_size"], r["gpu_img_s"], r["kind"], r["loader_img_s_per_core"],
              r["loader_basis"], r["cores_per_gpu"], r["cores_per_node"],
+             r.get("cores_per_gpu_restarts"),
              None if r["node_read_mb_s"] is None else "%.1f GB/s" % (r["node_read_mb_s"] / 1e3))
             for r in s["rows"]]
     table = md_table(["arch", "px", "model img/s per GPU", "GPU figure", "loader img/s per core",
                       "loader figure", "cores per GPU",
-                      "cores per %d-GPU node" % s["gpus_per_node"], "shard reads per node"], rows)
+                      "cores per %d-GPU node" % s["gpus_per_node"],
+                      "cores per GPU, --restart-markers", "shard reads per node"], rows)
     sources, seen = [], set()
     for r in s["rows"]:
         key = (r["arch"], r["image_size"], r["source"])

@@ -169,6 +169,23 @@ def test_sizing_prefers_imagenet_like_rates_and_labels_estimates():
     assert rows[("resnet18", 192)]["loader_basis"].startswith("estimate")  # 192: not like
     assert rows[("resnet18", 224)]["kind"] == "estimate"
     assert all(r["kind"] != "measured here" for r in s["rows"])  # CPU run: no GPU rates
+    assert r50["cores_per_gpu_restarts"] is None  # no run had a --restart-markers row
+
+
+def test_sizing_from_restart_marker_rows_where_a_run_has_them():
+    import report
+
+    res = copy.deepcopy(CANNED)
+    res["runs"][4]["result"].update(engine_restarts_img_s=1250.0, engine_restarts_cpu_ms=1.5)
+    rows = {(r["arch"], r["image_size"]): r for r in report.sizing(res)["rows"]}
+    assert rows[("resnet50", 224)]["cores_per_gpu_restarts"] == 4  # ceil(2470 / 625)
+    assert rows[("resnet50", 224)]["cores_per_gpu"] == 5  # the plain pack's, unchanged
+    table, _ = report.render_sizing(res)
+    assert "cores per GPU, --restart-markers" in table[0]
+    import bench_loader
+
+    text = "\n".join(bench_loader.markdown([res["runs"][4]["result"]]))
+    assert "restart markers img/s" in text and ("1,250" in text or "1250" in text)
 
 
 def test_sizing_uses_the_smooth_set_when_no_imagenet_like_run():
