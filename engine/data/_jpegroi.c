@@ -584,6 +584,20 @@ to_jdim(Py_ssize_t v, const char *name, JDIMENSION *out)
     return 0;
 }
 
+/* job's source: a held buffer, read in place.  0, or -1 with a ValueError set for a buffer
+ * longer than libjpeg's unsigned long lengths can describe. */
+static int
+roi_set_src(roi_job *job, const Py_buffer *src)
+{
+    if ((unsigned long long)src->len > (unsigned long long)(unsigned long)-1) {
+        PyErr_SetString(PyExc_ValueError, "src is too large");
+        return -1;
+    }
+    job->src = (const unsigned char *)src->buf;
+    job->src_len = (unsigned long)src->len;
+    return 0;
+}
+
 PyDoc_STRVAR(decode_crop_doc,
 "decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0) -> None\n"
 "\n"
@@ -646,12 +660,8 @@ decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
                      dst.len, w * h * 3);
         goto fail;
     }
-    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
-        PyErr_SetString(PyExc_ValueError, "src is too large");
+    if (roi_set_src(&job, &src) < 0)
         goto fail;
-    }
-    job.src = (const unsigned char *)src.buf;
-    job.src_len = (unsigned long)src.len;
     job.scale_num = scale_num;
     job.fast_dct = fast_dct;
     job.dst = (unsigned char *)dst.buf;
@@ -690,14 +700,11 @@ header(PyObject *self, PyObject *args, PyObject *kwargs)
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*:header", kwlist, &src))
         return NULL;
-    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
+    memset(&job, 0, sizeof(job));
+    if (roi_set_src(&job, &src) < 0) {
         PyBuffer_Release(&src);
-        PyErr_SetString(PyExc_ValueError, "src is too large");
         return NULL;
     }
-    memset(&job, 0, sizeof(job));
-    job.src = (const unsigned char *)src.buf;
-    job.src_len = (unsigned long)src.len;
     job.scale_num = 8;
     job.dst = NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -834,14 +841,11 @@ validate(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "scale_num must be in 1..8, got %d", scale_num);
         return NULL;
     }
-    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
+    memset(&job, 0, sizeof(job));
+    if (roi_set_src(&job, &src) < 0) {
         PyBuffer_Release(&src);
-        PyErr_SetString(PyExc_ValueError, "src is too large");
         return NULL;
     }
-    memset(&job, 0, sizeof(job));
-    job.src = (const unsigned char *)src.buf;
-    job.src_len = (unsigned long)src.len;
     job.scale_num = scale_num;
     Py_BEGIN_ALLOW_THREADS
     status = roi_validate(&job);
@@ -948,14 +952,11 @@ add_restarts(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "interval must be in 1..65535 MCUs, got %d", interval);
         return NULL;
     }
-    if ((unsigned long long)src.len > (unsigned long long)(unsigned long)-1) {
+    memset(&job, 0, sizeof(job));
+    if (roi_set_src(&job, &src) < 0) {
         PyBuffer_Release(&src);
-        PyErr_SetString(PyExc_ValueError, "src is too large");
         return NULL;
     }
-    memset(&job, 0, sizeof(job));
-    job.src = (const unsigned char *)src.buf;
-    job.src_len = (unsigned long)src.len;
     Py_BEGIN_ALLOW_THREADS
     status = roi_add_restarts(&job, (unsigned int)interval, &out, &out_len);
     Py_END_ALLOW_THREADS

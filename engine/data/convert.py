@@ -53,36 +53,27 @@ def _limit_side(bgr: np.ndarray, max_side: Optional[int]) -> Tuple[np.ndarray, b
     return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), True
 
 
-def _with_restarts(data: bytes, interval: int) -> bytes:
-    """A JPEG record's bytes with restart markers every `interval` MCUs (0: as they are). The
-    rewrite keeps every pixel; where it does not apply (progressive files) or refuses the
-    bytes, the record keeps the bytes it had, which the strict decode already accepted."""
-    if not interval:
-        return data
-    try:
-        out = add_restarts(data, interval)
-    except DecodeError:
-        return data
-    return data if out is None else out
+def _rewritten(data: bytes, interval: int) -> Optional[bytes]:
+    """A JPEG's bytes rewritten losslessly with restart markers every `interval` MCUs, or None
+    where the rewrite does not apply (progressive files) or refuses the bytes; the record then
+    keeps the bytes it had.
 
-
-def _rewrite_checked(data: bytes, interval: int) -> Optional[Tuple[JpegInfo, bytes]]:
-    """(header, rewritten bytes) of a JPEG that the strict full decode accepts, rewritten with
-    restart markers, in one pass; None where that pass does not decide (the rewrite does not
-    apply, or refuses the file): validate_jpeg then judges the file, and its message is the
-    one a rejection carries. The rewrite reads every marker and all the entropy-coded data
-    to the end-of-image marker with libjpeg's errors and warnings fatal, which is where the
-    full decode's verdict comes from (decode.validate_jpeg says why), and refuses the layouts
-    TurboJPEG's header probe refuses; tests/test_validate_scaled.py checks on the damaged
-    corpus that it never accepts a file the full decode rejects."""
-    info = jpeg_info(data)  # TurboJPEG's probe: its refusals are the full decode's
-    if info.needs_conversion:
-        return None
+    A rewrite is also a strict check, so a file it rewrote needs no other: it reads every
+    marker and all the entropy-coded data to the end-of-image marker with libjpeg's errors and
+    warnings fatal, which is where the full decode's verdict comes from (decode.validate_jpeg
+    says why), and refuses the layouts TurboJPEG's header probe refuses.
+    tests/test_validate_scaled.py checks on the damaged corpus that it never accepts a file
+    the full decode rejects; where it refuses one, validate_jpeg judges the file, so a
+    rejection carries the full decode's message."""
     try:
-        out = add_restarts(data, interval)
+        return add_restarts(data, interval)
     except DecodeError:
         return None
-    return None if out is None else (info, out)
+
+
+def _kept(info: JpegInfo, max_side: Optional[int]) -> bool:
+    """Whether a valid JPEG with this header is stored as a JPEG without re-encoding."""
+    return not info.needs_conversion and not (max_side and max(info.width, info.height) > max_side)
 
 
 def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
@@ -95,7 +86,7 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     to 3 channels) or "converted:<what>" (re-encoded at `jpeg_quality`, default JPEG_QUALITY;
     a raw record keeps the converted pixels themselves, never re-encoded). With
     `restart_interval`, a JPEG record is rewritten losslessly with restart markers
-    (_with_restarts): the same pixels, decodable piece by piece.
+    (_rewritten): the same pixels, decodable piece by piece.
     """
     try:
         data = read_file(path)
@@ -106,22 +97,24 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     fmt = sniff(data)
     try:
         if fmt == "jpeg":
-            # With restart markers, the rewrite is the strict check (_rewrite_checked) where
-            # it applies; otherwise the header and the scaled strict decode in one call: it
-            # accepts exactly what the full decode does (decode.validate_jpeg), and a kept
-            # file needs no pixels.
-            checked = _rewrite_checked(data, restart_interval) \
-                if restart_interval and not raw else None
-            if checked is not None:
-                info, rewritten = checked
+            rewritten = None
+            if raw:
+                info = jpeg_info(data)
+            elif restart_interval:
+                # TurboJPEG's header probe (its refusals are the full decode's), then the
+                # rewrite, which is the strict check where it applies (_rewritten).
+                info = jpeg_info(data)
+                if _kept(info, max_side):
+                    rewritten = _rewritten(data, restart_interval)
+                if rewritten is None:
+                    info = validate_jpeg(data, info)
             else:
-                info = jpeg_info(data) if raw else validate_jpeg(data)
-                rewritten = None
-            if not raw and not info.needs_conversion and not (
-                    max_side and max(info.width, info.height) > max_side):
-                stored = rewritten if rewritten is not None else \
-                    _with_restarts(data, restart_interval)
-                return {"image": stored, "height": info.height, "width": info.width,
+                # The header and the scaled strict decode in one call: it accepts exactly what
+                # the full decode does (decode.validate_jpeg), and a kept file needs no pixels.
+                info = validate_jpeg(data)
+            if not raw and _kept(info, max_side):
+                return {"image": data if rewritten is None else rewritten,
+                        "height": info.height, "width": info.width,
                         "kind": "gray" if info.grayscale else "jpeg"}
             bgr = decode_bgr(data, info=info)  # to be converted or resized, then re-encoded
             if info.needs_conversion:
@@ -141,5 +134,7 @@ def process_file(path: str, max_side: Optional[int] = None, raw: bool = False,
     if raw:
         return {"pixels": bgr, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
     if kind.startswith("converted"):
-        data = _with_restarts(_encode_jpeg(bgr, jpeg_quality), restart_interval)
+        data = _encode_jpeg(bgr, jpeg_quality)
+        if restart_interval:
+            data = _rewritten(data, restart_interval) or data
     return {"image": data, "height": bgr.shape[0], "width": bgr.shape[1], "kind": kind}
