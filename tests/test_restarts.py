@@ -305,7 +305,7 @@ def test_loader_batches_equal_an_unmarked_pack(packs, train):
 
 def test_rerun_with_the_other_choice_is_refused_naming_it(packs):
     src, _, marked_ = packs
-    with pytest.raises(PackError, match="restart_interval 1 then, 0 now"):
+    with pytest.raises(PackError, match=r"restart_interval 1 then, 0 now \(--restart-markers\)"):
         pack_imagenet(src, marked_, workers=0, progress=False, log=quiet, shard_size=5)
     # the same choice again: a finished pack, left alone
     res = pack_imagenet(src, marked_, workers=0, progress=False, log=quiet, shard_size=5,

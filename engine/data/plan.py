@@ -56,6 +56,8 @@ class PackError(UserError, ValueError):
 # the defaults. restart_interval: MCUs between the restart markers written into every JPEG
 # record (--restart-markers), 0 for the JPEGs as they came.
 STORAGE_DEFAULTS: Dict[str, Any] = {"raw_fraction": 0, "jpeg_quality": None, "restart_interval": 0}
+_STORAGE_FLAGS = {"raw_fraction": "--raw-fraction", "jpeg_quality": "--jpeg-quality",
+                  "restart_interval": "--restart-markers"}
 
 
 def storage_options(raw_fraction: float = 0.0, jpeg_quality: Optional[int] = None,
@@ -181,7 +183,8 @@ def _plan_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
             return "%s %r then, %r now" % (key, old.get(key), new[key])
     for key, default in STORAGE_DEFAULTS.items():
         if old.get(key, default) != new.get(key, default):
-            return "%s %r then, %r now" % (key, old.get(key, default), new.get(key, default))
+            return "%s %r then, %r now (%s)" % (key, old.get(key, default), new.get(key, default),
+                                                _STORAGE_FLAGS[key])
     if old.get("classes") != new["classes"]:
         return "the class folders changed: %d then, %d now" % (len(old.get("classes") or []),
                                                               len(new["classes"]))
