@@ -167,6 +167,20 @@ def test_windows_of_a_marked_file_equal_the_full_decode(sources, marked, num):
             assert np.array_equal(got, ref[y0:y0 + h, x0:x0 + w]), (name, num, (x0, y0, w, h))
 
 
+def test_fast_idct_windows_equal_the_source_s(sources, marked):
+    """The training path decodes with the fast integer IDCT: a marked file's windows then equal
+    the source's windows decoded the same way."""
+    rng = np.random.default_rng(17)
+    for name, src in sources.items():
+        for num in (2, 4, 8):
+            W, H = (-(-d * num // 8) for d in R.header(src))
+            for (x0, y0, w, h) in windows(rng, W, H, 8):
+                a, b = (np.empty((h, w, 3), np.uint8) for _ in range(2))
+                R.decode_crop(src, num, x0, y0, w, h, a, True)
+                R.decode_crop(marked[name], num, x0, y0, w, h, b, True)
+                assert np.array_equal(a, b), (name, num, (x0, y0, w, h))
+
+
 @pytest.mark.parametrize("layout", ["420", "422", "440", "411", "444", "gray"])
 def test_every_window_position_of_a_small_marked_photo(layout):
     """Every (x0, y0) of a small photo at 1/1 and 1/2: each edge of the cut-out sub-image (and
@@ -193,6 +207,25 @@ def _damage_first_piece(src):
     assert rst0 - start >= 4
     data[start:rst0] = b"\x00" * (rst0 - start)
     return bytes(data)
+
+
+@pytest.mark.parametrize("num", [1, 2, 4, 8])
+def test_every_layout_seeks(marked, sources, num):
+    """The seek is taken, not just its fallback, for every layout and scale: with the image's
+    first MCU destroyed, windows in the lower right still decode to the full decode's pixels
+    (a sub-image the decoder refused would send them to the whole-image path, which reads the
+    damage)."""
+    rng = np.random.default_rng(num)
+    for name, src in sources.items():
+        if name == "420_rst3":
+            continue  # a file with markers of its own; test_files_with_other_restart_intervals
+        out, ref = _damage_first_piece(marked[name]), full(src, num)
+        H, W = ref.shape[:2]
+        for _ in range(6):
+            x0, y0 = int(rng.integers(W // 2, W)), int(rng.integers(H // 2, H))
+            w, h = int(rng.integers(1, W - x0 + 1)), int(rng.integers(1, H - y0 + 1))
+            assert np.array_equal(window(out, num, x0, y0, w, h), ref[y0:y0 + h, x0:x0 + w]), \
+                (name, num, (x0, y0, w, h))
 
 
 def test_seeking_reads_only_the_pieces_a_window_needs(marked, sources):
