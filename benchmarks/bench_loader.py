@@ -181,7 +181,7 @@ def main(argv=None):
     configs = [("engine, LMDB shards", engine.stream())]
     engine_rst = None
     if not a.no_restart_markers and engine.roi:
-        engine_rst = Loader(os.path.join(restart_pack(raw), "train"), **kw)
+        engine_rst = Loader(os.path.join(restart_pack(raw, packed), "train"), **kw)
         configs.append((RST, engine_rst.stream()))
     configs.append(("engine, raw folder", engine_raw.stream()))
     dali = None if a.no_dali else dali_pipeline(train_raw, a.batch_size, a.image_size,

@@ -106,9 +106,10 @@ def sample_data(data: Optional[str] = None, packed: Optional[str] = None,
     return data, packed
 
 
-def restart_pack(data: str, splits: Sequence[str] = ("train",)) -> str:
-    """The packed `splits` of `data` made with --restart-markers (made once, in the cache)."""
-    packed = os.path.join(DEFAULT_CACHE, "packed-restarts-" + _tag(data))
+def restart_pack(data: str, packed: str, splits: Sequence[str] = ("train",)) -> str:
+    """The `splits` of `data` packed with --restart-markers, beside the plain pack `packed`
+    (made once: <packed>-restarts)."""
+    packed = os.path.normpath(packed) + "-restarts"
     if not all(os.path.exists(os.path.join(packed, s, "meta.json")) for s in splits):
         from engine.data.pack import pack_imagenet
 

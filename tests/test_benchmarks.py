@@ -80,7 +80,8 @@ def test_bench_loader_with_cold_epochs(raw, tmp_path):
               "--repeats", "1", "--cold")
     for key in ("engine_img_s", "engine_raw_img_s", "seed_img_s", "decode_ceiling_img_s",
                 "cold_readahead_off_img_s", "cold_readahead_on_img_s", "engine_cpu_ms",
-                "engine_raw_cpu_ms", "seed_cpu_ms", "decode_ceiling_cpu_ms"):
+                "engine_raw_cpu_ms", "seed_cpu_ms", "decode_ceiling_cpu_ms",
+                "engine_restarts_img_s", "engine_restarts_cpu_ms"):
         assert res[key] > 0, key
     assert (res["workers"], res["batch_size"], res["image_size"]) == (1, 4, 32)
     assert res["imagenet_like"] is False and res["data"] == "<data>"
@@ -90,6 +91,9 @@ def test_bench_loader_with_cold_epochs(raw, tmp_path):
     md = rendered("bench_loader.py", res)
     assert "| 32 px, 1 workers, batch 4, &lt;data&gt;" in md
     assert "cold, readahead on" in md  # the cold table appears for a --cold run
+    assert "restart markers img/s" in md
+    # the pack with restart markers is made beside the given one, not in the user's cache
+    assert os.path.exists(str(tmp_path / "packed-restarts" / "train" / "meta.json"))
 
 
 def test_bench_node_sized_as_another_machine(raw, tmp_path):
