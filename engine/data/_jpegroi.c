@@ -322,7 +322,7 @@ roi_decode_whole(roi_job *job)
  * decode equals the whole image's decode there, except within reach of its artificial edges,
  * where the chroma upsampler replicates instead of blending with samples that are not there.
  * That reach is one chroma sample (max_samp_factor output pixels); the margin is two.
- * tests/test_jpegroi.py checks the equality for every layout, scale and many windows.
+ * tests/test_restarts.py checks the equality for every layout, scale and many windows.
  * add_restarts() writes such files (a marker after every MCU); any other JPEG whose restart
  * interval divides its MCU row seeks too.  Whatever does not fit (progressive, several
  * scans, DNL, a marker out of sequence) takes the whole-image path, which also has the last
@@ -599,7 +599,7 @@ roi_set_src(roi_job *job, const Py_buffer *src)
 }
 
 PyDoc_STRVAR(decode_crop_doc,
-"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0) -> None\n"
+"decode_crop(src, scale_num, x0, y0, w, h, dst, fast_dct=False, stop=0, seek=True) -> None\n"
 "\n"
 "Decode the window rows y0..y0+h-1, columns x0..x0+w-1 of the JPEG `src` (any bytes-like\n"
 "object, read in place) scaled by scale_num/8 (1..8; scaled size W' = ceil(W*num/8),\n"
@@ -620,7 +620,10 @@ PyDoc_STRVAR(decode_crop_doc,
 "stop (for timing the decoder's stages on the same window; dst is then unspecified):\n"
 "1 returns after the header and the decoder's setup, 2 after entropy-decoding the rows down\n"
 "to the window's last (jpeg_skip_scanlines, then that last row is decoded in full),\n"
-"3 decodes the window without its colour conversion; 0, the default, is the decode above.");
+"3 decodes the window without its colour conversion; 0, the default, is the decode above.\n"
+"seek: in a JPEG with restart markers whose interval divides its MCU row (add_restarts),\n"
+"decode only the pieces between markers that cover the window and a margin, cut out as a\n"
+"JPEG of that region (the same pixels); False decodes from the image's start as above.");
 
 static PyObject *
 decode_crop(PyObject *self, PyObject *args, PyObject *kwargs)
