@@ -126,7 +126,7 @@ typedef struct {
     int scale_num;
     int fast_dct; /* JDCT_IFAST (TurboJPEG's TJFLAG_FASTDCT) instead of JDCT_ISLOW */
     int stop;     /* one of ROI_STOP_* */
-    int seek;     /* may decode a sub-image cut out at restart markers (roi_decode_seek) */
+    int seek;     /* may decode a sub-image cut out at restart markers (roi_seek_build) */
     JDIMENSION x0, y0, w, h;
     unsigned char *dst;    /* h * w * 3 bytes, or NULL for a header-only call */
     /* out */
@@ -442,7 +442,7 @@ roi_seek_build(const roi_job *job, unsigned char **sub, unsigned long *sub_len,
     c0 = job->x0 > mx ? (job->x0 - mx) / mw : 0;
     c0 -= c0 % L.K;
     c1 = (job->x0 + job->w + mx + mw - 1) / mw;
-    c1 = c1 >= L.cols ? L.cols : ((c1 + L.K - 1) / L.K) * L.K;
+    c1 = ((c1 + L.K - 1) / L.K) * L.K; /* cols is a multiple of K, so the cap keeps that */
     if (c1 > L.cols)
         c1 = L.cols;
     r0 = job->y0 > my ? (job->y0 - my) / mh : 0;
