@@ -36,6 +36,39 @@ def jpeg_bytes(bgr: np.ndarray, quality: int = 90, sampling: str = "420",
     return buf.tobytes()
 
 
+# cv2's chroma layouts by name, for encode_jpeg
+SAMPLING = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+            "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+            "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+            "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
+            "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440}
+
+
+def encode_jpeg(bgr: np.ndarray, sampling: str = "420", progressive: bool = False,
+                quality: int = 90, restart: int = 0) -> bytes:
+    """JPEG bytes of a BGR photo in any layout of SAMPLING ('gray': a 1-component grayscale
+    JPEG), optionally progressive or with a restart marker every `restart` MCUs."""
+    if sampling == "gray":
+        img, flags = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), []
+    else:
+        img, flags = bgr, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING[sampling]]
+    flags += [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    if restart:
+        flags += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
+    ok, buf = cv2.imencode(".jpg", img, flags)
+    assert ok
+    return buf.tobytes()
+
+
+def window_grid(W: int, H: int):
+    """A window at every (x0, y0) of a W x H image, its size varying with the position: every
+    edge of a window falls at every offset from a block boundary."""
+    for y0 in range(H):
+        for x0 in range(W):
+            yield (x0, y0, min(W - x0, 1 + (x0 * 7 + y0) % 19),
+                   min(H - y0, 1 + (y0 * 5 + x0) % 23))
+
+
 def crops(name: str, n: int, seed: int, size=(300, 400)):
     """n varied crops of a photo, resized to ImageNet-like sizes (h, w)."""
     img = photo_bgr(name)

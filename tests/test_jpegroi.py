@@ -14,8 +14,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 import pytest
-
-from helpers import photo_bgr
+from helpers import encode_jpeg, photo_bgr, window_grid
 
 try:
     from engine.data import _jpegroi as R
@@ -58,27 +57,7 @@ def tj():
         _TJ.append(turbojpeg.TurboJPEG())
     return _TJ[0]
 
-SAMPLING = {
-    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
-    "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
-    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
-    "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
-    "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,
-}
-
-
-def enc(bgr, sampling="420", progressive=False, quality=90, restart=0):
-    """JPEG bytes of a BGR photo ('gray' sampling -> a 1-component grayscale JPEG)."""
-    if sampling == "gray":
-        img, flags = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), []
-    else:
-        img, flags = bgr, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING[sampling]]
-    flags += [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
-    if restart:
-        flags += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
-    ok, buf = cv2.imencode(".jpg", img, flags)
-    assert ok
-    return buf.tobytes()
+enc = encode_jpeg
 
 
 def enc_pil(bgr, subsampling=2, progressive=False, quality=90, mode="RGB", **kw):
@@ -232,12 +211,9 @@ def test_every_window_position_small_photo(layout):
     for num in (8, 4):
         full = full_decode(src, num)
         H, W = full.shape[:2]
-        for y0 in range(H):
-            for x0 in range(W):
-                w = min(W - x0, 1 + (x0 * 7 + y0) % 19)
-                h = min(H - y0, 1 + (y0 * 5 + x0) % 23)
-                got = crop(src, num, x0, y0, w, h)
-                assert np.array_equal(got, full[y0:y0 + h, x0:x0 + w]), (layout, num, x0, y0)
+        for (x0, y0, w, h) in window_grid(W, H):
+            got = crop(src, num, x0, y0, w, h)
+            assert np.array_equal(got, full[y0:y0 + h, x0:x0 + w]), (layout, num, x0, y0)
 
 
 def test_accepts_any_bytes_like_source_without_copy(jpegs):

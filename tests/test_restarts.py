@@ -13,7 +13,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 import pytest
-from helpers import make_imagenet, photo_bgr
+from helpers import encode_jpeg, make_imagenet, photo_bgr, window_grid
 
 from engine.data import shards
 from engine.data.decode import DecodeError, add_restarts, decode_bgr, decode_crop, roi_available
@@ -27,24 +27,7 @@ pytestmark = pytest.mark.skipif(not roi_available(),
 if roi_available():
     from engine.data import _jpegroi as R
 
-SAMPLING = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
-            "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
-            "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
-            "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
-            "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440}
-
-
-def enc(bgr, sampling="420", progressive=False, quality=90, restart=0):
-    if sampling == "gray":
-        img, flags = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), []
-    else:
-        img, flags = bgr, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLING[sampling]]
-    flags += [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
-    if restart:
-        flags += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
-    ok, buf = cv2.imencode(".jpg", img, flags)
-    assert ok
-    return buf.tobytes()
+enc = encode_jpeg
 
 
 def photo(name, h, w):
@@ -190,12 +173,9 @@ def test_every_window_position_of_a_small_marked_photo(layout):
     for num in (8, 4):
         ref = full(src, num)
         H, W = ref.shape[:2]
-        for y0 in range(H):
-            for x0 in range(W):
-                w = min(W - x0, 1 + (x0 * 7 + y0) % 19)
-                h = min(H - y0, 1 + (y0 * 5 + x0) % 23)
-                got = window(out, num, x0, y0, w, h)
-                assert np.array_equal(got, ref[y0:y0 + h, x0:x0 + w]), (layout, num, x0, y0)
+        for (x0, y0, w, h) in window_grid(W, H):
+            got = window(out, num, x0, y0, w, h)
+            assert np.array_equal(got, ref[y0:y0 + h, x0:x0 + w]), (layout, num, x0, y0)
 
 
 def _damage_first_piece(src):
